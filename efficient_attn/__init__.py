@@ -1,0 +1,33 @@
+"""efficient_attn: efficient transformers in JAX/Flax.
+
+Dimension legend (docstrings, einsum strings, shape-suffixed names):
+
+    B batch · T query length · S key length · N query heads · K key/value heads ·
+    H head dim · D model dim · F feed-forward dim · E experts · C expert capacity ·
+    M random features · G token groups · L layers · V vocab.
+
+Public API:
+    efficient_attn.attention   softmax / local / block-sparse / linear / Performer attention,
+                               the registry `ATTENTION`, `attend`, `flax_attention_fn`, decoding.
+    efficient_attn.moe         `moe_ffn`: switch / top-k / experts-choose MoE, expert parallelism.
+"""
+
+from efficient_attn import attention
+from efficient_attn.attention import (
+    ATTENTION,
+    attend,
+    block_sparse_attention,
+    flax_attention_fn,
+    linear_attention,
+    local_attention,
+    performer_attention,
+    performer_projection,
+    softmax_attention,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "ATTENTION", "attend", "flax_attention_fn", "softmax_attention", "local_attention",
+    "block_sparse_attention", "linear_attention", "performer_attention", "performer_projection",
+]
