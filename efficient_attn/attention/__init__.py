@@ -54,19 +54,23 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
   arguments are accepted and ignored (attention dropout is not applied; the
   returned function refuses a non-zero rate in non-deterministic mode rather
   than silently skipping it). `opts` are the family's own options, e.g.
-  `flax_attention_fn("local", window=128, is_causal=True)`.
+  `flax_attention_fn("local", window=128, is_causal=True)`; `is_causal=True`
+  from either the options or the caller (NNX passes it) makes it causal.
+  Kernelized families (linear, performer) refuse a general [T, S] mask, so pass
+  causality through `is_causal`, not a Flax causal mask.
   """
   fn = _check_kind(kind)
 
   def attention_fn(query, key, value, bias=None, mask=None, *, dropout_rng=None, dropout_rate=0.0,
                    broadcast_dropout=True, deterministic=True, dtype=None, precision=None, module=None,
-                   **call_kw):
+                   is_causal=False):
     del dropout_rng, broadcast_dropout, precision, module
     if dropout_rate > 0.0 and not deterministic:
       raise ValueError(
           f"flax_attention_fn({kind!r}): attention dropout is not supported (got dropout_rate={dropout_rate});"
           " set dropout_rate=0.0 or deterministic=True.")
-    out = fn(query, key, value, bias, mask, **{**opts, **call_kw})
+    kw = {**opts, "is_causal": bool(opts.get("is_causal", False) or is_causal)}
+    out = fn(query, key, value, bias, mask, **kw)
     return out if dtype is None else out.astype(dtype)
 
   return attention_fn

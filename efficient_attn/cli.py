@@ -1,0 +1,80 @@
+"""The `efficient-attn` command line.
+
+    efficient-attn train      --workdir DIR [--config FILE.py] [--set KEY=VALUE]...
+    efficient-attn experiment NAME --workdir DIR [--set KEY=VALUE]...
+    efficient-attn bench      attention|moe [--set KEY=VALUE]... [--json FILE]
+
+User errors (an unknown key, a bad value, a missing file) print one sentence and
+exit with status 2 before anything compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from efficient_attn.config import ConfigError, parse_overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="efficient-attn", description="Efficient attention and MoE in JAX/Flax.")
+  sub = p.add_subparsers(dest="command", required=True)
+  sets = dict(action="append", default=[], metavar="KEY=VALUE", help="override one setting (repeatable)")
+
+  t = sub.add_parser("train", help="pretrain a TransformerLM")
+  t.add_argument("--workdir", required=True)
+  t.add_argument("--config")
+  t.add_argument("--set", **sets)
+
+  e = sub.add_parser("experiment", help="run a named scaling comparison")
+  e.add_argument("name")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--set", **sets)
+
+  b = sub.add_parser("bench", help="speed / memory tables")
+  b.add_argument("what", choices=["attention", "moe"])
+  b.add_argument("--set", **sets)
+  b.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+  return p
+
+
+def _bench(args) -> None:
+  from efficient_attn import bench
+
+  overrides = parse_overrides(args.set)
+  if args.json:
+    parent = os.path.dirname(os.path.abspath(args.json))
+    if not os.path.isdir(parent):
+      raise ConfigError(f"--json {args.json}: directory {parent} does not exist.")
+  progress = sys.stderr.isatty()
+  if args.what == "attention":
+    rows = bench.bench_attention(overrides, progress=progress)
+    table = bench.attention_table(rows)
+  else:
+    from efficient_attn.moe import bench as moe_bench
+
+    rows = moe_bench.bench_moe(overrides, progress=progress)
+    table = moe_bench.moe_table(rows)
+  print(table)
+  if args.json:
+    bench.write_json(rows, args.json)
+    print(f"wrote {len(rows)} rows to {args.json}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.command == "bench":
+      _bench(args)
+    else:
+      raise ConfigError(f"`efficient-attn {args.command}` is not available in this version yet;"
+                        " `efficient-attn bench attention|moe` is.")
+  except ConfigError as e:
+    print(f"efficient-attn: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

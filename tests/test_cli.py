@@ -1,0 +1,72 @@
+"""The `efficient-attn` command line: overrides, bench tables, and clean refusals (exit 2)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from efficient_attn import cli
+from efficient_attn.config import ConfigError, apply_overrides, parse_overrides, parse_value
+
+
+def test_parse_value_literals_and_strings():
+  assert parse_value("20") == 20
+  assert parse_value("1e-3") == 1e-3
+  assert parse_value("[1024,2048]") == [1024, 2048]
+  assert parse_value("true") is True and parse_value("False") is False
+  assert parse_value("performer") == "performer"
+  # Never evaluated as code: an expression stays a string.
+  assert parse_value("__import__('os').getcwd()") == "__import__('os').getcwd()"
+
+
+def test_parse_overrides_rejects_malformed():
+  assert parse_overrides(["train.steps=20", "model.attention=linear"]) == {"train.steps": 20,
+                                                                           "model.attention": "linear"}
+  for bad in ["train.steps", "=3", "a..b=1", "1x=2"]:
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+      parse_overrides([bad])
+
+
+def test_apply_overrides_checks_keys_and_types():
+  d = {"steps": 10, "lr": 0.1, "lens": [1, 2], "name": "x"}
+  assert apply_overrides(d, {"lr": 1, "lens": (3,)}, "t") == {"steps": 10, "lr": 1, "lens": [3], "name": "x"}
+  with pytest.raises(ConfigError, match="unknown key 'stpes'.*valid keys"):
+    apply_overrides(d, {"stpes": 3}, "t")
+  with pytest.raises(ConfigError, match="steps='ten'.*expected int"):
+    apply_overrides(d, {"steps": "ten"}, "t")
+  with pytest.raises(ConfigError, match="expected int"):
+    apply_overrides(d, {"steps": True}, "t")
+
+
+def test_bench_attention_small_writes_json(tmp_path, capsys):
+  out = tmp_path / "rows.json"
+  rc = cli.main(["bench", "attention", "--set", "seq_lens=[128]", "--set", "window=32", "--set",
+                 "block_size=32", "--set", "num_features=16", "--set", "repeats=1", "--json", str(out)])
+  assert rc == 0
+  rows = json.loads(out.read_text())
+  assert {r["variant"] for r in rows} == {"jax_nn", "softmax", "softmax_chunked", "local", "sparse", "linear",
+                                          "performer"}
+  base = next(r for r in rows if r["variant"] == "jax_nn")
+  assert base["speedup"] == pytest.approx(1.0) and base["memory_ratio"] == pytest.approx(1.0)
+  assert all(r["time_s"] > 0 and r["temp_bytes"] >= 0 for r in rows)
+  table = capsys.readouterr().out
+  assert "| variant |" in table and "performer" in table
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["bench", "attention", "--set", "sequence=3"], "unknown key 'sequence'"),
+    (["bench", "attention", "--set", "variants=['flash']"], "unknown variants"),
+    (["bench", "attention", "--set", "seq_lens=[100]"], "multiple of block_size"),
+    (["bench", "attention", "--set", "nonsense"], "KEY=VALUE"),
+    (["bench", "attention", "--json", "/no/such/dir/x.json"], "does not exist"),
+])
+def test_bench_bad_input_exits_2(args, fragment, capsys):
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert fragment in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_console_script_unknown_bench_target():
+  r = subprocess.run([sys.executable, "-m", "efficient_attn.cli", "bench", "flops"], capture_output=True, text=True)
+  assert r.returncode == 2 and "invalid choice" in r.stderr

@@ -1,0 +1,111 @@
+"""The registry, the Flax drop-in and the shared decoding API, across all families."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from efficient_attn import attention as A
+from tests.reference import softmax_reference
+
+B, T, N, K, H = 2, 32, 4, 2, 8
+
+
+def _qkv(seed=0, T=T, K=K):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return (jax.random.normal(ks[0], (B, T, N, H)), jax.random.normal(ks[1], (B, T, K, H)),
+          jax.random.normal(ks[2], (B, T, K, H)))
+
+
+def _opts(kind):
+  return {
+      "softmax": {},
+      "local": {"window": 8},
+      "sparse": {"layout": A.masks.local_layout(T // 8, T // 8, window=2, causal=True), "block_size": 8},
+      "linear": {"chunk_size": 8},
+      "performer": {"projection": A.performer_projection(jax.random.PRNGKey(1), 16, H), "chunk_size": 8},
+  }[kind]
+
+
+def test_registry_names():
+  assert set(A.ATTENTION) == {"softmax", "local", "sparse", "linear", "performer"}
+
+
+@pytest.mark.parametrize("kind", sorted(A.ATTENTION))
+def test_attend_dispatches_to_the_family(kind):
+  q, k, v = _qkv()
+  out = A.attend(kind, q, k, v, is_causal=True, **_opts(kind))
+  direct = A.ATTENTION[kind](q, k, v, is_causal=True, **_opts(kind))
+  assert out.shape == q.shape and out.dtype == q.dtype
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(direct))
+
+
+def test_attend_unknown_kind():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="unknown attention kind 'flash'.*valid kinds"):
+    A.attend("flash", q, k, v)
+
+
+def test_local_with_a_window_wider_than_the_sequence_is_causal_softmax():
+  q, k, v = _qkv(3)
+  out = A.attend("local", q, k, v, is_causal=True, window=T)
+  np.testing.assert_allclose(out, softmax_reference(q, k, v, is_causal=True), atol=2e-5)
+
+
+def test_flax_linen_drop_in_matches_reference():
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, N * H))
+  mha = nn.MultiHeadDotProductAttention(num_heads=N, qkv_features=N * H,
+                                        attention_fn=A.flax_attention_fn("softmax", is_causal=True))
+  params = mha.init(jax.random.PRNGKey(1), x)
+  out = mha.apply(params, x)
+  # Same params with Flax's own attention and its causal mask: the outputs agree.
+  ref = nn.MultiHeadDotProductAttention(num_heads=N, qkv_features=N * H).apply(
+      params, x, mask=nn.make_causal_mask(jnp.ones((B, T))))
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "local"])
+def test_flax_nnx_drop_in(kind):
+  rngs = nnx.Rngs(0)
+  opts = {"local": {"window": T}, "linear": {"chunk_size": 8}}[kind]
+  mha = nnx.MultiHeadAttention(num_heads=N, in_features=N * H, qkv_features=N * H, decode=False, rngs=rngs,
+                               attention_fn=A.flax_attention_fn(kind, **opts))
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, N * H))
+  out = mha(x, is_causal=True)
+  assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+  if kind == "local":  # window >= T: exactly causal softmax, which nnx's default attention computes too
+    ref_mha = nnx.MultiHeadAttention(num_heads=N, in_features=N * H, qkv_features=N * H, decode=False,
+                                     rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(out, ref_mha(x, is_causal=True), atol=2e-5)
+
+
+def test_flax_attention_fn_refuses_dropout():
+  fn = A.flax_attention_fn("softmax")
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="dropout"):
+    fn(q, k, v, dropout_rate=0.1, deterministic=False)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "local", "linear", "performer"])
+def test_decode_api_matches_parallel_forward(kind):
+  q, k, v = _qkv(2)
+  opts = _opts(kind)
+  parallel = A.attend(kind, q, k, v, is_causal=True, **opts)
+  state = A.init_decode_state(kind, B, K, H, max_len=T, **opts)
+  step = jax.jit(lambda st, q1, k1, v1: A.decode_step(kind, st, q1, k1, v1, **opts))
+  outs = []
+  for t in range(T):
+    o, state = step(state, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+    outs.append(o)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), parallel, atol=5e-5, rtol=1e-4)
+
+
+def test_decode_api_errors():
+  with pytest.raises(ValueError, match="max_len"):
+    A.init_decode_state("softmax", B, K, H)
+  with pytest.raises(ValueError, match="projection"):
+    A.init_decode_state("performer", B, K, H)
+  with pytest.raises(ValueError, match="sparse"):
+    A.init_decode_state("sparse", B, K, H, max_len=T)
