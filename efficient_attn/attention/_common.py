@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Dims(NamedTuple):
@@ -109,3 +111,43 @@ def check_divisible(length: int, block: int, what: str, arg: str, fn: str):
   if length % block:
     raise ValueError(
         f"{fn}: {what} {length} is not divisible by `{arg}`={block}; pad the sequence or pick a {arg} that divides it.")
+
+
+def masked_softmax(logits, visible, axis=-1):
+  """float32 softmax of `logits` over `axis`, restricted to `visible`.
+
+  A row with no visible entry (or only -inf logits) gets all-zero weights, so
+  its attention output is exactly 0 and its gradients are finite.
+  """
+  logits = jnp.where(visible, logits.astype(jnp.float32), -jnp.inf)
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
+  p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
+  denom = jnp.sum(p, axis=axis, keepdims=True)
+  return p / jnp.where(denom > 0, denom, 1.0)
+
+
+def gather_block_pairs(x, block: int, kv_blocks, q_blocks=None):
+  """Blocks of a mask / bias at static (query block, key block) pairs, never expanding it.
+
+  x: broadcastable to [B, N, T, S]; a size-1 axis stays size 1 (a [B, 1, 1, S]
+  padding mask is never expanded to T x S). kv_blocks: int NumPy [h, u, M]
+  (h = 1 or N), the key block that slot m of the u-th query block reads;
+  q_blocks: int NumPy [u], which query blocks those are (default 0 .. u-1).
+  Out-of-range key blocks are clipped (the caller masks those slots). T and S
+  are zero-padded up to multiples of `block`.
+  Returns [B|1, N|1, u|1, block|1, M|1, block|1].
+  """
+  x = jnp.asarray(x)
+  x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+  mb, mn, mt, ms = x.shape
+  u = kv_blocks.shape[1]
+  q_blocks = np.arange(u) if q_blocks is None else np.asarray(q_blocks)
+  tq, bq = (-(-mt // block), block) if mt > 1 else (1, 1)
+  tk, bk = (-(-ms // block), block) if ms > 1 else (1, 1)
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, tq * bq - mt), (0, tk * bk - ms)))
+  x = x.reshape(mb, mn, tq, bq, tk, bk).transpose(0, 1, 2, 4, 3, 5)
+  zero = np.zeros((1, 1, 1), np.int32)
+  hi = np.arange(mn).reshape(mn, 1, 1) if mn > 1 else zero
+  qi = q_blocks.reshape(1, u, 1) if mt > 1 else zero
+  ki = np.clip(kv_blocks, 0, tk - 1) if ms > 1 else zero
+  return x[:, hi, qi, ki].transpose(0, 1, 2, 4, 3, 5)

@@ -1,2 +1,160 @@
-"""Placeholder: being written."""
-def block_sparse_attention(*a, **k): raise NotImplementedError
+"""Block-sparse attention: only the (query block, key block) pairs a layout marks are computed.
+
+As in the Sparse Transformer (Child et al., 2019) and BigBird (Zaheer et al., 2020):
+the layout is a bool [T/bs, S/bs] (or per head [N, T/bs, S/bs]) NumPy array, known at
+trace time. It becomes static gather indices: for each query block, the list of its
+marked key blocks padded with a validity flag to the longest list of its bucket (query
+blocks are bucketed by the power of two above their count, so BigBird's few dense
+global rows do not make every row dense). The marked K/V blocks are gathered and each
+bucket's logits are [B, K, G, u, bs, M, bs], so time and memory are O(marked blocks · bs²),
+within 2x, and no [T, S] tensor is formed. The builders of layouts are in
+`efficient_attn.attention.masks`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficient_attn.attention._common import (
+    check_bias, check_divisible, check_mask, check_qkv, gather_block_pairs, masked_softmax, resolve_scale,
+    split_segment_ids)
+
+_FN = "block_sparse_attention"
+
+
+def _static_layout(layout, dims, nq: int, nk: int, is_causal: bool) -> np.ndarray:
+  """Checks the layout against the shapes; returns bool NumPy [1 or N, nq, nk]."""
+  if isinstance(layout, jax.core.Tracer):
+    raise ValueError(f"{_FN}: `layout` must be a concrete NumPy bool array known at trace time, got a traced array;"
+                     " close over it (or use functools.partial) instead of passing it as a jit argument.")
+  layout = np.asarray(layout)
+  if layout.dtype != np.bool_ and not (np.issubdtype(layout.dtype, np.integer) and np.isin(layout, (0, 1)).all()):
+    raise ValueError(f"{_FN}: `layout` must be boolean (True = compute this block), got dtype {layout.dtype}.")
+  if layout.ndim == 2:
+    layout = layout[None]
+  if layout.ndim != 3 or layout.shape[1:] != (nq, nk) or layout.shape[0] not in (1, dims.N):
+    raise ValueError(f"{_FN}: `layout` of shape {list(layout.shape)} does not match [T/bs, S/bs]={[nq, nk]}"
+                     f" or [N, T/bs, S/bs]={[dims.N, nq, nk]}.")
+  layout = layout.astype(bool)
+  if is_causal:  # Top-left causal: key block j holds a visible key for query block i iff j <= i.
+    layout = layout & np.tri(nq, nk, dtype=bool)
+  return layout
+
+
+def _row_groups(layout: np.ndarray):
+  """Static gather indices, with query blocks grouped by how many key blocks they read.
+
+  Padding every row to the longest one would make a few dense rows (BigBird's global
+  blocks) cost as much as dense attention, so rows are bucketed by the power of two
+  above their count (taking the max over heads) and each bucket is padded to its own
+  longest row: less than 2x waste. Returns [(rows int [u], kv_blocks int [h, u, M],
+  valid bool [h, u, M])], one per bucket, the rows of all buckets covering 0 .. nq-1.
+  """
+  counts = layout.sum(-1).max(0)
+  bucket = np.ceil(np.log2(np.maximum(counts, 1))).astype(int)
+  groups = []
+  for b in np.unique(bucket):
+    rows = np.flatnonzero(bucket == b)
+    sub = layout[:, rows]
+    M = max(1, int(sub.sum(-1).max()))
+    order = np.argsort(~sub, axis=-1, kind="stable")[..., :M]  # Marked blocks first, in increasing order.
+    groups.append((rows, order.astype(np.int32), np.take_along_axis(sub, order, axis=-1)))
+  return groups
+
+
+def _gather_kv(x_BSKH, kv_blocks, bs: int, K: int):
+  """[B, S, K, H] -> the marked blocks: [B, K, u, M, bs, H] for a shared layout, else [B, K, G, u, M, bs, H]."""
+  B, S, _, H = x_BSKH.shape
+  x_BKnbH = x_BSKH.reshape(B, S // bs, bs, K, H).transpose(0, 3, 1, 2, 4)
+  h, u, M = kv_blocks.shape
+  if h == 1:  # One layout for all heads: no copy per query head.
+    return x_BKnbH[:, :, kv_blocks[0]]
+  return x_BKnbH[:, np.arange(K)[:, None, None, None], kv_blocks.reshape(K, h // K, u, M)]
+
+
+def _by_head(x, N: int, K: int):
+  """[B|1, N|1, ...] -> [B|1, K|1, G|1, ...]."""
+  return x.reshape(x.shape[0], K, N // K, *x.shape[2:]) if x.shape[1] == N else x[:, :, None]
+
+
+def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None,
+                           scale=None, layout, block_size):
+  """Softmax attention restricted to the blocks that `layout` marks.
+
+  Args:
+    query: [B, T, N, H]. key, value: [B, S, K, H], N % K == 0; T and S divisible by block_size.
+    bias: additive, broadcastable to [B, N, T, S]. mask: bool, broadcastable to [B, N, T, S].
+      Only their marked blocks are read (a [B, 1, 1, S] padding mask stays O(S); a dense
+      [T, S] mask costs T·S memory by itself).
+    is_causal: top-left causal; blocks above the diagonal are dropped even if marked.
+    segment_ids: int [B, T] or a pair (q_ids [B, T], kv_ids [B, S]).
+    scale: logit scale, default H ** -0.5.
+    layout: concrete bool NumPy [T/bs, S/bs] or per head [N, T/bs, S/bs] (not a traced array).
+    block_size: positions per block, for queries and keys.
+
+  Returns:
+    [B, T, N, H] in the query dtype; a query that sees no key outputs 0.
+
+  Complexity: O(B·N·nnz·bs²·H) time and O(B·N·nnz·bs²) memory, nnz = marked blocks
+  (within 2x: rows are padded to the power of two above their count).
+  """
+  dims = check_qkv(query, key, value, _FN)
+  B, T, S, N, K, H = dims
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+    raise ValueError(f"{_FN}: `block_size` must be a positive integer, got {block_size!r}.")
+  check_divisible(T, block_size, "query length T", "block_size", _FN)
+  check_divisible(S, block_size, "key length S", "block_size", _FN)
+  bs, nq, nk = int(block_size), T // block_size, S // block_size
+  layout = _static_layout(layout, dims, nq, nk, is_causal)
+  mask, bias = check_mask(mask, dims, _FN), check_bias(bias, dims, _FN)
+  ids = split_segment_ids(segment_ids, dims, _FN)
+  scale = resolve_scale(scale, H)
+
+  q_BiqKGH = query.reshape(B, nq, bs, K, N // K, H)
+  groups = _row_groups(layout)
+  parts, rows = [], []
+  for rows_u, kv_blocks, valid in groups:
+    q_u = q_BiqKGH if len(groups) == 1 else q_BiqKGH[:, rows_u]
+    parts.append(_attend_rows(q_u, key, value, bias, mask, ids, is_causal, scale, rows_u,
+                              kv_blocks, valid, bs))
+    rows.append(rows_u)
+  out_BiqKGH = parts[0]
+  if len(parts) > 1:  # Back to query-block order.
+    out_BiqKGH = jnp.concatenate(parts, axis=1)[:, np.argsort(np.concatenate(rows))]
+  return out_BiqKGH.reshape(B, T, N, H).astype(query.dtype)
+
+
+def _attend_rows(q_BuqKGH, key, value, bias, mask, ids, is_causal, scale, rows, kv_blocks, valid, bs: int):
+  """Attention of the query blocks `rows` to their marked key blocks: [B, u, bs, K, G, H] float32.
+
+  kv_blocks / valid: int / bool [h, u, M] (h = 1 shared layout, or N per head).
+  Logits are [B, K, G, u, bs, M, bs]: query block, query in block, slot, key in slot.
+  """
+  B, u, _, K, G, H = q_BuqKGH.shape
+  N, nk, h = K * G, key.shape[1] // bs, kv_blocks.shape[0]
+  k_blocks, v_blocks = _gather_kv(key, kv_blocks, bs, K), _gather_kv(value, kv_blocks, bs, K)
+  kv_spec = "BKumkH" if h == 1 else "BKGumkH"
+  logits = jnp.einsum(f"BuqKGH,{kv_spec}->BKGuqmk", q_BuqKGH, k_blocks, preferred_element_type=jnp.float32) * scale
+
+  # Visibility [B|1, K|1, G|1, u, bs|1, M, bs|1]: a real slot, causal inside blocks, segments, mask.
+  as_heads = lambda x: _by_head(jnp.asarray(x)[None], N, K)
+  visible = as_heads(valid[:, :, None, :, None])
+  if is_causal:
+    k_pos = jnp.asarray(kv_blocks[:, :, None, :, None] * bs) + jnp.arange(bs)
+    q_pos = jnp.asarray(rows[:, None] * bs)[None, :, :, None, None] + jnp.arange(bs)[:, None, None]
+    visible = visible & as_heads(k_pos <= q_pos)
+  if ids is not None:
+    q_ids, kv_ids = ids
+    q_ids = q_ids.reshape(B, -1, bs)[:, rows]
+    kv_ids = kv_ids.reshape(B, nk, bs)[:, kv_blocks]  # [B, h, u, M, bs]
+    visible = visible & (q_ids.reshape(B, 1, 1, u, bs, 1, 1) == _by_head(kv_ids[:, :, :, None], N, K))
+  if mask is not None:
+    visible = visible & _by_head(gather_block_pairs(mask, bs, kv_blocks, rows), N, K)
+  if bias is not None:
+    logits = logits + _by_head(gather_block_pairs(bias, bs, kv_blocks, rows), N, K).astype(jnp.float32)
+
+  probs = masked_softmax(logits, visible, axis=(-2, -1))
+  return jnp.einsum(f"BKGuqmk,{kv_spec}->BuqKGH", probs.astype(value.dtype), v_blocks,
+                    preferred_element_type=jnp.float32)
