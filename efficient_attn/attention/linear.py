@@ -1,4 +1,290 @@
-"""Placeholder: being written."""
-def linear_attention(*a, **k): raise NotImplementedError
-def linear_init_state(*a, **k): raise NotImplementedError
-def linear_step(*a, **k): raise NotImplementedError
+"""Linear (kernelized) attention, chunkwise parallel, with a constant-size decoding state.
+
+Katharopoulos et al. 2020, "Transformers are RNNs": replace exp(q·k) by a
+feature-map kernel φ(q)·φ(k), so that
+
+    out_t = φ(q_t)ᵀ Σ_s φ(k_s) v_sᵀ / φ(q_t)ᵀ Σ_s φ(k_s)      (s visible from t)
+
+costs O(T·M·H) instead of O(T·S·H). This file holds the shared kernelized core
+(`kernelized_attention`, reused by performer.py) and the linear family itself.
+
+Causal (and segmented) attention is chunkwise parallel: the sequence is cut into
+chunks of L = `chunk_size` positions; inside a chunk the exact quadratic masked
+form φq φkᵀ ⊙ mask is used, and keys of earlier chunks enter through per-chunk
+states (Σφ(k)vᵀ, Σφ(k)) carried by `lax.scan` over chunks. Memory
+O(T·L·N + T·M·H·K/L); no per-token scan and no T×M×H tensor.
+Inside the chunked code C counts chunks and T / S index positions within a chunk.
+
+Segments (`segment_ids`, packed self-attention) are assumed to be contiguous runs
+of equal id, aligned between queries and keys (as produced by packing): the state
+carried into a chunk then holds exactly the keys of the run that reaches the chunk
+boundary, and a query uses it only if it belongs to that run ("reset at segment
+starts"). Non-contiguous ids (A B A) are not supported and give wrong results.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from efficient_attn.attention._common import Dims, check_mask, check_qkv, split_segment_ids
+
+# Tuned on CPU for causal fwd+bwd at T=8192, H=64 (64 and 128 tie; 128 keeps fewer carried
+# states and suits matrix units better).
+DEFAULT_CHUNK_SIZE = 128
+
+FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "elu": lambda x: jax.nn.elu(x) + 1.0,
+    "relu": jax.nn.relu,
+}
+
+# Running key stabiliser before any key was seen (Performer decoding); finite so
+# that m_old - m_new never becomes inf - inf.
+NO_KEY_MAX = -1e30
+
+
+class Prepared(NamedTuple):
+  """Validated inputs of a kernelized family; key/value in float32, maybe expanded to N heads."""
+  dims: Dims
+  key_BSKH: jax.Array
+  value_BSKH: jax.Array
+  key_mask_BSK: jax.Array | None  # bool [B, S, K or 1]; True = key may be attended
+  segment_ids: tuple[jax.Array, jax.Array] | None
+  chunk_size: int
+
+
+def prepare_kernelized(query, key, value, bias, mask, segment_ids, chunk_size, fn: str) -> Prepared:
+  """Trace-time checks shared by linear and Performer attention.
+
+  The kernel trick factorises over keys, so only masks that do not depend on the
+  query position can be expressed: a key mask broadcastable to [B, N, 1, S]. A
+  per-query-head mask with GQA expands key/value to N heads (correct, costlier).
+  """
+  dims = check_qkv(query, key, value, fn)
+  if bias is not None:
+    raise ValueError(
+        f"{fn}: `bias` is not supported (got shape {list(jnp.shape(bias))}); an additive logit bias cannot be"
+        " factorised into φ(q)·φ(k); use softmax attention or pass bias=None.")
+  mask = check_mask(mask, dims, fn)
+  key_mask = None
+  if mask is not None:
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if mask.shape[2] != 1:
+      raise ValueError(
+          f"{fn}: `mask` of shape {list(mask.shape)} varies over the query axis T={dims.T}; kernelized attention"
+          " only supports key masks broadcastable to [B, N, 1, S] (use is_causal / segment_ids for the rest).")
+    key_mask = jnp.broadcast_to(mask[:, :, 0, :], (dims.B, mask.shape[1], dims.S)).transpose(0, 2, 1)
+  ids = split_segment_ids(segment_ids, dims, fn)
+  if ids is not None and dims.T != dims.S:
+    raise ValueError(
+        f"{fn}: `segment_ids` needs T == S (packed self-attention), got T={dims.T}, S={dims.S}.")
+  chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+  if not isinstance(chunk, numbers.Integral) or isinstance(chunk, bool) or chunk <= 0:
+    raise ValueError(f"{fn}: `chunk_size` must be a positive integer or None (default {DEFAULT_CHUNK_SIZE}), got {chunk!r}.")
+  key, value = jnp.asarray(key, jnp.float32), jnp.asarray(value, jnp.float32)
+  if key_mask is not None and key_mask.shape[2] != 1 and dims.K != dims.N:
+    key, value = jnp.repeat(key, dims.G, axis=2), jnp.repeat(value, dims.G, axis=2)
+  return Prepared(dims, key, value, key_mask, ids, int(chunk))
+
+
+def _normalise(num, den):
+  """num / den[..., None], exactly 0 where nothing (or a zero total weight) is visible."""
+  ok = den > 0
+  return jnp.where(ok[..., None], num / jnp.where(ok, den, 1.0)[..., None], 0.0)
+
+
+def _carry_in(phi_k_BCSKM, v_BCSKH, kv_ids_BCS):
+  """State (Σφ(k)vᵀ, Σφ(k)) of the keys before each chunk that a query of the chunk may see.
+
+  Without segments: all keys of earlier chunks. With segments: only the run of
+  equal id that reaches the chunk's start; a chunk whose last id differs from the
+  previous chunk's restarts the running state. Per-chunk sums are one parallel
+  einsum; only the tiny [B, K, M, H] state goes through `lax.scan` over chunks.
+  Returns kv_in [B, C, K, M, H], z_in [B, C, K, M] and the id of that run [B, C] (or None).
+  """
+  carry_id_BC = None
+  keep_BC = jnp.ones(phi_k_BCSKM.shape[:2], jnp.float32)
+  if kv_ids_BCS is not None:
+    last_BC = kv_ids_BCS[:, :, -1]
+    carry_id_BC = jnp.concatenate([last_BC[:, :1], last_BC[:, :-1]], axis=1)
+    keep_BC = (last_BC == carry_id_BC).astype(jnp.float32)
+    phi_k_BCSKM = jnp.where((kv_ids_BCS == last_BC[:, :, None])[..., None, None], phi_k_BCSKM, 0.0)
+  kv_BCKMH = jnp.einsum("bcskm,bcskh->bckmh", phi_k_BCSKM, v_BCSKH)
+  z_BCKM = phi_k_BCSKM.sum(axis=2)
+
+  def step(state, chunk):
+    kv_BKMH, z_BKM = state
+    keep_B, local_kv_BKMH, local_z_BKM = chunk
+    new = (kv_BKMH * keep_B[:, None, None, None] + local_kv_BKMH, z_BKM * keep_B[:, None, None] + local_z_BKM)
+    return new, state
+
+  first = lambda x: jnp.moveaxis(x, 1, 0)
+  init = (jnp.zeros_like(kv_BCKMH[:, 0]), jnp.zeros_like(z_BCKM[:, 0]))
+  _, (kv_in, z_in) = jax.lax.scan(step, init, (first(keep_BC), first(kv_BCKMH), first(z_BCKM)))
+  return jnp.moveaxis(kv_in, 0, 1), jnp.moveaxis(z_in, 0, 1), carry_id_BC
+
+
+def _add_carry(num, den, phi_q_BCTKGM, kv_BCKMH, z_BCKM, use_BCT):
+  if use_BCT is not None:
+    phi_q_BCTKGM = phi_q_BCTKGM * use_BCT[..., None, None, None].astype(jnp.float32)
+  num = num + jnp.einsum("bctkgm,bckmh->bctkgh", phi_q_BCTKGM, kv_BCKMH)
+  den = den + jnp.einsum("bctkgm,bckm->bctkg", phi_q_BCTKGM, z_BCKM)
+  return num, den
+
+
+def _chunked(phi_q_BCTKGM, phi_k_BCSKM, v_BCSKH, ids, is_causal):
+  """Numerator [B,C,T,K,G,H] and denominator [B,C,T,K,G] of chunked kernelized attention."""
+  L = phi_q_BCTKGM.shape[2]
+  vis_BCTS = jnp.ones((1, 1, L, L), bool)
+  if is_causal:
+    vis_BCTS = jnp.tril(vis_BCTS)
+  if ids is not None:
+    q_ids_BCT, kv_ids_BCS = ids
+    vis_BCTS = vis_BCTS & (q_ids_BCT[:, :, :, None] == kv_ids_BCS[:, :, None, :])
+  # Exact quadratic form inside each chunk.
+  a_BCKGTS = jnp.einsum("bctkgm,bcskm->bckgts", phi_q_BCTKGM, phi_k_BCSKM)
+  a_BCKGTS = jnp.where(vis_BCTS[:, :, None, None], a_BCKGTS, 0.0)
+  num = jnp.einsum("bckgts,bcskh->bctkgh", a_BCKGTS, v_BCSKH)
+  den = jnp.moveaxis(a_BCKGTS.sum(-1), -1, 2)
+  # Keys of earlier chunks (and, non-causal, of later chunks) through carried states.
+  kv_ids_BCS = None if ids is None else ids[1]
+  kv, z, carry_id = _carry_in(phi_k_BCSKM, v_BCSKH, kv_ids_BCS)
+  use = None if ids is None else ids[0] == carry_id[:, :, None]
+  num, den = _add_carry(num, den, phi_q_BCTKGM, kv, z, use)
+  if not is_causal:  # only reached with segments: the same pass from the right
+    flip = lambda x: None if x is None else jnp.flip(x, axis=(1, 2))
+    kv, z, carry_id = _carry_in(flip(phi_k_BCSKM), flip(v_BCSKH), flip(kv_ids_BCS))
+    kv, z, carry_id = jnp.flip(kv, 1), jnp.flip(z, 1), jnp.flip(carry_id, 1)
+    num, den = _add_carry(num, den, phi_q_BCTKGM, kv, z, ids[0] == carry_id[:, :, None])
+  return num, den
+
+
+def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False, key_mask_BSK=None,
+                         segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE):
+  """Masked kernel attention from features: Σ vis·(φq·φk) v / Σ vis·(φq·φk), float32 [B, T, N, H].
+
+  The shared core of linear and Performer attention. `key_mask_BSK` (bool
+  [B, S, K or 1]) removes keys from numerator and denominator; `segment_ids` is
+  (q_ids [B, T], kv_ids [B, S]) with T == S, contiguous runs. Non-causal without
+  segments: O(T·M·H) via the global state Σφ(k)vᵀ. Otherwise chunkwise parallel
+  (see the module docstring); T and S are padded to a multiple of `chunk_size`
+  with masked keys. Rows that see nothing (zero denominator) are 0.
+  """
+  B, T, N, M = phi_q_BTNM.shape
+  _, S, K, _ = phi_k_BSKM.shape
+  H = value_BSKH.shape[-1]
+  phi_q = phi_q_BTNM.astype(jnp.float32).reshape(B, T, K, N // K, M)
+  phi_k, v = phi_k_BSKM.astype(jnp.float32), value_BSKH.astype(jnp.float32)
+  if key_mask_BSK is not None:
+    phi_k = jnp.where(key_mask_BSK[..., None], phi_k, 0.0)
+  if not is_causal and segment_ids is None:
+    kv_BKMH = jnp.einsum("bskm,bskh->bkmh", phi_k, v)
+    num = jnp.einsum("btkgm,bkmh->btkgh", phi_q, kv_BKMH)
+    den = jnp.einsum("btkgm,bkm->btkg", phi_q, phi_k.sum(axis=1))
+    return _normalise(num, den).reshape(B, T, N, H)
+  L = min(chunk_size, max(T, S))
+  P = -(-max(T, S) // L) * L
+  # Padded keys have zero features (invisible); padded queries are sliced off.
+  pad = lambda x, n, **kw: jnp.pad(x, [(0, 0), (0, P - n)] + [(0, 0)] * (x.ndim - 2), **kw)
+  chunks = lambda x: x.reshape(B, P // L, L, *x.shape[2:])
+  ids = None
+  if segment_ids is not None:
+    ids = tuple(chunks(pad(x, T, mode="edge")) for x in segment_ids)
+  num, den = _chunked(chunks(pad(phi_q, T)), chunks(pad(phi_k, S)), chunks(pad(v, S)), ids, is_causal)
+  return _normalise(num, den).reshape(B, P, N, H)[:, :T]
+
+
+def _feature_map(feature_map, fn: str):
+  if callable(feature_map):
+    return feature_map
+  if feature_map not in FEATURE_MAPS:
+    raise ValueError(f"{fn}: unknown `feature_map` {feature_map!r}; valid ones are {sorted(FEATURE_MAPS)} or a callable.")
+  return FEATURE_MAPS[feature_map]
+
+
+def _scaled(x, scale):
+  x = jnp.asarray(x, jnp.float32)
+  return x if scale is None else x * scale
+
+
+def linear_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
+                     feature_map="elu", chunk_size=None):
+  """Linear attention (Katharopoulos et al. 2020): φ(q)(Σφ(k)vᵀ) / φ(q)Σφ(k).
+
+  query [B, T, N, H], key / value [B, S, K, H] -> [B, T, N, H] in query's dtype
+  (features and sums in float32). `feature_map`: "elu" (elu(x) + 1, the paper's),
+  "relu", or a callable applied elementwise. φ sees the *unscaled* query and key:
+  `scale=None` means no scaling here (not H^-½); an explicit `scale` multiplies
+  the query before φ. `mask` must be a key mask (broadcastable to [B, N, 1, S]);
+  `bias` is refused. Cost: non-causal O(T·H²); causal / segmented chunkwise
+  parallel, O(T·L·H + T·H²) time and O(T·L·N + T·H²·K/L) memory, L = `chunk_size`
+  (default DEFAULT_CHUNK_SIZE; T need not divide it).
+  """
+  fn = "linear_attention"
+  phi = _feature_map(feature_map, fn)
+  p = prepare_kernelized(query, key, value, bias, mask, segment_ids, chunk_size, fn)
+  out = kernelized_attention(phi(_scaled(query, scale)), phi(p.key_BSKH), p.value_BSKH, is_causal=is_causal,
+                             key_mask_BSK=p.key_mask_BSK, segment_ids=p.segment_ids, chunk_size=p.chunk_size)
+  return out.astype(query.dtype)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def linear_init_state(batch: int, num_kv_heads: int, feature_dim: int, head_dim: int):
+  """Empty recurrent state of linear / Performer decoding (constant size in T).
+
+  {"kv": Σφ(k)vᵀ [B, K, M, H], "z": Σφ(k) [B, K, M], "m": running key-feature
+  stabiliser [B, K] (Performer's softmax kernel; linear leaves it alone)}, float32.
+  """
+  return {
+      "kv": jnp.zeros((batch, num_kv_heads, feature_dim, head_dim), jnp.float32),
+      "z": jnp.zeros((batch, num_kv_heads, feature_dim), jnp.float32),
+      "m": jnp.full((batch, num_kv_heads), NO_KEY_MAX, jnp.float32),
+  }
+
+
+def check_step(state, query, key, value, fn: str) -> Dims:
+  """Shapes of one decoding step: T == S == 1 and a state matching K / H."""
+  dims = check_qkv(query, key, value, fn)
+  if dims.T != 1 or dims.S != 1:
+    raise ValueError(f"{fn}: decoding takes one token, query [B, 1, N, H] and key/value [B, 1, K, H]; got T={dims.T}, S={dims.S}.")
+  B, K, _, H = state["kv"].shape
+  if (B, K, H) != (dims.B, dims.K, dims.H):
+    raise ValueError(f"{fn}: state is for (B, K, H)={(B, K, H)} but the inputs have {(dims.B, dims.K, dims.H)}.")
+  return dims
+
+
+def recurrent_step(state, phi_q_BNM, phi_k_BKM, value_BKH, m_BK=None):
+  """Adds one key to (Σφ(k)vᵀ, Σφ(k)) and reads it with one query; returns (out [B, N, H] f32, state)."""
+  B, N, M = phi_q_BNM.shape
+  K = phi_k_BKM.shape[1]
+  kv, z = state["kv"], state["z"]
+  if kv.shape[2] != M:
+    raise ValueError(f"decoding: state has M={kv.shape[2]} features but the feature map gives M={M}; re-create the state.")
+  kv = kv + jnp.einsum("bkm,bkh->bkmh", phi_k_BKM, value_BKH.astype(jnp.float32))
+  z = z + phi_k_BKM
+  phi_q = phi_q_BNM.reshape(B, K, N // K, M)
+  num = jnp.einsum("bkgm,bkmh->bkgh", phi_q, kv)
+  den = jnp.einsum("bkgm,bkm->bkg", phi_q, z)
+  new_state = {"kv": kv, "z": z, "m": state["m"] if m_BK is None else m_BK}
+  return _normalise(num, den).reshape(B, N, -1), new_state
+
+
+def linear_step(state, query_B1NH, key_B1KH, value_B1KH, *, feature_map="elu", scale=None, **ignored):
+  """One causal decoding step of `linear_attention`: returns (out [B, 1, N, H], new state).
+
+  Token by token it equals the causal parallel forward (to float32 rounding).
+  Other options of the parallel call (chunk_size, is_causal, ...) are ignored.
+  """
+  del ignored
+  fn = "linear_step"
+  phi = _feature_map(feature_map, fn)
+  check_step(state, query_B1NH, key_B1KH, value_B1KH, fn)
+  phi_q = phi(_scaled(query_B1NH[:, 0], scale))
+  phi_k = phi(jnp.asarray(key_B1KH[:, 0], jnp.float32))
+  out, state = recurrent_step(state, phi_q, phi_k, value_B1KH[:, 0])
+  return out[:, None].astype(query_B1NH.dtype), state

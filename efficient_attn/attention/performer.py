@@ -1,4 +1,153 @@
-"""Placeholder: being written."""
-def performer_attention(*a, **k): raise NotImplementedError
-def performer_projection(*a, **k): raise NotImplementedError
-def performer_step(*a, **k): raise NotImplementedError
+"""Performer attention: FAVOR+ random features on the kernelized (linear) core.
+
+Choromanski et al. 2021, "Rethinking Attention with Performers". With x' =
+scale^½·x and W [M, H] a (block-orthogonal) Gaussian projection, the positive
+random features
+
+    φ(x) = exp(W x' − |x'|²/2) / √M
+
+satisfy E[φ(q)·φ(k)] = exp(scale·q·k), so kernelized attention with them is an
+unbiased-kernel estimate of softmax attention, in O(T·M·H) time. Causal, key
+masks and segments behave exactly as in `linear_attention` (same core).
+
+Stabilisers (they cancel in the ratio num / den): each query row subtracts its
+own max over M; keys subtract one max per (batch, kv head) over all *valid* keys,
+under `stop_gradient` so no gradient flows from future keys (causality holds
+through gradients). Decoding keeps a running key max and rescales its state when
+the max grows, like online softmax.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from efficient_attn.attention._common import resolve_scale
+from efficient_attn.attention.linear import (NO_KEY_MAX, check_step, kernelized_attention, prepare_kernelized,
+                                             recurrent_step)
+
+KERNELS = ("softmax", "relu")
+RELU_EPS = 1e-3  # keeps the relu-kernel denominator positive (as in the reference FAVOR implementation)
+
+
+def performer_projection(rng, num_features: int, head_dim: int, orthogonal: bool = True) -> jax.Array:
+  """Random projection W [M, H] float32 for FAVOR+; a new `rng` is a redraw.
+
+  orthogonal=True: ceil(M/H) independent H×H Haar-orthogonal blocks (QR of a
+  Gaussian matrix, signs corrected by diag(R)) stacked and cut to M rows; each row
+  is rescaled to a norm drawn from chi(H) (the norm of a Gaussian H-vector), so
+  rows are marginally Gaussian but orthogonal within a block (lower variance).
+  orthogonal=False: iid N(0, 1) entries.
+  """
+  for name, v in (("num_features", num_features), ("head_dim", head_dim)):
+    if not isinstance(v, int) or v <= 0:
+      raise ValueError(f"performer_projection: `{name}` must be a positive integer, got {v!r}.")
+  return _draw_projection(rng, num_features, head_dim, bool(orthogonal))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw_projection(rng, M: int, H: int, orthogonal: bool):
+  if not orthogonal:
+    return jax.random.normal(rng, (M, H), jnp.float32)
+  rng_q, rng_norm = jax.random.split(rng)
+  gauss = jax.random.normal(rng_q, (-(-M // H), H, H), jnp.float32)
+  q, r = jnp.linalg.qr(gauss)
+  signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
+  blocks = jnp.swapaxes(q * signs[:, None, :], -1, -2)  # rows = orthonormal columns of Q
+  norms_M = jnp.linalg.norm(jax.random.normal(rng_norm, (M, H), jnp.float32), axis=-1)
+  return blocks.reshape(-1, H)[:M] * norms_M[:, None]
+
+
+def _check_options(projection, kernel, scale, H, fn):
+  if kernel not in KERNELS:
+    raise ValueError(f"{fn}: unknown `kernel` {kernel!r}; valid kernels are {list(KERNELS)}.")
+  if projection is None:
+    raise ValueError(f"{fn}: `projection` is required; pass projection=performer_projection(rng, num_features, {H}).")
+  if getattr(projection, "ndim", None) != 2 or projection.shape[1] != H:
+    raise ValueError(
+        f"{fn}: `projection` must have shape [M, H] with H={H}, got {list(getattr(projection, 'shape', []))}.")
+  scale = resolve_scale(scale, H)
+  if not isinstance(scale, jax.Array) and scale <= 0:
+    raise ValueError(f"{fn}: `scale` must be positive (features use scale ** 0.5), got {scale}.")
+  return jnp.asarray(projection, jnp.float32), scale
+
+
+def _logits(x_XH, projection_MH, scale):
+  """Exponent W x' − |x'|²/2 of the softmax-kernel features (x' = scale^½ x), [..., M] float32."""
+  x = jnp.asarray(x_XH, jnp.float32) * jnp.sqrt(jnp.float32(scale))
+  return jnp.einsum("...h,mh->...m", x, projection_MH) - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+
+
+def _relu_features(x_XH, projection_MH, scale):
+  x = jnp.asarray(x_XH, jnp.float32) * jnp.sqrt(jnp.float32(scale))
+  M = projection_MH.shape[0]
+  return (jax.nn.relu(jnp.einsum("...h,mh->...m", x, projection_MH)) + RELU_EPS) / jnp.sqrt(jnp.float32(M))
+
+
+def _query_features(q_XH, projection_MH, scale, kernel):
+  """φ(q) [..., M]; the per-row stabiliser cancels between numerator and denominator."""
+  if kernel == "relu":
+    return _relu_features(q_XH, projection_MH, scale)
+  logits = _logits(q_XH, projection_MH, scale)
+  logits = logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+  return jnp.exp(logits) / jnp.sqrt(jnp.float32(projection_MH.shape[0]))
+
+
+def performer_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
+                        projection=None, kernel="softmax", chunk_size=None):
+  """FAVOR+ attention (Choromanski et al. 2021) on the linear-attention core.
+
+  query [B, T, N, H], key / value [B, S, K, H] -> [B, T, N, H] in query's dtype.
+  `projection` [M, H] from `performer_projection` (required). `kernel`:
+  "softmax" (positive random features estimating exp(scale·q·k), scale default
+  H^-½) or "relu" (φ(x) = relu(W x')/√M + eps). `mask` must be a key mask
+  (broadcastable to [B, N, 1, S]); `bias` is refused. Cost O(T·M·H) time;
+  causal / segmented chunkwise parallel with memory O(T·L·N + T·M·H·K/L).
+  """
+  fn = "performer_attention"
+  p = prepare_kernelized(query, key, value, bias, mask, segment_ids, chunk_size, fn)
+  projection, scale = _check_options(projection, kernel, scale, p.dims.H, fn)
+  M = projection.shape[0]
+  phi_q = _query_features(query, projection, scale, kernel)
+  if kernel == "relu":
+    phi_k = _relu_features(p.key_BSKH, projection, scale)
+  else:
+    logits_BSKM = _logits(p.key_BSKH, projection, scale)
+    valid_BSK1 = True if p.key_mask_BSK is None else p.key_mask_BSK[..., None]
+    masked = jnp.where(valid_BSK1, logits_BSKM, -jnp.inf)
+    stab_B1K1 = jnp.max(masked, axis=(1, 3), keepdims=True)
+    stab_B1K1 = jax.lax.stop_gradient(jnp.where(jnp.isfinite(stab_B1K1), stab_B1K1, 0.0))
+    # Invalid keys get exp(-inf) = 0 before the exponential, so no inf·0 in the gradient.
+    phi_k = jnp.exp(masked - stab_B1K1) / jnp.sqrt(jnp.float32(M))
+  out = kernelized_attention(phi_q, phi_k, p.value_BSKH, is_causal=is_causal, key_mask_BSK=p.key_mask_BSK,
+                             segment_ids=p.segment_ids, chunk_size=p.chunk_size)
+  return out.astype(query.dtype)
+
+
+def performer_step(state, query_B1NH, key_B1KH, value_B1KH, *, projection=None, kernel="softmax", scale=None,
+                   **ignored):
+  """One causal decoding step of `performer_attention`: returns (out [B, 1, N, H], new state).
+
+  `state` from `linear_init_state(B, K, M, H)`. For the softmax kernel the
+  state carries a running key max "m" [B, K]; when it grows, (Σφ(k)vᵀ, Σφ(k)) are
+  rescaled by exp(m_old − m_new). Equals the causal parallel forward token by
+  token (to float32 rounding). Other options (chunk_size, ...) are ignored.
+  """
+  del ignored
+  fn = "performer_step"
+  dims = check_step(state, query_B1NH, key_B1KH, value_B1KH, fn)
+  projection, scale = _check_options(projection, kernel, scale, dims.H, fn)
+  M = projection.shape[0]
+  phi_q = _query_features(query_B1NH[:, 0], projection, scale, kernel)
+  if kernel == "relu":
+    out, state = recurrent_step(state, phi_q, _relu_features(key_B1KH[:, 0], projection, scale), value_B1KH[:, 0])
+    return out[:, None].astype(query_B1NH.dtype), state
+  logits_BKM = _logits(key_B1KH[:, 0], projection, scale)
+  m_new = jnp.maximum(state["m"], logits_BKM.max(axis=-1))
+  rescale_BK = jnp.exp(state["m"] - m_new)
+  state = {**state, "kv": state["kv"] * rescale_BK[..., None, None], "z": state["z"] * rescale_BK[..., None]}
+  phi_k = jnp.exp(logits_BKM - m_new[..., None]) / jnp.sqrt(jnp.float32(M))
+  out, state = recurrent_step(state, phi_q, phi_k, value_B1KH[:, 0], m_BK=m_new)
+  return out[:, None].astype(query_B1NH.dtype), state
