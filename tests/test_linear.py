@@ -81,6 +81,16 @@ def test_key_masks(is_causal, mask_shape):
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
+def test_batch_by_key_padding_mask(is_causal):
+  """A 2-D [B, S] mask is key padding: the same as [B, 1, 1, S]."""
+  q, k, v = _qkv(3, 40, 40, 4, 2, 8, seed=6)
+  mask_BS = np.random.default_rng(2).random((3, 40)) > 0.3
+  out = linear_attention(q, k, v, mask=mask_BS, is_causal=is_causal, chunk_size=16)
+  ref = _reference(q, k, v, is_causal=is_causal, mask=mask_BS[:, None, None, :])
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("chunk", [8, 12, 64])
 def test_segments(is_causal, chunk):
   # Row 0: a segment spans the chunk boundary at 8/16/24 and one segment is a single token;

@@ -60,14 +60,16 @@ def prepare_kernelized(query, key, value, bias, mask, segment_ids, chunk_size, f
   """Trace-time checks shared by linear and Performer attention.
 
   The kernel trick factorises over keys, so only masks that do not depend on the
-  query position can be expressed: a key mask broadcastable to [B, N, 1, S]. A
-  per-query-head mask with GQA expands key/value to N heads (correct, costlier).
+  query position can be expressed: a key mask broadcastable to [B, N, 1, S], or
+  a key-padding mask [B, S] (read as [B, 1, 1, S]). A per-query-head mask with GQA expands key/value to N heads (correct, costlier).
   """
   dims = check_qkv(query, key, value, fn)
   if bias is not None:
     raise ValueError(
         f"{fn}: `bias` is not supported (got shape {list(jnp.shape(bias))}); an additive logit bias cannot be"
         " factorised into φ(q)·φ(k); use softmax attention or pass bias=None.")
+  if mask is not None and jnp.ndim(mask) == 2 and jnp.shape(mask) == (dims.B, dims.S):
+    mask = jnp.asarray(mask)[:, None, None, :]  # [B, S]: a key-padding mask (a [T, S] mask is never valid here)
   mask = check_mask(mask, dims, fn)
   key_mask = None
   if mask is not None:
