@@ -12,7 +12,7 @@ Public API:
     efficient_attn.moe         `moe_ffn`: switch / top-k / experts-choose MoE, expert parallelism.
 """
 
-from efficient_attn import attention
+from efficient_attn import attention, moe
 from efficient_attn.attention import (
     ATTENTION,
     attend,
@@ -24,10 +24,11 @@ from efficient_attn.attention import (
     performer_projection,
     softmax_attention,
 )
+from efficient_attn.moe import moe_ffn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "ATTENTION", "attend", "flax_attention_fn", "softmax_attention", "local_attention",
+    "attention", "moe", "moe_ffn", "ATTENTION", "attend", "flax_attention_fn", "softmax_attention", "local_attention",
     "block_sparse_attention", "linear_attention", "performer_attention", "performer_projection",
 ]

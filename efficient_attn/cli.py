@@ -55,24 +55,64 @@ def _bench(args) -> None:
     from efficient_attn.moe import bench as moe_bench
 
     rows = moe_bench.bench_moe(overrides, progress=progress)
-    table = moe_bench.moe_table(rows)
+    table = moe_bench.format_moe_table(rows)
   print(table)
   if args.json:
     bench.write_json(rows, args.json)
     print(f"wrote {len(rows)} rows to {args.json}")
 
 
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` when launched as one of several processes.
+
+  scripts/launch_local.sh sets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID; SLURM (several tasks) and Cloud TPU pods are auto-detected by JAX.
+  """
+  import jax
+
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env.get("JAX_NUM_PROCESSES", "1")),
+                               int(env.get("JAX_PROCESS_ID", "0")))
+  elif int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "localhost") != "localhost":
+    jax.distributed.initialize()
+
+
+def _train(args) -> None:
+  from efficient_attn.config import Config, load_config_file, with_overrides
+
+  overrides = parse_overrides(args.set)
+  cfg = load_config_file(args.config) if args.config else Config()
+  cfg = with_overrides(cfg, overrides)
+  maybe_initialize_distributed()
+  from efficient_attn import train
+
+  row = train.train(cfg, args.workdir)
+  if row:
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                   if not isinstance(v, list)))
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  from efficient_attn.data.text import DataError
+
   try:
     if args.command == "bench":
       _bench(args)
+    elif args.command == "train":
+      _train(args)
     else:
       raise ConfigError(f"`efficient-attn {args.command}` is not available in this version yet;"
-                        " `efficient-attn bench attention|moe` is.")
-  except ConfigError as e:
+                        " `efficient-attn train` and `efficient-attn bench attention|moe` are.")
+  except (ConfigError, DataError) as e:
     print(f"efficient-attn: error: {e}", file=sys.stderr)
     return 2
+  except RuntimeError as e:
+    if type(e).__name__ != "NonFiniteError":
+      raise
+    print(f"efficient-attn: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -61,3 +61,194 @@ def apply_overrides(defaults: dict[str, Any], overrides: dict[str, Any], where: 
           f" like the default {expected!r}.")
     out[key] = list(value) if isinstance(value, tuple) else value
   return out
+
+
+# ----------------------------------------------------------------------------- training configs
+
+import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+
+ATTENTION_KINDS = ("softmax", "local", "sparse", "linear", "performer")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  attention: str = "softmax"          # softmax | local | sparse | linear | performer
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 0               # 0 = num_heads (MHA); a divisor of num_heads gives GQA / MQA
+  ffn_dim: int = 1024
+  ffn_activation: str = "gelu"        # gelu | swiglu
+  vocab_size: int = 256
+  num_experts: int = 0                # 0 = dense FFN in every layer
+  top_k: int = 1
+  moe_every: int = 1                  # MoE FFN in every n-th layer (layers n-1, 2n-1, ...)
+  capacity_factor: float = 1.25
+  router: str = "tokens_choose"       # tokens_choose | experts_choose
+  dropless: bool = False
+  window: int = 128                   # local attention
+  block_size: int = 64                # sparse attention
+  sparse_global: int = 1
+  sparse_random: int = 1
+  sparse_window: int = 3
+  num_features: int = 128             # performer M
+  feature_map: str = "elu"            # linear
+  chunk_size: int = 0                 # 0 = the family's default
+  rope_base: float = 10_000.0
+  scan_layers: bool = False
+  dtype: str = "float32"              # compute dtype; params stay float32
+  remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 200
+  batch_size: int = 8
+  seq_len: int = 256
+  learning_rate: float = 3e-3
+  warmup_steps: int = 20
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  seed: int = 0
+  log_every: int = 10
+  checkpoint_every: int = 100
+  max_to_keep: int = 3
+  eval_every: int = 0                 # 0 = evaluate at the end only
+  eval_batches: int = 4
+  aux_loss_weight: float = 0.01       # MoE load balancing
+  z_loss_weight: float = 0.001        # MoE router z-loss
+  on_nonfinite: str = "stop"          # stop | skip
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  name: str = "stdlib"                # stdlib | text | json | a Hugging Face dataset name
+  files: str = ""                     # path or glob for text / json
+  text_field: str = "text"
+  val_fraction: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1                      # -1 = all devices not used by the other axes
+  fsdp: int = 1
+  tensor: int = 1
+  expert: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  train: TrainConfig = TrainConfig()
+  data: DataConfig = DataConfig()
+  mesh: MeshConfig = MeshConfig()
+
+
+def flatten(cfg) -> dict:
+  """Config -> {'model.attention': 'softmax', ...}."""
+  return {f"{sec.name}.{f.name}": getattr(getattr(cfg, sec.name), f.name)
+          for sec in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, sec.name))}
+
+
+def with_overrides(cfg: Config, overrides: dict) -> Config:
+  """Applies {'section.key': value} overrides with key and type checks (ConfigError on a bad one)."""
+  flat = apply_overrides(flatten(cfg), overrides, "the training config")
+  sections = {}
+  for sec in dataclasses.fields(cfg):
+    sub = getattr(cfg, sec.name)
+    sections[sec.name] = dataclasses.replace(sub, **{f.name: flat[f"{sec.name}.{f.name}"]
+                                                     for f in dataclasses.fields(sub)})
+  return Config(**sections)
+
+
+def load_config_file(path: str) -> Config:
+  """Runs a Python config file and returns its `get_config()` (a config file is code: trust it as such)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config {path}: no such file; pass a Python file that defines get_config().")
+  spec = importlib.util.spec_from_file_location("_efficient_attn_user_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config {path}: the file defines no get_config() function.")
+  cfg = module.get_config()
+  if not isinstance(cfg, Config):
+    raise ConfigError(f"--config {path}: get_config() returned {type(cfg).__name__}, expected efficient_attn.config.Config.")
+  return cfg
+
+
+def _need(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+  """Resolves `data=-1` and checks that the mesh uses exactly `num_devices` devices."""
+  sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor, "expert": mesh.expert}
+  for k, v in sizes.items():
+    _need(v == -1 if k == "data" and v < 1 else v >= 1,
+          f"mesh.{k}={v} must be a positive integer{' (or -1 for the remaining devices)' if k == 'data' else ''}.")
+  others = mesh.fsdp * mesh.tensor * mesh.expert
+  if sizes["data"] == -1:
+    _need(num_devices % others == 0, f"mesh.fsdp x mesh.tensor x mesh.expert = {others} does not divide the"
+          f" {num_devices} available devices; choose sizes whose product divides {num_devices}.")
+    sizes["data"] = num_devices // others
+  _need(math.prod(sizes.values()) == num_devices,
+        f"mesh data x fsdp x tensor x expert = {'x'.join(map(str, sizes.values()))} = {math.prod(sizes.values())}"
+        f" devices, but {num_devices} are available; make the product equal {num_devices} (mesh.data=-1 fills in).")
+  return sizes
+
+
+def validate(cfg: Config, num_devices: int) -> dict[str, int]:
+  """Checks every field before anything compiles; returns the resolved mesh shape."""
+  m, t, d = cfg.model, cfg.train, cfg.data
+  _need(m.attention in ATTENTION_KINDS, f"model.attention={m.attention!r} is not one of {list(ATTENTION_KINDS)}.")
+  for sec, obj in (("model", m), ("train", t)):
+    for f in dataclasses.fields(obj):
+      v = getattr(obj, f.name)
+      if isinstance(v, float):
+        _need(math.isfinite(v), f"{sec}.{f.name}={v} must be a finite number.")
+  for k in ("num_layers", "d_model", "num_heads", "ffn_dim", "vocab_size", "top_k", "moe_every", "window",
+            "block_size", "num_features"):
+    _need(getattr(m, k) >= 1, f"model.{k}={getattr(m, k)} must be a positive integer.")
+  for k in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "max_to_keep", "eval_batches"):
+    _need(getattr(t, k) >= 1, f"train.{k}={getattr(t, k)} must be a positive integer.")
+  for k in ("num_experts", "num_kv_heads", "chunk_size", "warmup_steps", "eval_every", "sparse_global",
+            "sparse_random"):
+    obj = m if hasattr(m, k) else t
+    _need(getattr(obj, k) >= 0, f"{'model' if obj is m else 'train'}.{k}={getattr(obj, k)} must be >= 0.")
+  _need(m.d_model % m.num_heads == 0,
+        f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; pick a divisor of {m.d_model}.")
+  kv = m.num_kv_heads or m.num_heads
+  _need(m.num_heads % kv == 0, f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}.")
+  _need(m.ffn_activation in ("gelu", "swiglu"), f"model.ffn_activation={m.ffn_activation!r} is not gelu or swiglu.")
+  _need(m.feature_map in ("elu", "relu"), f"model.feature_map={m.feature_map!r} is not elu or relu.")
+  _need(m.router in ("tokens_choose", "experts_choose"),
+        f"model.router={m.router!r} is not tokens_choose or experts_choose.")
+  _need(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r} is not float32 or bfloat16.")
+  _need(m.capacity_factor > 0, f"model.capacity_factor={m.capacity_factor} must be > 0.")
+  if m.num_experts:
+    _need(m.top_k <= m.num_experts, f"model.top_k={m.top_k} exceeds model.num_experts={m.num_experts}.")
+  _need(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0.")
+  _need(t.weight_decay >= 0 and t.grad_clip >= 0, "train.weight_decay and train.grad_clip must be >= 0.")
+  _need(t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite={t.on_nonfinite!r} is not stop or skip.")
+  _need(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1).")
+  _need(d.name not in ("text", "json") or d.files, f"data.name={d.name!r} needs data.files (a path or glob).")
+  if m.attention == "sparse":
+    _need(t.seq_len % m.block_size == 0, f"train.seq_len={t.seq_len} is not divisible by model.block_size="
+          f"{m.block_size}; pick a seq_len that is a multiple of {m.block_size}.")
+  sizes = mesh_shape(cfg.mesh, num_devices)
+  if m.num_experts:
+    _need(m.num_experts % sizes["expert"] == 0, f"model.num_experts={m.num_experts} is not divisible by"
+          f" mesh.expert={sizes['expert']}; use a multiple of {sizes['expert']} experts.")
+  else:
+    _need(sizes["expert"] == 1, f"mesh.expert={sizes['expert']} needs an MoE model (model.num_experts > 0).")
+  batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  _need(t.batch_size % batch_shards == 0, f"train.batch_size={t.batch_size} is not divisible by the"
+        f" data-parallel size data x fsdp x expert = {batch_shards}; use a multiple of {batch_shards}.")
+  _need(m.num_heads % sizes["tensor"] == 0 and kv % sizes["tensor"] == 0 and m.ffn_dim % sizes["tensor"] == 0,
+        f"mesh.tensor={sizes['tensor']} must divide model.num_heads={m.num_heads}, the kv heads ({kv}) and"
+        f" model.ffn_dim={m.ffn_dim}.")
+  return sizes

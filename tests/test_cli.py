@@ -70,3 +70,17 @@ def test_bench_bad_input_exits_2(args, fragment, capsys):
 def test_console_script_unknown_bench_target():
   r = subprocess.run([sys.executable, "-m", "efficient_attn.cli", "bench", "flops"], capture_output=True, text=True)
   assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_bench_moe_small_through_the_cli(capsys):
+  rc = cli.main(["bench", "moe", "--set", "batch=2", "--set", "seq_len=32", "--set", "d_model=16", "--set",
+                 "hidden_dim=32", "--set", "num_experts=[4]", "--set", "variants=['dense','switch_cf1.25']",
+                 "--set", "repeats=1", "--set", "rounds=1", "--set", "min_time=0.0"])
+  out = capsys.readouterr().out
+  assert rc == 0 and "switch_cf1.25" in out and "dense" in out
+
+
+def test_bench_moe_unknown_setting_exits_2(capsys):
+  assert cli.main(["bench", "moe", "--set", "experts=8"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown setting 'experts'" in err and "Traceback" not in err

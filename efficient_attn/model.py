@@ -1,0 +1,191 @@
+"""The decoder LM and the encoder classifier, built once from `layers.Block`.
+
+`TransformerLM(config)` maps int tokens [B, T] to logits [B, T, V]; every
+attention family and the MoE FFN are chosen by `config` (a `config.ModelConfig`).
+`EncoderClassifier(config, num_classes)` maps [B, T] to class logits [B, classes]
+with bidirectional attention and mean pooling over non-padding tokens.
+`generate` decodes with each family's decoding state (KV cache or recurrent state).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efficient_attn import attention as attention_lib
+from efficient_attn.layers import Block, RMSNorm
+
+
+def is_moe_layer(cfg, i: int) -> bool:
+  return bool(cfg.num_experts) and (i + 1) % cfg.moe_every == 0
+
+
+class _Group(nn.Module):
+  """`moe_every` consecutive blocks (the last one MoE): the unit `nn.scan` repeats."""
+  config: Any
+  is_causal: bool = True
+  mesh: Any = None
+
+  @nn.compact
+  def __call__(self, x, segment_ids, positions):
+    c = self.config
+    size = c.moe_every if c.num_experts else 1
+    for j in range(size):
+      x = Block(c, is_moe_layer(c, j), self.is_causal, self.mesh, name=f"block_{j}")(x, segment_ids, positions)
+    return x, None
+
+
+class _GroupDecode(nn.Module):
+  config: Any
+  mesh: Any = None
+
+  @nn.compact
+  def __call__(self, x, states, positions):
+    c = self.config
+    size = c.moe_every if c.num_experts else 1
+    new = []
+    for j in range(size):
+      x, s = Block(c, is_moe_layer(c, j), True, self.mesh, name=f"block_{j}")(x, None, positions, states[j])
+      new.append(s)
+    return x, tuple(new)
+
+
+class Trunk(nn.Module):
+  """Embedding-free stack of L blocks, looped or `nn.scan`-ned (`config.scan_layers`)."""
+  config: Any
+  is_causal: bool = True
+  mesh: Any = None
+
+  @nn.compact
+  def __call__(self, x, segment_ids=None, positions=None, decode_states=None):
+    c = self.config
+    size = c.moe_every if c.num_experts else 1
+    if c.num_layers % size:
+      raise ValueError(f"model.num_layers={c.num_layers} must be a multiple of model.moe_every={c.moe_every}.")
+    groups = c.num_layers // size
+    if c.scan_layers:
+      body = _Group if decode_states is None else _GroupDecode
+      if c.remat:
+        body = nn.remat(body)
+      axes = (nn.broadcast, nn.broadcast) if decode_states is None else (0, nn.broadcast)
+      scanned = nn.scan(body, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                        in_axes=axes, length=groups, metadata_params={nn.PARTITION_NAME: "layers"})
+      if decode_states is None:
+        x, _ = scanned(c, self.is_causal, self.mesh, name="layers")(x, segment_ids, positions)
+        return x
+      return scanned(c, self.mesh, name="layers")(x, decode_states, positions)
+    block = nn.remat(Block) if c.remat else Block
+    new = []
+    for i in range(c.num_layers):
+      b = block(c, is_moe_layer(c, i % size), self.is_causal, self.mesh, name=f"block_{i}")
+      if decode_states is None:
+        x = b(x, segment_ids, positions)
+      else:
+        x, s = b(x, None, positions, decode_states[i])
+        new.append(s)
+    return x if decode_states is None else (x, new)
+
+
+def _embedding(cfg, dtype, name=None):
+  table = nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed"))
+  return nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=table, dtype=dtype, name=name)
+
+
+class TransformerLM(nn.Module):
+  """Decoder-only LM: tokens [B, T] -> logits [B, T, V] (float32).
+
+  `segment_ids` [B, T] keep packed documents apart (attention and rotary
+  positions restart per segment). `mesh` enables expert parallelism in MoE layers.
+  `decode` runs one token with per-layer decoding states (see `generate`).
+  """
+  config: Any
+  mesh: Any = None
+
+  def setup(self):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    self.embed = _embedding(c, dtype)
+    self.trunk = Trunk(c, True, self.mesh)
+    self.final_norm = RMSNorm(dtype=dtype)
+    w = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab"))
+    self.unembed = nn.DenseGeneral(c.vocab_size, use_bias=False, kernel_init=w, dtype=jnp.float32)
+
+  def __call__(self, tokens_BT, segment_ids=None):
+    x = self.trunk(self.embed(tokens_BT), segment_ids)
+    return self.unembed(self.final_norm(x))
+
+  def decode(self, token_B1, position_B1, states):
+    """One decoding step: (logits [B, 1, V], new states). `states` from `init_decode_states`."""
+    x, states = self.trunk(self.embed(token_B1), None, position_B1, states)
+    return self.unembed(self.final_norm(x)), states
+
+
+def init_decode_states(cfg, batch: int, max_len: int):
+  """Per-layer decoding states (a list, or groups stacked along a leading axis with scan_layers)."""
+  H = cfg.d_model // cfg.num_heads
+  K = cfg.num_kv_heads or cfg.num_heads
+  opts = {}
+  if cfg.attention == "performer":
+    opts["projection"] = attention_lib.performer_projection(jax.random.PRNGKey(0), cfg.num_features, H)
+  one = lambda: attention_lib.init_decode_state(cfg.attention, batch, K, H, max_len=max_len, **opts)  # noqa: E731
+  if not cfg.scan_layers:
+    return [one() for _ in range(cfg.num_layers)]
+  size = cfg.moe_every if cfg.num_experts else 1
+  stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+  return tuple(jax.tree.map(stack, *[one() for _ in range(cfg.num_layers // size)]) for _ in range(size))
+
+
+def generate(model: TransformerLM, params, prompt_BT, num_new: int, *, temperature: float = 0.0, rng=None):
+  """Feeds the prompt token by token, then samples `num_new` tokens (greedy at temperature 0).
+
+  Returns (tokens [B, T + num_new], logits [B, T + num_new - 1, V]): logits[:, t]
+  is the prediction made after reading token t, so it can be compared with the
+  parallel forward on the same tokens.
+  """
+  B, T = prompt_BT.shape
+  total = T + num_new
+  states = init_decode_states(model.config, B, total)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+
+  @jax.jit
+  def step(carry, t):
+    tokens, states, rng = carry
+    tok = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)
+    logits, states = model.apply({"params": params}, tok, jnp.full((B, 1), t), states, method=TransformerLM.decode)
+    rng, sub = jax.random.split(rng)
+    nxt = (jnp.argmax(logits[:, 0], -1) if temperature == 0.0
+           else jax.random.categorical(sub, logits[:, 0] / temperature))
+    keep = jax.lax.dynamic_slice_in_dim(tokens, t + 1, 1, axis=1)[:, 0]
+    nxt = jnp.where(t + 1 < T, keep, nxt).astype(tokens.dtype)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], t + 1, axis=1)
+    return (tokens, states, rng), logits[:, 0]
+
+  tokens = jnp.zeros((B, total), prompt_BT.dtype).at[:, :T].set(prompt_BT)
+  (tokens, _, _), logits = jax.lax.scan(step, (tokens, states, rng), jnp.arange(total - 1))
+  return tokens, jnp.swapaxes(logits, 0, 1)
+
+
+class EncoderClassifier(nn.Module):
+  """Bidirectional encoder for sequence classification (e.g. ListOps): tokens [B, T] -> logits [B, classes].
+
+  Padding is segment id 0: padded tokens neither attend to nor are attended by
+  real ones, and the mean pool ignores them.
+  """
+  config: Any
+  num_classes: int
+  mesh: Any = None
+
+  @nn.compact
+  def __call__(self, tokens_BT, segment_ids=None):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    x = _embedding(c, dtype, "embed")(tokens_BT)
+    x = Trunk(c, False, self.mesh, name="trunk")(x, segment_ids)
+    x = RMSNorm(dtype=dtype, name="final_norm")(x).astype(jnp.float32)
+    w = jnp.ones(tokens_BT.shape, jnp.float32) if segment_ids is None else (segment_ids > 0).astype(jnp.float32)
+    pooled = jnp.sum(x * w[..., None], 1) / jnp.maximum(jnp.sum(w, 1, keepdims=True), 1.0)
+    head = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab"))
+    return nn.Dense(self.num_classes, kernel_init=head, dtype=jnp.float32, name="head")(pooled)

@@ -1,0 +1,162 @@
+"""`efficient-attn bench moe`: forward + backward time and compiled memory of MoE layers.
+
+The CPU counterpart of the throughput column of the Switch Transformer's Table 1
+(Fedus et al. 2021): a dense FFN against Switch (capacity factor 1.0 / 1.25 / 2.0),
+top-2, expert choice and dropless layers whose experts each have the dense FFN's
+hidden size, so top-1 variants do the same useful FLOPs per token as the dense layer.
+
+Each row: variant, num_experts, top_k, capacity_factor, time_s (one forward +
+backward of mean(y²) + the aux losses w.r.t. params and x: the median call of the
+fastest of `rounds` interleaved rounds), time_vs_dense,
+temp_bytes (XLA's compiled scratch memory), temp_vs_dense, flops_per_token (ideal,
+forward + backward) and executed_flops_per_token (capacity padding included).
+
+On XLA:CPU the dense FFN's GELU backward is fused into a slow transposed loop, so
+with activation="gelu" (the default) MoE layers can beat the dense layer; set
+{"activation": "relu"} for a matmul-bound comparison.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from efficient_attn.bench import compile_fn, format_table, temp_bytes, time_compiled
+from efficient_attn.config import ConfigError
+from efficient_attn.moe.ffn import flops_per_token, moe_ffn, resolve_activation
+
+VARIANTS = {
+    "dense": None,
+    "switch_cf1.0": dict(top_k=1, capacity_factor=1.0),
+    "switch_cf1.25": dict(top_k=1, capacity_factor=1.25),
+    "switch_cf2.0": dict(top_k=1, capacity_factor=2.0),
+    "top2": dict(top_k=2, capacity_factor=1.25),
+    "experts_choose": dict(router="experts_choose", capacity_factor=1.0),
+    "dropless": dict(top_k=1, dropless=True),
+}
+
+DEFAULTS = {
+    "batch": 8,             # B
+    "seq_len": 512,         # T (one routing group per sequence)
+    "d_model": 256,         # D
+    "hidden_dim": 1024,     # F, of the dense FFN and of every expert
+    "num_experts": [4, 8, 16],
+    "variants": list(VARIANTS),
+    "activation": "gelu",
+    "dtype": "float32",
+    "seed": 0,
+    "repeats": 3,           # timed calls per round at least (after one warm-up) ...
+    "min_time": 0.2,        # ... and until this many seconds have passed
+    "rounds": 3,            # rounds over all variants, interleaved; the fastest round counts
+}
+
+COLUMNS = [
+    ("variant", "variant", "s"), ("num_experts", "E", "d"), ("top_k", "k", "d"),
+    ("capacity_factor", "cf", ".2f"), ("time_s", "fwd+bwd (s)", ".4f"),
+    ("time_vs_dense", "time / dense", ".2f"), ("temp_bytes", "temp bytes", ",d"),
+    ("temp_vs_dense", "temp / dense", ".2f"), ("flops_per_token", "FLOPs/token", ",.0f"),
+    ("executed_flops_per_token", "executed FLOPs/token", ",.0f"),
+]
+
+
+def _settings(settings: dict | None) -> dict:
+  s = dict(DEFAULTS)
+  for key, value in (settings or {}).items():
+    if key not in DEFAULTS:
+      raise ConfigError(f"bench_moe: unknown setting {key!r}; valid settings are {sorted(DEFAULTS)}.")
+    s[key] = value
+  if isinstance(s["num_experts"], int):
+    s["num_experts"] = [s["num_experts"]]
+  if isinstance(s["variants"], str):
+    s["variants"] = [s["variants"]]
+  for v in s["variants"]:
+    if v not in VARIANTS:
+      raise ConfigError(f"bench_moe: unknown variant {v!r} in `variants`; valid variants are {list(VARIANTS)}.")
+  for key in ("batch", "seq_len", "d_model", "hidden_dim", "repeats", "rounds"):
+    if not isinstance(s[key], int) or s[key] <= 0:
+      raise ConfigError(f"bench_moe: setting {key!r}={s[key]!r} must be a positive integer.")
+  if not s["num_experts"] or any(not isinstance(e, int) or e < 2 for e in s["num_experts"]):
+    raise ConfigError(f"bench_moe: setting 'num_experts'={s['num_experts']!r} must be a list of integers >= 2.")
+  resolve_activation(s["activation"], "bench_moe")
+  return s
+
+
+def _dense_loss(params, x_BTD, act):
+  h = act(jnp.einsum("BTD,DF->BTF", x_BTD, params["w_in"]))
+  return jnp.mean(jnp.square(jnp.einsum("BTF,FD->BTD", h, params["w_out"])))
+
+
+def _moe_loss(params, x_BTD, act, options):
+  y, aux = moe_ffn(x_BTD, params, activation=act, **options)
+  return jnp.mean(jnp.square(y)) + 0.01 * aux["load_balancing_loss"] + 0.001 * aux["router_z_loss"]
+
+
+def _params(rng, D, F, E, dtype):
+  k = jax.random.split(rng, 3)
+  w_in = jax.random.normal(k[0], (E or 1, D, F), dtype) * D ** -0.5
+  w_out = jax.random.normal(k[1], (E or 1, F, D), dtype) * F ** -0.5
+  if not E:
+    return {"w_in": w_in[0], "w_out": w_out[0]}
+  return {"router": jax.random.normal(k[2], (D, E), dtype) * D ** -0.5, "w_in": w_in, "w_out": w_out}
+
+
+def _compile(loss, params, x):
+  compiled = compile_fn(jax.grad(loss, argnums=(0, 1)), params, x)
+  return compiled, temp_bytes(compiled)
+
+
+def bench_moe(settings: dict | None = None, progress: bool = True) -> list[dict]:
+  """Forward + backward time and compiled temp memory of MoE variants vs a dense FFN.
+
+  `settings` overrides DEFAULTS (keys: batch, seq_len, d_model, hidden_dim, num_experts,
+  variants, activation, dtype, seed, repeats, min_time, rounds); an unknown key or
+  variant is a ConfigError (a ValueError). The dense FFN is measured once, every other variant at each
+  E. All variants are compiled first, then timed in `rounds` interleaved rounds (the
+  fastest round counts), so a load change on the machine hits them alike.
+  Returns one dict per (variant, E); `format_moe_table(rows)` renders them.
+  """
+  s = _settings(settings)
+  B, T, D, F = s["batch"], s["seq_len"], s["d_model"], s["hidden_dim"]
+  dtype = jnp.dtype(s["dtype"])
+  act = resolve_activation(s["activation"], "bench_moe")
+  rng_x, rng_p = jax.random.split(jax.random.key(s["seed"]))
+  x = jax.random.normal(rng_x, (B, T, D), dtype)
+  configs = [("dense", None)] + [(v, E) for E in s["num_experts"] for v in s["variants"] if v != "dense"]
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(configs) * (1 + s["rounds"]), desc="bench moe", leave=False)
+  rows, runs = [], []
+  for variant, E in configs:
+    params = _params(rng_p, D, F, E, dtype)
+    options = VARIANTS[variant] or {}
+    if E is None:
+      compiled, temp = _compile(lambda p, x: _dense_loss(p, x, act), params, x)
+      flops = {"ideal": 4.0 * D * F, "executed": 4.0 * D * F}
+    else:
+      compiled, temp = _compile(lambda p, x, o=options: _moe_loss(p, x, act, o), params, x)
+      dropless = options.get("dropless", False)
+      flops = flops_per_token(D, F, E, top_k=options.get("top_k", 1), tokens_per_group=T,
+                              capacity_factor=None if dropless else options.get("capacity_factor"))
+    rows.append({"variant": variant, "num_experts": E, "top_k": options.get("top_k", 1) if E else None,
+                 "capacity_factor": None if options.get("dropless") else options.get("capacity_factor"),
+                 "time_s": float("inf"), "temp_bytes": temp,
+                 "flops_per_token": 3 * flops["ideal"], "executed_flops_per_token": 3 * flops["executed"]})
+    runs.append((compiled, params))
+    bar and bar.update()
+  for _ in range(s["rounds"]):
+    for row, (compiled, params) in zip(rows, runs):
+      t = time_compiled(compiled, params, x, repeats=s["repeats"], min_time=s["min_time"])
+      row["time_s"] = min(row["time_s"], t)
+      bar and bar.update()
+  bar and bar.close()
+  dense = rows[0]
+  for row in rows:
+    row["time_vs_dense"] = row["time_s"] / dense["time_s"]
+    row["temp_vs_dense"] = row["temp_bytes"] / dense["temp_bytes"] if dense["temp_bytes"] else None
+  return rows
+
+
+def format_moe_table(rows: list[dict]) -> str:
+  """The Markdown table of `bench_moe` rows."""
+  return format_table(rows, COLUMNS)

@@ -1,0 +1,244 @@
+"""Training, top to bottom: data -> mesh -> state -> jitted step -> loop -> checkpoints.
+
+    state  = init_state(...)            eval_shape -> shardings -> jit(init, out_shardings)
+    step   = jax.jit(train_step, in/out shardings, donate the state)
+    loop:  batch i is a pure function of (seed, i); log metrics.jsonl; save with orbax
+    resume: the latest checkpoint holds the state and the data position (= step)
+
+The same code runs on one CPU, an emulated 8-device CPU mesh, a GPU cluster or a
+TPU pod (`jax.distributed.initialize()` is called when launched multi-process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from efficient_attn import flops, sharding
+from efficient_attn.config import Config, ConfigError, validate
+from efficient_attn.data.text import PackedStream, lm_example, load_documents, split_documents
+from efficient_attn.model import TransformerLM
+from efficient_attn.moe import collect_aux
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient became NaN/inf; nothing from that step was saved."""
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup + cosine decay to 10%, global-norm clipping; no decay on norms/biases."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps,
+                                                max(t.steps, t.warmup_steps + 1), t.learning_rate * 0.1)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+  tx = optax.chain(optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
+                   optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=t.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+def loss_fn(params, batch, model, t):
+  """Mean next-byte cross-entropy over weighted targets, plus MoE aux losses."""
+  logits, mutated = model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
+                                mutable=["intermediates"])
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  w = batch["weights"]
+  loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+  aux = collect_aux(mutated.get("intermediates", {}))
+  total = loss
+  if aux:
+    total = total + t.aux_loss_weight * aux["load_balancing_loss"] + t.z_loss_weight * aux["router_z_loss"]
+  return total, {"loss": loss, **aux}
+
+
+def init_state(model, tx, mesh, dummy, rng):
+  """Builds the sharded train state: eval_shape -> shardings by the rules table -> jit(init)."""
+
+  def init(rng):
+    params = model.init(rng, dummy)["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  abstract = jax.eval_shape(init, rng)  # boxed with logical axis names (nn.Partitioned)
+  state_sh = sharding.param_shardings(abstract, mesh)
+  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=state_sh)(rng)
+  return state, state_sh
+
+
+def make_train_step(model, tx, schedule, t, state_sh, batch_sh):
+  """The one jitted update: explicit shardings, the old state donated."""
+
+  def train_step(state, batch):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, model, t)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+           "opt_state": opt_state}
+    if t.on_nonfinite == "skip":  # keep the old params and moments, still count the step
+      new = {**jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), "step": state["step"] + 1}
+    return new, {**metrics, "grad_norm": grad_norm, "ok": ok, "learning_rate": schedule(state["step"])}
+
+  return jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                 donate_argnums=0)
+
+
+def make_eval_step(model, t, state_sh, batch_sh):
+  def eval_step(params, batch):
+    return loss_fn(params, batch, model, t)[1]["loss"]
+
+  return jax.jit(eval_step, in_shardings=(state_sh["params"], batch_sh))
+
+
+# ----------------------------------------------------------------------------- checkpoints and logs
+
+
+def checkpoint_manager(workdir: str, t) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=t.max_to_keep, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save_checkpoint(mngr, step: int, state, position: int) -> None:
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          data=ocp.args.JsonSave({"position": position})))
+
+
+def restore_checkpoint(mngr, step: int, state_like, state_sh):
+  """Restores onto `state_sh` (any mesh: orbax reshards), returns (state, data position)."""
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, state_sh)
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                   data=ocp.args.JsonRestore()))
+  return out["state"], int(out["data"]["position"])
+
+
+def _metrics_log(workdir: str, resume_step: int):
+  """Opens metrics.jsonl for appending, first dropping rows past the resumed step (they will be redone)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      rows = [r for r in f if r.strip() and json.loads(r).get("step", 0) <= resume_step]
+    with open(path + ".tmp", "w") as f:
+      f.writelines(rows)
+    os.replace(path + ".tmp", path)
+  return open(path, "a")
+
+
+def _to_host(metrics: dict) -> dict:
+  out = {}
+  for k, v in jax.device_get(metrics).items():
+    v = np.asarray(v)
+    out[k] = v.tolist() if v.ndim else v.item()
+  return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=None,
+          stop_after: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) a TransformerLM in `workdir`; returns the last logged metrics row.
+
+  devices: the devices of the mesh (default: all). stop_after: stop once this
+  many steps are done, as if preempted (tests and drills; checkpoint first).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = validate(cfg, len(devices))  # every user error surfaces here, before compiling
+  m, t = cfg.model, cfg.train
+  docs = load_documents(cfg.data.name, cfg.data.files or None, cfg.data.text_field)
+  train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
+  stream = PackedStream(train_docs, t.seq_len, t.batch_size, t.seed)
+  val_stream = PackedStream(val_docs or train_docs, t.seq_len, t.batch_size, t.seed + 1) \
+      if cfg.data.val_fraction > 0 else None
+  os.makedirs(workdir, exist_ok=True)
+
+  mesh = sharding.make_mesh(sizes, devices)
+  model = TransformerLM(m, mesh=mesh if m.num_experts and sizes['expert'] > 1 else None)
+  tx, schedule = make_optimizer(t)
+  batch_sh = sharding.batch_sharding(mesh)
+  with jax.set_mesh(mesh):
+    dummy = jnp.zeros((t.batch_size, t.seq_len), jnp.int32)
+    state, state_sh = init_state(model, tx, mesh, dummy, jax.random.PRNGKey(t.seed))
+    mngr = checkpoint_manager(workdir, t)
+    start = 0
+    if mngr.latest_step() is not None:
+      state, start = restore_checkpoint(mngr, mngr.latest_step(), state, state_sh)
+    train_step = make_train_step(model, tx, schedule, t, state_sh, {k: batch_sh for k in
+                                 ("inputs", "targets", "segment_ids", "weights")})
+    eval_step = make_eval_step(model, t, state_sh, {k: batch_sh for k in
+                               ("inputs", "targets", "segment_ids", "weights")})
+
+    def get_batch(s: PackedStream, i: int):
+      rows = lm_example(s.batch(i))
+      p, n = jax.process_index(), jax.process_count()
+      local = {k: v[p * len(v) // n:(p + 1) * len(v) // n] for k, v in rows.items()}
+      return sharding.global_batch(local, mesh)
+
+    compiled = train_step.lower(state, get_batch(stream, start)).compile()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    tokens = t.batch_size * t.seq_len
+    fpt = flops.textbook_flops_per_token(m, t.seq_len)
+    peak, _ = flops.peak_flops_per_device(m.dtype if m.dtype != "bfloat16" else "float32")
+    static = {"flops_per_token": fpt, "executed_flops_per_token": float(cost.get("flops", 0.0)) / tokens,
+              "temp_bytes": sharding_temp_bytes(compiled)}
+
+    log = _metrics_log(workdir, start) if jax.process_index() == 0 else None
+    from tqdm.auto import tqdm
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step",
+               disable=not (sys.stderr.isatty() if progress is None else progress) or jax.process_index() != 0)
+    row: dict[str, Any] = {}
+    t_last, steps_since = time.perf_counter(), 0
+    for step in range(start, t.steps):
+      state, metrics = compiled(state, get_batch(stream, step))
+      steps_since += 1
+      if t.on_nonfinite == "stop" and not bool(metrics["ok"]):
+        mngr.wait_until_finished()
+        raise NonFiniteError(f"non-finite loss or gradient at step {step + 1} (loss={float(metrics['loss'])});"
+                             f" stopped without saving it; the last checkpoint is step {mngr.latest_step()}.")
+      done = step + 1
+      if done % t.log_every == 0 or done == t.steps:
+        host = _to_host(metrics)
+        dt = time.perf_counter() - t_last
+        tps = tokens * steps_since / dt
+        row = {"step": done, "loss": host.pop("loss"), **host, "tokens_per_sec": tps,
+               "mfu": flops.mfu(fpt, tps, len(devices), peak), **static}
+        row.pop("ok", None)
+        if log:
+          log.write(json.dumps(row) + "\n")
+          log.flush()
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        t_last, steps_since = time.perf_counter(), 0
+      preempted = stop_after is not None and done >= stop_after
+      if done % t.checkpoint_every == 0 or done == t.steps or preempted:
+        save_checkpoint(mngr, done, state, position=done)
+      bar.update(1)
+      if preempted:
+        break
+    bar.close()
+    mngr.wait_until_finished()
+    if val_stream is not None and start < t.steps and int(state["step"]) == t.steps:
+      losses = [float(eval_step(state["params"], get_batch(val_stream, i))) for i in range(t.eval_batches)]
+      row = {"step": t.steps, "val_loss": float(np.mean(losses)), "val_bpb": float(np.mean(losses) / np.log(2))}
+      if log:
+        log.write(json.dumps(row) + "\n")
+    if log:
+      log.close()
+    mngr.close()
+  return row
+
+
+def sharding_temp_bytes(compiled) -> int:
+  mem = compiled.memory_analysis()
+  return int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
