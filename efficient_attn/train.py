@@ -179,11 +179,8 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
     eval_step = make_eval_step(model, t, state_sh, {k: batch_sh for k in
                                ("inputs", "targets", "segment_ids", "weights")})
 
-    def get_batch(s: PackedStream, i: int):
-      rows = lm_example(s.batch(i))
-      p, n = jax.process_index(), jax.process_count()
-      local = {k: v[p * len(v) // n:(p + 1) * len(v) // n] for k, v in rows.items()}
-      return sharding.global_batch(local, mesh)
+    def get_batch(s: PackedStream, i: int):  # each process builds only its own rows
+      return sharding.global_batch(lm_example(s.batch(i, jax.process_index(), jax.process_count())), mesh)
 
     compiled = train_step.lower(state, get_batch(stream, start)).compile()
     cost = compiled.cost_analysis() or {}

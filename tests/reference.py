@@ -76,3 +76,33 @@ def kernel_reference(phi_q, phi_k, v, **vis_kw):
 def elu_plus_one(x):
   x = np.asarray(x, np.float64)
   return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+
+
+def random_qkv(B, T, S, N, K, H, seed=0, dtype=np.float32, std=1.0):
+  """Seeded NumPy-drawn q [B,T,N,H], k/v [B,S,K,H] as jnp arrays (no jax.random compile per shape)."""
+  import jax.numpy as jnp
+
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(B, T, N, H)) * std
+  k = rng.normal(size=(B, S, K, H)) * std
+  v = rng.normal(size=(B, S, K, H))
+  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def dense_softmax_jnp(q, k, v, vis, bias=None):
+  """Plain jnp masked softmax in float32, differentiable (gradient reference).
+
+  q [B,T,N,H], k/v [B,S,K,H], vis bool [B,N,T,S]; rows with nothing visible give 0.
+  """
+  import jax.numpy as jnp
+
+  N = q.shape[2]
+  k, v = (jnp.repeat(x, N // x.shape[2], axis=2) for x in (k, v))
+  logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) * q.shape[-1] ** -0.5
+  if bias is not None:
+    logits = logits + bias
+  logits = jnp.where(vis, logits, -jnp.inf)
+  m = jnp.max(logits, -1, keepdims=True)
+  p = jnp.where(vis, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+  return jnp.einsum("BNTS,BSNH->BTNH", p, v)

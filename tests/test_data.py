@@ -74,3 +74,12 @@ def test_bad_data_files_are_one_sentence(tmp_path, setup, match):
 def test_corpus_smaller_than_a_batch():
   with pytest.raises(DataError, match="fewer than one batch"):
     PackedStream([b"tiny"], seq_len=64, batch_size=2)
+
+
+def test_process_shards_tile_the_global_batch():
+  docs = [bytes([i]) * (30 + i) for i in range(40)]
+  s = PackedStream(docs, 9, 4, seed=2)
+  whole = s.batch(3)
+  parts = [s.batch(3, p, 2) for p in range(2)]
+  for key in whole:
+    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])

@@ -10,17 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from efficient_attn.attention import decode_step, init_decode_state, linear_attention, linear_init_state, linear_step
-from reference import elu_plus_one, kernel_reference, visibility
+from reference import elu_plus_one, kernel_reference, random_qkv, visibility
 
 PHI = {"elu": elu_plus_one, "relu": lambda x: np.maximum(np.asarray(x, np.float64), 0.0)}
 
 
-def _qkv(B, T, S, N, K, H, seed=0, dtype=np.float32, std=1.0):
-  rng = np.random.default_rng(seed)
-  q = rng.normal(size=(B, T, N, H)) * std
-  k = rng.normal(size=(B, S, K, H)) * std
-  v = rng.normal(size=(B, S, K, H))
-  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+_qkv = random_qkv
 
 
 def _reference(q, k, v, feature_map="elu", scale=None, **vis_kw):

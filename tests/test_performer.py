@@ -12,15 +12,10 @@ import pytest
 from efficient_attn.attention import (decode_step, init_decode_state, performer_attention, performer_projection,
                                       performer_step)
 from efficient_attn.attention.performer import RELU_EPS
-from reference import kernel_reference, softmax_reference, visibility
+from reference import kernel_reference, random_qkv, softmax_reference, visibility
 
 
-def _qkv(B, T, S, N, K, H, seed=0, dtype=np.float32, std=1.0):
-  rng = np.random.default_rng(seed)
-  q = rng.normal(size=(B, T, N, H)) * std
-  k = rng.normal(size=(B, S, K, H)) * std
-  v = rng.normal(size=(B, S, K, H))
-  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+_qkv = random_qkv
 
 
 def np_features(x, W, scale=None, kernel="softmax"):

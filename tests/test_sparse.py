@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from efficient_attn.attention import block_sparse_attention, masks
 from efficient_attn.bench import compile_fn, temp_bytes
-from reference import softmax_reference, visibility
+from reference import dense_softmax_jnp, softmax_reference, visibility
 
 
 def _qkv(B, T, S, N, K, H, seed=0, dtype=np.float32):
@@ -24,18 +24,7 @@ def _layout_mask(layout, block_size):
   return m[None] if m.ndim == 3 else m[None, None]
 
 
-def _dense(q, k, v, vis, bias=None):
-  """Plain jnp masked softmax in float32 (gradient reference): q [B,T,N,H], k/v [B,S,K,H], vis [B,N,T,S]."""
-  N = q.shape[2]
-  k, v = (jnp.repeat(x, N // x.shape[2], axis=2) for x in (k, v))
-  logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) * q.shape[-1] ** -0.5
-  if bias is not None:
-    logits = logits + bias
-  logits = jnp.where(vis, logits, -jnp.inf)
-  m = jnp.max(logits, -1, keepdims=True)
-  p = jnp.where(vis, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-  p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-  return jnp.einsum("BNTS,BSNH->BTNH", p, v)
+_dense = dense_softmax_jnp
 
 
 @pytest.mark.parametrize("is_causal", [True, False])

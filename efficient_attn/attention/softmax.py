@@ -126,21 +126,29 @@ def _visibility(T, S, t0, s0, mask, seg, causal, kv_len=None):
   return vis
 
 
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
 def _xla_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, causal, scale):
   """Materialised logits [B, K, G, T, S]; float32 softmax; rows with no visible key -> 0."""
   T, S = q_BKGTH.shape[3], k_BKSH.shape[2]
-  logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32) * scale
+  q_BKGTH = (q_BKGTH.astype(jnp.float32) * scale).astype(q_BKGTH.dtype)  # scale T·H values, not T·S
+  logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   vis = _visibility(T, S, 0, 0, mask, seg, causal)
-  if vis is not None:
-    logits = jnp.where(vis, logits, -jnp.inf)
-  # The max only stabilises exp; a row with nothing visible keeps max -inf, so use 0 there.
+  if vis is None:
+    p = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32)
+  # A finite mask value keeps exp and its gradient NaN-free; a row whose max is the
+  # mask value sees no key, and its (uniform) output is zeroed by `seen`.
+  logits = jnp.where(vis, logits, _MASKED)
   m = lax.stop_gradient(logits.max(-1, keepdims=True))
-  p = jnp.exp(logits - jnp.where(m > -jnp.inf, m, 0.0))
-  denom = p.sum(-1, keepdims=True)
-  p = p / jnp.where(denom > 0, denom, 1.0)
-  return jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32)
+  p = jnp.exp(logits - m)
+  p = p / p.sum(-1, keepdims=True)
+  out = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32)
+  seen = m > _MASKED / 2
+  return jnp.where(seen, out, 0.0)
 
 
 # ----------------------------------------------------------------------------- chunked

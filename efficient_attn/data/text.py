@@ -128,15 +128,16 @@ class PackedStream:
       self._epoch, self._cache = epoch, (tokens, doc_of)
     return self._cache
 
-  def batch(self, i: int) -> dict[str, np.ndarray]:
+  def batch(self, i: int, shard: int = 0, num_shards: int = 1) -> dict[str, np.ndarray]:
+    """Global batch i, or its contiguous block of rows `shard` of `num_shards` (one per process)."""
     epoch, j = divmod(i, self.batches_per_epoch)
     tokens, doc_of = self._epoch_arrays(epoch)
-    L = self.seq_len + 1
-    start = j * self.batch_size * L
-    tok = tokens[start:start + self.batch_size * L].reshape(self.batch_size, L).astype(np.int32)
-    doc = doc_of[start:start + self.batch_size * L].reshape(self.batch_size, L)
+    L, rows = self.seq_len + 1, self.batch_size // num_shards
+    start = (j * self.batch_size + shard * rows) * L
+    tok = tokens[start:start + rows * L].reshape(rows, L).astype(np.int32)
+    doc = doc_of[start:start + rows * L].reshape(rows, L)
     # Segment ids restart at 1 in every row: a new id wherever the document changes.
-    seg = np.cumsum(np.concatenate([np.ones((self.batch_size, 1), np.int64), np.diff(doc, axis=1) != 0], 1), 1)
+    seg = np.cumsum(np.concatenate([np.ones((rows, 1), np.int64), np.diff(doc, axis=1) != 0], 1), 1)
     return {"tokens": tok, "segment_ids": seg.astype(np.int32)}
 
 

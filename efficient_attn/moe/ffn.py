@@ -99,12 +99,9 @@ def check_options(num_experts, *, top_k, capacity_factor, router, dropless, jitt
 
 def shared_expert(x_BTD, params, act):
   """The always-on shared expert (DeepSeekMoE): a dense MLP every token goes through, unweighted."""
-  h = jnp.einsum("BTD,DF->BTF", x_BTD, params["shared_w_in"])
-  if "shared_w_gate" in params:
-    h = act(jnp.einsum("BTD,DF->BTF", x_BTD, params["shared_w_gate"])) * h
-  else:
-    h = act(h)
-  return jnp.einsum("BTF,FD->BTD", h, params["shared_w_out"])
+  B, T, D = x_BTD.shape
+  one_expert = {k[len("shared_"):]: params[k][None] for k in SHARED_KEYS if k in params}  # E = 1
+  return dispatch.expert_mlp(x_BTD.reshape(1, B * T, D), one_expert, act).reshape(B, T, D)
 
 
 def moe_ffn(x_BTD, params, *, top_k: int = 1, capacity_factor: float = 1.25,
