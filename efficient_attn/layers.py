@@ -10,6 +10,8 @@ Modules: `MultiHeadAttention` (any registry family + rotary positions),
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -152,9 +154,31 @@ def family_kwargs(kind: str, options, seq_len: int, head_dim: int) -> dict:
   return {}
 
 
+class Projection(nn.Module):
+  """Bias-free linear map of the last `in_dims` axes to `features` ([..., *in] -> [..., *features]).
+
+  The kernel [*in, *features] carries logical axis names. The product runs as one
+  2-D matmul ([rows, in] @ [in, out]): XLA:CPU runs a batched 3-D dot about 2x slower.
+  """
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  in_dims: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n_in, n_out = self.in_dims, len(self.features)
+    init = nn.initializers.lecun_normal(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+    in_shape = x.shape[x.ndim - n_in:]
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), (*in_shape, *self.features))
+    k_in, k_out = math.prod(in_shape), math.prod(self.features)
+    y = x.reshape(-1, k_in).astype(self.dtype) @ kernel.reshape(k_in, k_out).astype(self.dtype)
+    return y.reshape(*x.shape[:x.ndim - n_in], *self.features)
+
+
 def _dense(features, axes, name, dtype, in_axes=-1):
-  init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
-  return nn.DenseGeneral(features, axis=in_axes, use_bias=False, dtype=dtype, kernel_init=init, name=name)
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return Projection(features, axes, 1 if in_axes == -1 else len(in_axes), dtype, name=name)
 
 
 class RMSNorm(nn.Module):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn import attention as attention_lib
-from efficient_attn.layers import Block, RMSNorm
+from efficient_attn.layers import Block, Projection, RMSNorm
 
 
 def is_moe_layer(cfg, i: int) -> bool:
@@ -110,8 +110,7 @@ class TransformerLM(nn.Module):
     self.embed = _embedding(c, dtype)
     self.trunk = Trunk(c, True, self.mesh)
     self.final_norm = RMSNorm(dtype=dtype)
-    w = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab"))
-    self.unembed = nn.DenseGeneral(c.vocab_size, use_bias=False, kernel_init=w, dtype=jnp.float32)
+    self.unembed = Projection((c.vocab_size,), ("embed", "vocab"), dtype=jnp.float32)
 
   def __call__(self, tokens_BT, segment_ids=None):
     x = self.trunk(self.embed(tokens_BT), segment_ids)
