@@ -17,8 +17,15 @@ import sys
 from efficient_attn.config import ConfigError, parse_overrides
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a usage error is one line (like every other refusal) instead of usage + error."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help).\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="efficient-attn", description="Efficient attention and MoE in JAX/Flax.")
+  p = _Parser(prog="efficient-attn", description="Efficient attention and MoE in JAX/Flax.")
   sub = p.add_subparsers(dest="command", required=True)
   sets = dict(action="append", default=[], metavar="KEY=VALUE", help="override one setting (repeatable)")
 
@@ -78,7 +85,7 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def _train(args) -> None:
+def _train(args) -> int:
   from efficient_attn.config import Config, load_config_file, with_overrides
 
   overrides = parse_overrides(args.set)
@@ -87,10 +94,15 @@ def _train(args) -> None:
   maybe_initialize_distributed()
   from efficient_attn import train
 
-  row = train.train(cfg, args.workdir)
+  row = dict(train.train(cfg, args.workdir))
+  stopped_by, stopped_at = row.pop("stopped_by", None), row.pop("stopped_at", None)
   if row:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                    if not isinstance(v, list)))
+  if stopped_by:  # preempted: the checkpoint is written, the rerun resumes from it
+    print(f"efficient-attn: stopped by {stopped_by} at step {stopped_at}; checkpoint saved.", file=sys.stderr)
+    return 130 if stopped_by == "SIGINT" else 0
+  return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,15 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
       _bench(args)
     elif args.command == "train":
-      _train(args)
+      return _train(args)
     else:
-      raise ConfigError(f"`efficient-attn {args.command}` is not available in this version yet;"
+      raise ConfigError(f"`efficient-attn {args.command} {args.name}` is not available in this version yet;"
                         " `efficient-attn train` and `efficient-attn bench attention|moe` are.")
   except (ConfigError, DataError) as e:
     print(f"efficient-attn: error: {e}", file=sys.stderr)
     return 2
   except RuntimeError as e:
-    if type(e).__name__ != "NonFiniteError":
+    if type(e).__name__ not in ("NonFiniteError", "CheckpointError"):
       raise
     print(f"efficient-attn: {e}", file=sys.stderr)
     return 1

@@ -11,6 +11,7 @@ TPU pod (`jax.distributed.initialize()` is called when launched multi-process).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from efficient_attn import flops, sharding
+from efficient_attn import flops, reliability, sharding
 from efficient_attn.config import Config, ConfigError, validate
 from efficient_attn.data.text import PackedStream, lm_example, load_documents, split_documents
 from efficient_attn.model import TransformerLM
@@ -63,8 +64,12 @@ def loss_fn(params, batch, model, t):
   return total, {"loss": loss, **aux}
 
 
-def init_state(model, tx, mesh, dummy, rng):
-  """Builds the sharded train state: eval_shape -> shardings by the rules table -> jit(init)."""
+def init_state(model, tx, mesh, dummy, rng, *, abstract_only=False):
+  """Builds the sharded train state: eval_shape -> shardings by the rules table -> jit(init).
+
+  abstract_only: return ShapeDtypeStructs instead (a resume restores into them and
+  never compiles init, which for XLA's threefry takes longer than the train step).
+  """
 
   def init(rng):
     params = model.init(rng, dummy)["params"]
@@ -72,6 +77,8 @@ def init_state(model, tx, mesh, dummy, rng):
 
   abstract = jax.eval_shape(init, rng)  # boxed with logical axis names (nn.Partitioned)
   state_sh = sharding.param_shardings(abstract, mesh)
+  if abstract_only:
+    return nn.unbox(abstract), state_sh
   state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=state_sh)(rng)
   return state, state_sh
 
@@ -105,8 +112,9 @@ def make_eval_step(model, t, state_sh, batch_sh):
 
 
 def checkpoint_manager(workdir: str, t) -> ocp.CheckpointManager:
+  # cleanup_tmp_directories: a save cut short by SIGKILL leaves only `<step>.orbax-checkpoint-tmp-*`.
   options = ocp.CheckpointManagerOptions(max_to_keep=t.max_to_keep, create=True,
-                                         enable_async_checkpointing=True)
+                                         enable_async_checkpointing=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
@@ -124,15 +132,24 @@ def restore_checkpoint(mngr, step: int, state_like, state_sh):
 
 
 def _metrics_log(workdir: str, resume_step: int):
-  """Opens metrics.jsonl for appending, first dropping rows past the resumed step (they will be redone)."""
+  """Opens metrics.jsonl for appending, first dropping rows past the resumed step (they will be redone)
+  and a last line cut short by a kill."""
   path = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(path):
     with open(path) as f:
-      rows = [r for r in f if r.strip() and json.loads(r).get("step", 0) <= resume_step]
+      rows = [r for r in f if r.endswith("\n") and (row := _json_or_none(r)) is not None
+              and row.get("step", 0) <= resume_step]
     with open(path + ".tmp", "w") as f:
       f.writelines(rows)
     os.replace(path + ".tmp", path)
   return open(path, "a")
+
+
+def _json_or_none(line: str):
+  try:
+    return json.loads(line)
+  except json.JSONDecodeError:
+    return None
 
 
 def _to_host(metrics: dict) -> dict:
@@ -152,6 +169,8 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
 
   devices: the devices of the mesh (default: all). stop_after: stop once this
   many steps are done, as if preempted (tests and drills; checkpoint first).
+  SIGTERM / SIGINT stop the same way after the current step; the returned row then
+  has `stopped_by` (the signal's name) and `stopped_at` (the step saved).
   """
   devices = jax.devices() if devices is None else list(devices)
   sizes = validate(cfg, len(devices))  # every user error surfaces here, before compiling
@@ -161,79 +180,94 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
   stream = PackedStream(train_docs, t.seq_len, t.batch_size, t.seed)
   val_stream = PackedStream(val_docs or train_docs, t.seq_len, t.batch_size, t.seed + 1) \
       if cfg.data.val_fraction > 0 else None
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a directory; pass a directory (it is created if missing).")
   os.makedirs(workdir, exist_ok=True)
+  lock = reliability.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, reliability.StopSignals() as stop, contextlib.closing(checkpoint_manager(workdir, t)) as mngr:
+    mesh = sharding.make_mesh(sizes, devices)
+    model = TransformerLM(m, mesh=mesh if m.num_experts and sizes['expert'] > 1 else None)
+    tx, schedule = make_optimizer(t)
+    batch_sh = sharding.batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+      dummy = jnp.zeros((t.batch_size, t.seq_len), jnp.int32)
+      rng = jax.random.PRNGKey(t.seed)
+      shapes, state_sh = init_state(model, tx, mesh, dummy, rng, abstract_only=True)
+      restored = reliability.restore_newest_intact(
+          mngr, lambda step: restore_checkpoint(mngr, step, shapes, state_sh))
+      if restored is not None:
+        (state, start), _ = restored
+      else:
+        (state, _), start = init_state(model, tx, mesh, dummy, rng), 0
+      shardings = {k: batch_sh for k in ("inputs", "targets", "segment_ids", "weights")}
+      train_step = make_train_step(model, tx, schedule, t, state_sh, shardings)
+      eval_step = make_eval_step(model, t, state_sh, shardings)
 
-  mesh = sharding.make_mesh(sizes, devices)
-  model = TransformerLM(m, mesh=mesh if m.num_experts and sizes['expert'] > 1 else None)
-  tx, schedule = make_optimizer(t)
-  batch_sh = sharding.batch_sharding(mesh)
-  with jax.set_mesh(mesh):
-    dummy = jnp.zeros((t.batch_size, t.seq_len), jnp.int32)
-    state, state_sh = init_state(model, tx, mesh, dummy, jax.random.PRNGKey(t.seed))
-    mngr = checkpoint_manager(workdir, t)
-    start = 0
-    if mngr.latest_step() is not None:
-      state, start = restore_checkpoint(mngr, mngr.latest_step(), state, state_sh)
-    train_step = make_train_step(model, tx, schedule, t, state_sh, {k: batch_sh for k in
-                                 ("inputs", "targets", "segment_ids", "weights")})
-    eval_step = make_eval_step(model, t, state_sh, {k: batch_sh for k in
-                               ("inputs", "targets", "segment_ids", "weights")})
+      def get_batch(s: PackedStream, i: int):  # each process builds only its own rows
+        return sharding.global_batch(lm_example(s.batch(i, jax.process_index(), jax.process_count())), mesh)
 
-    def get_batch(s: PackedStream, i: int):  # each process builds only its own rows
-      return sharding.global_batch(lm_example(s.batch(i, jax.process_index(), jax.process_count())), mesh)
-
-    compiled = train_step.lower(state, get_batch(stream, start)).compile()
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    tokens = t.batch_size * t.seq_len
-    fpt = flops.textbook_flops_per_token(m, t.seq_len)
-    peak, _ = flops.peak_flops_per_device(m.dtype if m.dtype != "bfloat16" else "float32")
-    static = {"flops_per_token": fpt, "executed_flops_per_token": float(cost.get("flops", 0.0)) / tokens,
-              "temp_bytes": sharding_temp_bytes(compiled)}
-
-    log = _metrics_log(workdir, start) if jax.process_index() == 0 else None
-    from tqdm.auto import tqdm
-    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step",
-               disable=not (sys.stderr.isatty() if progress is None else progress) or jax.process_index() != 0)
-    row: dict[str, Any] = {}
-    t_last, steps_since = time.perf_counter(), 0
-    for step in range(start, t.steps):
-      state, metrics = compiled(state, get_batch(stream, step))
-      steps_since += 1
-      if t.on_nonfinite == "stop" and not bool(metrics["ok"]):
-        mngr.wait_until_finished()
-        raise NonFiniteError(f"non-finite loss or gradient at step {step + 1} (loss={float(metrics['loss'])});"
-                             f" stopped without saving it; the last checkpoint is step {mngr.latest_step()}.")
-      done = step + 1
-      if done % t.log_every == 0 or done == t.steps:
-        host = _to_host(metrics)
-        dt = time.perf_counter() - t_last
-        tps = tokens * steps_since / dt
-        row = {"step": done, "loss": host.pop("loss"), **host, "tokens_per_sec": tps,
-               "mfu": flops.mfu(fpt, tps, len(devices), peak), **static}
-        row.pop("ok", None)
+      compiled = train_step.lower(state, get_batch(stream, start)).compile()
+      log = _metrics_log(workdir, start) if jax.process_index() == 0 else None
+      try:
+        state, row = _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, len(devices),
+                           progress, stop_after)
+        if val_stream is not None and start < t.steps and int(state["step"]) == t.steps:
+          losses = [float(eval_step(state["params"], get_batch(val_stream, i))) for i in range(t.eval_batches)]
+          row = {"step": t.steps, "val_loss": float(np.mean(losses)), "val_bpb": float(np.mean(losses) / np.log(2))}
+          if log:
+            log.write(json.dumps(row) + "\n")
+      finally:  # the checkpoint manager's close() waits for an in-flight save
         if log:
-          log.write(json.dumps(row) + "\n")
-          log.flush()
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
-        t_last, steps_since = time.perf_counter(), 0
-      preempted = stop_after is not None and done >= stop_after
-      if done % t.checkpoint_every == 0 or done == t.steps or preempted:
-        save_checkpoint(mngr, done, state, position=done)
-      bar.update(1)
-      if preempted:
-        break
-    bar.close()
-    mngr.wait_until_finished()
-    if val_stream is not None and start < t.steps and int(state["step"]) == t.steps:
-      losses = [float(eval_step(state["params"], get_batch(val_stream, i))) for i in range(t.eval_batches)]
-      row = {"step": t.steps, "val_loss": float(np.mean(losses)), "val_bpb": float(np.mean(losses) / np.log(2))}
+          log.close()
+  if stop.received:
+    row = {**row, "stopped_by": stop.received, "stopped_at": int(state["step"])}
+  return row
+
+
+def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_devices, progress, stop_after):
+  """Steps `start..train.steps`, logging and checkpointing; returns (state, last logged row)."""
+  m, t = cfg.model, cfg.train
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  tokens = t.batch_size * t.seq_len
+  fpt = flops.textbook_flops_per_token(m, t.seq_len)
+  peak, _ = flops.peak_flops_per_device(m.dtype if m.dtype != "bfloat16" else "float32")
+  static = {"flops_per_token": fpt, "executed_flops_per_token": float(cost.get("flops", 0.0)) / tokens,
+            "temp_bytes": sharding_temp_bytes(compiled)}
+  from tqdm.auto import tqdm
+  bar = tqdm(total=t.steps, initial=start, desc="train", unit="step",
+             disable=not (sys.stderr.isatty() if progress is None else progress) or jax.process_index() != 0)
+  row: dict[str, Any] = {}
+  t_last, steps_since = time.perf_counter(), 0
+  for step in range(start, t.steps):
+    state, metrics = compiled(state, get_batch(stream, step))
+    steps_since += 1
+    if t.on_nonfinite == "stop" and not bool(metrics["ok"]):
+      mngr.wait_until_finished()
+      raise NonFiniteError(f"non-finite loss or gradient at step {step + 1} (loss={float(metrics['loss'])});"
+                           f" stopped without saving it; the last checkpoint is step {mngr.latest_step()}.")
+    done = step + 1
+    if done % t.log_every == 0 or done == t.steps:
+      host = _to_host(metrics)
+      dt = time.perf_counter() - t_last
+      tps = tokens * steps_since / dt
+      row = {"step": done, "loss": host.pop("loss"), **host, "tokens_per_sec": tps,
+             "mfu": flops.mfu(fpt, tps, num_devices, peak), **static}
+      row.pop("ok", None)
       if log:
         log.write(json.dumps(row) + "\n")
-    if log:
-      log.close()
-    mngr.close()
-  return row
+        log.flush()
+      bar.set_postfix(loss=f"{row['loss']:.3f}")
+      t_last, steps_since = time.perf_counter(), 0
+    stopping = (stop_after is not None and done >= stop_after) or stop.requested()
+    if done % t.checkpoint_every == 0 or done == t.steps or stopping:
+      save_checkpoint(mngr, done, state, position=done)
+    bar.update(1)
+    if stopping:
+      break
+  bar.close()
+  mngr.wait_until_finished()
+  return state, row
 
 
 def sharding_temp_bytes(compiled) -> int:

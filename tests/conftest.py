@@ -1,10 +1,13 @@
-"""Test setup: 8 emulated CPU devices and an offline Hugging Face stack.
+"""Test setup: 8 emulated CPU devices, an offline Hugging Face stack, and a compilation cache.
 
-Both must be set before jax (or datasets) is first imported, which is why they
-live at the top of conftest.py rather than in a fixture.
+All of it must be set before jax (or datasets) is first imported, which is why it
+lives at the top of conftest.py rather than in a fixture. The persistent
+compilation cache (a fresh temp dir per session, shared with the subprocesses the
+tests start) lets the many identical tiny train steps compile once.
 """
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -12,3 +15,15 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="efficient_attn_jax_cache_")
+if _CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _CACHE:
+    import shutil
+
+    shutil.rmtree(_CACHE, ignore_errors=True)
