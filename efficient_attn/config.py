@@ -116,7 +116,6 @@ class TrainConfig:
   log_every: int = 10
   checkpoint_every: int = 100
   max_to_keep: int = 3
-  eval_every: int = 0                 # 0 = evaluate at the end only
   eval_batches: int = 4
   aux_loss_weight: float = 0.01       # MoE load balancing
   z_loss_weight: float = 0.001        # MoE router z-loss
@@ -215,7 +214,7 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     _need(getattr(m, k) >= 1, f"model.{k}={getattr(m, k)} must be a positive integer.")
   for k in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "max_to_keep", "eval_batches"):
     _need(getattr(t, k) >= 1, f"train.{k}={getattr(t, k)} must be a positive integer.")
-  for k in ("num_experts", "num_kv_heads", "chunk_size", "warmup_steps", "eval_every", "sparse_global",
+  for k in ("num_experts", "num_kv_heads", "chunk_size", "warmup_steps", "sparse_global",
             "sparse_random"):
     obj = m if hasattr(m, k) else t
     _need(getattr(obj, k) >= 0, f"{'model' if obj is m else 'train'}.{k}={getattr(obj, k)} must be >= 0.")

@@ -26,6 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from efficient_attn import flops, reliability, sharding
+from efficient_attn.bench import temp_bytes
 from efficient_attn.config import Config, ConfigError, validate
 from efficient_attn.data.text import PackedStream, lm_example, load_documents, split_documents
 from efficient_attn.model import TransformerLM
@@ -233,7 +234,7 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
   fpt = flops.textbook_flops_per_token(m, t.seq_len)
   peak, _ = flops.peak_flops_per_device(m.dtype if m.dtype != "bfloat16" else "float32")
   static = {"flops_per_token": fpt, "executed_flops_per_token": float(cost.get("flops", 0.0)) / tokens,
-            "temp_bytes": sharding_temp_bytes(compiled)}
+            "temp_bytes": temp_bytes(compiled)}
   from tqdm.auto import tqdm
   bar = tqdm(total=t.steps, initial=start, desc="train", unit="step",
              disable=not (sys.stderr.isatty() if progress is None else progress) or jax.process_index() != 0)
@@ -269,7 +270,3 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
   mngr.wait_until_finished()
   return state, row
 
-
-def sharding_temp_bytes(compiled) -> int:
-  mem = compiled.memory_analysis()
-  return int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0

@@ -15,7 +15,6 @@ Performer.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 from efficient_attn.attention import masks
@@ -106,9 +105,7 @@ def decode_step(kind: str, state, query_B1NH, key_B1KH, value_B1KH, **opts):
   `feature_map` for linear, `projection` / `kernel` for performer, `scale`).
   """
   _check_kind(kind)
-  if kind == "softmax":
-    return softmax_step(state, query_B1NH, key_B1KH, value_B1KH, **opts)
-  if kind == "local":
+  if kind in ("softmax", "local"):  # local = the same KV cache with a window
     return softmax_step(state, query_B1NH, key_B1KH, value_B1KH, **opts)
   if kind == "linear":
     opts.pop("chunk_size", None)

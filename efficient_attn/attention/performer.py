@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn.attention._common import resolve_scale
-from efficient_attn.attention.linear import (NO_KEY_MAX, check_step, kernelized_attention, prepare_kernelized,
+from efficient_attn.attention.linear import (check_step, kernelized_attention, prepare_kernelized,
                                              recurrent_step)
 
 KERNELS = ("softmax", "relu")
