@@ -69,6 +69,20 @@ def _bench(args) -> None:
     print(f"wrote {len(rows)} rows to {args.json}")
 
 
+def _experiment(args) -> None:
+  # The experiments' meshes (quickstart: 2x4) need 8 devices; on CPU they are emulated. Must be
+  # set before jax initialises its backends; GPU/TPU device lists are unaffected.
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+  from efficient_attn import experiment
+
+  out = experiment.run(args.name, args.workdir, parse_overrides(args.set))
+  print(out["summary"])
+  print("wrote " + ", ".join(os.path.join(args.workdir, p) for p in ("results.jsonl", "summary.md"))
+        + (", " + ", ".join(out["plots"]) if out["plots"] else ""))
+
+
 def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` when launched as one of several processes.
 
@@ -115,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "train":
       return _train(args)
     else:
-      raise ConfigError(f"`efficient-attn {args.command} {args.name}` is not available in this version yet;"
-                        " `efficient-attn train` and `efficient-attn bench attention|moe` are.")
+      _experiment(args)
   except (ConfigError, DataError) as e:
     print(f"efficient-attn: error: {e}", file=sys.stderr)
     return 2

@@ -84,6 +84,7 @@ class ModelConfig:
   ffn_activation: str = "gelu"        # gelu | swiglu
   vocab_size: int = 256
   num_experts: int = 0                # 0 = dense FFN in every layer
+  expert_dim: int = 0                 # hidden width of each expert; 0 = ffn_dim
   top_k: int = 1
   moe_every: int = 1                  # MoE FFN in every n-th layer (layers n-1, 2n-1, ...)
   capacity_factor: float = 1.25
@@ -191,12 +192,13 @@ def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
           f"mesh.{k}={v} must be a positive integer{' (or -1 for the remaining devices)' if k == 'data' else ''}.")
   others = mesh.fsdp * mesh.tensor * mesh.expert
   if sizes["data"] == -1:
-    _need(num_devices % others == 0, f"mesh.fsdp x mesh.tensor x mesh.expert = {others} does not divide the"
-          f" {num_devices} available devices; choose sizes whose product divides {num_devices}.")
+    _need(num_devices % others == 0, f"mesh.data=-1 with mesh.fsdp={mesh.fsdp} x mesh.tensor={mesh.tensor} x"
+          f" mesh.expert={mesh.expert} = {others}, which does not divide the {num_devices} available devices;"
+          f" choose sizes whose product divides {num_devices}.")
     sizes["data"] = num_devices // others
   _need(math.prod(sizes.values()) == num_devices,
-        f"mesh data x fsdp x tensor x expert = {'x'.join(map(str, sizes.values()))} = {math.prod(sizes.values())}"
-        f" devices, but {num_devices} are available; make the product equal {num_devices} (mesh.data=-1 fills in).")
+        f"{' x '.join(f'mesh.{k}={v}' for k, v in sizes.items())} = {math.prod(sizes.values())} devices, but"
+        f" {num_devices} are available; make the product equal {num_devices} (mesh.data=-1 fills in).")
   return sizes
 
 
@@ -214,7 +216,7 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     _need(getattr(m, k) >= 1, f"model.{k}={getattr(m, k)} must be a positive integer.")
   for k in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "max_to_keep", "eval_batches"):
     _need(getattr(t, k) >= 1, f"train.{k}={getattr(t, k)} must be a positive integer.")
-  for k in ("num_experts", "num_kv_heads", "chunk_size", "warmup_steps", "sparse_global",
+  for k in ("num_experts", "expert_dim", "num_kv_heads", "chunk_size", "warmup_steps", "sparse_global",
             "sparse_random"):
     obj = m if hasattr(m, k) else t
     _need(getattr(obj, k) >= 0, f"{'model' if obj is m else 'train'}.{k}={getattr(obj, k)} must be >= 0.")
@@ -250,4 +252,6 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
   _need(m.num_heads % sizes["tensor"] == 0 and kv % sizes["tensor"] == 0 and m.ffn_dim % sizes["tensor"] == 0,
         f"mesh.tensor={sizes['tensor']} must divide model.num_heads={m.num_heads}, the kv heads ({kv}) and"
         f" model.ffn_dim={m.ffn_dim}.")
+  _need(not m.num_experts or (m.expert_dim or m.ffn_dim) % sizes["tensor"] == 0,
+        f"mesh.tensor={sizes['tensor']} must divide model.expert_dim={m.expert_dim}.")
   return sizes

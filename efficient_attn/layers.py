@@ -182,13 +182,17 @@ def _dense(features, axes, name, dtype, in_axes=-1):
 
 
 class RMSNorm(nn.Module):
-  """RMS normalisation (Zhang & Sennrich 2019) with a logically-named scale; statistics in float32."""
+  """RMS normalisation (Zhang & Sennrich 2019); statistics in float32.
+
+  The scale's logical axis is "norm" (replicated): sharding it like `embed` would pull
+  the activations it multiplies onto the fsdp axis and force GSPMD into a full reshard.
+  """
   eps: float = 1e-6
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],))
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (y * scale).astype(self.dtype)
@@ -285,8 +289,8 @@ class Block(nn.Module):
       x_BTD = x_BTD + a
     h = RMSNorm(dtype=dtype, name="ffn_norm")(x_BTD)
     if self.use_moe:
-      ffn = MoEFeedForward(c.num_experts, c.ffn_dim, top_k=c.top_k, capacity_factor=c.capacity_factor,
-                           router=c.router, dropless=c.dropless, glu=c.ffn_activation == "swiglu",
+      ffn = MoEFeedForward(c.num_experts, c.expert_dim or c.ffn_dim, top_k=c.top_k,
+                           capacity_factor=c.capacity_factor, router=c.router, dropless=c.dropless, glu=c.ffn_activation == "swiglu",
                            activation="silu" if c.ffn_activation == "swiglu" else "gelu", mesh=self.mesh,
                            dtype=dtype, name="moe")
     else:

@@ -14,8 +14,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from efficient_attn import attention as attention_lib
+from efficient_attn import sharding as sharding_lib
 from efficient_attn.layers import Block, Projection, RMSNorm
 
 
@@ -89,6 +91,18 @@ class Trunk(nn.Module):
     return x if decode_states is None else (x, new)
 
 
+def batch_sharded(x):
+  """Pins activations [B, ...] to the batch sharding when a mesh with the batch axes is set.
+
+  The embedding lookup would otherwise inherit the table's `embed` (fsdp) sharding, and
+  GSPMD would carry fsdp-sharded activations into the blocks and reshard them in full.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(sharding_lib.BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(sharding_lib.BATCH_AXES, *([None] * (x.ndim - 1))))
+
+
 def _embedding(cfg, dtype, name=None):
   table = nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed"))
   return nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=table, dtype=dtype, name=name)
@@ -113,7 +127,7 @@ class TransformerLM(nn.Module):
     self.unembed = Projection((c.vocab_size,), ("embed", "vocab"), dtype=jnp.float32)
 
   def __call__(self, tokens_BT, segment_ids=None):
-    x = self.trunk(self.embed(tokens_BT), segment_ids)
+    x = self.trunk(batch_sharded(self.embed(tokens_BT)), segment_ids)
     return self.unembed(self.final_norm(x))
 
   def decode(self, token_B1, position_B1, states):

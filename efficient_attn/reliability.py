@@ -12,15 +12,24 @@
   and renames it on commit, so a killed save leaves only a tmp directory, which is
   ignored and cleaned when the next run opens the checkpoint manager.
 - A checkpoint that fails to restore is moved aside to `<step>.corrupt` (never deleted,
-  never overwritten) and the previous one is used, with a warning naming both steps.
+  never overwritten) and the previous one is used, with a warning naming both steps;
+  the noise orbax prints after a failed restore is kept out of the way.
+- Multi-process: every process polls `requested()` at the same step and gets the same
+  answer, though the signal may have reached only one of them; process 0 alone takes
+  the lock and renames corrupt checkpoints, behind a barrier.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
 import os
 import signal
 import socket
+import sys
 import threading
+import time
 import warnings
 
 from efficient_attn.config import ConfigError
@@ -122,19 +131,22 @@ class StopSignals:
   The training loop polls `requested()` after each step. A second SIGINT raises
   KeyboardInterrupt (a user who insists); repeated SIGTERMs are ignored so they cannot
   cut the final save short. Previous handlers come back on exit. Outside the main
-  thread (where Python cannot install handlers) this is a no-op.
+  thread (where Python cannot install handlers) no signal is caught, but `requested()`
+  still takes part in the multi-process agreement.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.received: str | None = None
+    self.received: str | None = None  # why the run stops: a signal here, or one another process got
+    self._local: str | None = None    # the signal this process got
     self._previous = {}
 
   def _handle(self, signum, frame):
-    if self.received and signum == signal.SIGINT:
+    if self._local and signum == signal.SIGINT:
       raise KeyboardInterrupt
-    self.received = self.received or signal.Signals(signum).name
+    self._local = self._local or signal.Signals(signum).name
+    self.received = self.received or self._local
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -149,7 +161,14 @@ class StopSignals:
     return False
 
   def requested(self) -> bool:
-    """True once any process got a signal; every process sees the same answer at the same step."""
+    """True once any process got a signal; every process gets the same answer from the same call.
+
+    A preemption notice may reach only some hosts; a process that stopped alone would
+    leave the others waiting in the next collective. So with several processes each
+    call all-gathers one int per process (the signal number, 0 for none): the step
+    counts, not the moment the signal landed. A process that got none adopts the name
+    of the first one that did, so every process reports the same reason.
+    """
     import jax
 
     if jax.process_count() == 1:
@@ -157,7 +176,11 @@ class StopSignals:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.received is not None))))
+    local = self._local  # read once: the handler may run during the all-gather
+    codes = np.asarray(multihost_utils.process_allgather(np.int32(signal.Signals[local] if local else 0)))
+    if codes.any() and self.received is None:
+      self.received = signal.Signals(int(codes[codes > 0][0])).name
+    return bool(codes.any())
 
 
 # ----------------------------------------------------------------------------- checkpoint fallback
@@ -166,32 +189,100 @@ class StopSignals:
 def restore_newest_intact(mngr, restore):
   """Restores the newest checkpoint that loads; returns `restore(step)`'s result and the step, or None.
 
-  A checkpoint that fails is renamed to `<step>.corrupt` only once an older one has
-  restored (so a config change that breaks every checkpoint moves nothing: it raises
-  CheckpointError with the first failure instead).
+  A checkpoint that fails is renamed to `<step>.corrupt` (by process 0) only once an
+  older one has restored (so a config change that breaks every checkpoint moves nothing:
+  it raises CheckpointError with the first failure instead). Failures are kept as text:
+  the exception objects would keep orbax's abandoned reads alive (see below).
   """
-  failed = []
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      out = restore(step)
-    except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds for a damaged file
-      failed.append((step, e))
-      continue
-    for bad, err in failed:
-      if _primary():
-        path = os.path.join(str(mngr.directory), str(bad))
-        os.rename(path, _free_name(path + ".corrupt"))
-      warnings.warn(f"checkpoint step {bad} could not be restored ({type(err).__name__}: {str(err)[:200]});"
-                    f" resuming from step {step} instead and moved it aside to {bad}.corrupt.", stacklevel=2)
+  failed: list[tuple[int, str]] = []
+  with _quiet_abandoned_reads() as quiet:
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        out = restore(step)
+        break
+      except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds for a damaged file
+        failed.append((step, quiet.failed(e)))
+    else:
+      step = None
+  if step is None:
     if failed:
-      _barrier("efficient_attn_corrupt_aside")  # every process sees the renames before it reloads
-      mngr.reload()
-    return out, step
+      raise CheckpointError(f"no checkpoint in {mngr.directory} could be restored (steps {[s for s, _ in failed]});"
+                            f" step {failed[0][0]} failed with {failed[0][1][:300]}")
+    return None
+  for bad, why in failed:
+    if _primary():
+      path = os.path.join(str(mngr.directory), str(bad))
+      os.rename(path, _free_name(path + ".corrupt"))
+    warnings.warn(f"checkpoint step {bad} could not be restored ({why[:200]});"
+                  f" resuming from step {step} instead and moved it aside to {bad}.corrupt.", stacklevel=2)
   if failed:
-    step, err = failed[0]
-    raise CheckpointError(f"no checkpoint in {mngr.directory} could be restored (steps {[s for s, _ in failed]});"
-                          f" step {step} failed with {type(err).__name__}: {str(err)[:300]}") from err
-  return None
+    _barrier("efficient_attn_corrupt_aside")  # every process sees the renames before it reloads
+    mngr.reload()
+  return out, step
+
+
+class _quiet_abandoned_reads:
+  """Hides what orbax leaves behind after a failed restore, and nothing else.
+
+  orbax 0.12 reads the arrays with `asyncio.gather` on a fresh event loop and closes that
+  loop as soon as one read fails, with the other reads still in flight
+  (`asyncio_utils._run_sync_via_new_loop`). When they land, tensorstore's callbacks hit
+  the closed loop ("RuntimeError: Event loop is closed", a traceback per array), and the
+  abandoned tasks, once collected, print "Exception ignored in <coroutine ...>", "Task was
+  destroyed but it is pending", "... exception was never retrieved" or "coroutine ... was
+  never awaited": hundreds of lines under our one warning. The bug is orbax's, so this
+  filters exactly those messages, only inside the block, and on exit waits (at most
+  DRAIN_S) for the abandoned reads to end and collects them, so none of it escapes later.
+  """
+
+  DRAIN_S = 5.0
+  LOGGED = ("Task was destroyed but it is pending", "exception was never retrieved")
+
+  def __enter__(self):
+    self.loops: list[asyncio.AbstractEventLoop] = []
+    self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+    self._warnings = warnings.catch_warnings()
+    self._warnings.__enter__()
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+    logging.getLogger("asyncio").addFilter(self._log_filter)
+    return self
+
+  def failed(self, err: BaseException) -> str:
+    """Notes the event loops in `err`'s frames (orbax's, closed mid-read); returns "Type: message".
+
+    The caller keeps only that text: while `err` lived, the abandoned reads stayed pending
+    (seen with orbax 0.12.8 / tensorstore 0.1.86), so the drain below could not end them."""
+    tb = err.__traceback__
+    while tb is not None:
+      self.loops += [v for v in tb.tb_frame.f_locals.values() if isinstance(v, asyncio.AbstractEventLoop)]
+      tb = tb.tb_next
+    return f"{type(err).__name__}: {err}"
+
+  def _unraisable(self, unraisable):
+    err, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    noise = ((isinstance(err, RuntimeError) and str(err) == "Event loop is closed")
+             or (isinstance(err, RuntimeWarning) and "was never awaited" in str(err))
+             or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename))
+    if not noise:
+      self._hook(unraisable)
+
+  def _log_filter(self, record: logging.LogRecord) -> bool:
+    return not any(m in record.getMessage() for m in self.LOGGED)
+
+  def __exit__(self, *exc):
+    try:
+      deadline = time.monotonic() + self.DRAIN_S
+      while self.loops:
+        gc.collect()  # an abandoned task is freed, in a reference cycle, once its read has ended
+        if not any(asyncio.all_tasks(loop) for loop in self.loops) or time.monotonic() > deadline:
+          break
+        time.sleep(0.01)
+    finally:
+      self.loops = []
+      logging.getLogger("asyncio").removeFilter(self._log_filter)
+      self._warnings.__exit__(*exc)
+      sys.unraisablehook = self._hook
+    return False
 
 
 def _primary() -> bool:

@@ -28,6 +28,7 @@ RULES = (
     ("head_dim", None),
     ("length", None),
     ("layers", None),
+    ("norm", None),
 )
 
 

@@ -134,8 +134,9 @@ def restore_checkpoint(mngr, step: int, state_like, state_sh):
 
 def _metrics_log(workdir: str, resume_step: int):
   """Opens metrics.jsonl for appending, first dropping rows past the resumed step (they will be redone)
-  and a last line cut short by a kill."""
+  and a last line cut short by a kill. Returns (file, training seconds logged up to the resumed step)."""
   path = os.path.join(workdir, "metrics.jsonl")
+  elapsed = 0.0
   if os.path.exists(path):
     with open(path) as f:
       rows = [r for r in f if r.endswith("\n") and (row := _json_or_none(r)) is not None
@@ -143,7 +144,8 @@ def _metrics_log(workdir: str, resume_step: int):
     with open(path + ".tmp", "w") as f:
       f.writelines(rows)
     os.replace(path + ".tmp", path)
-  return open(path, "a")
+    elapsed = max([json.loads(r).get("time_s", 0.0) for r in rows], default=0.0)
+  return open(path, "a"), elapsed
 
 
 def _json_or_none(line: str):
@@ -208,13 +210,14 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
         return sharding.global_batch(lm_example(s.batch(i, jax.process_index(), jax.process_count())), mesh)
 
       compiled = train_step.lower(state, get_batch(stream, start)).compile()
-      log = _metrics_log(workdir, start) if jax.process_index() == 0 else None
+      log, elapsed = _metrics_log(workdir, start) if jax.process_index() == 0 else (None, 0.0)
       try:
         state, row = _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, len(devices),
-                           progress, stop_after)
+                           progress, stop_after, elapsed)
         if val_stream is not None and start < t.steps and int(state["step"]) == t.steps:
           losses = [float(eval_step(state["params"], get_batch(val_stream, i))) for i in range(t.eval_batches)]
-          row = {"step": t.steps, "val_loss": float(np.mean(losses)), "val_bpb": float(np.mean(losses) / np.log(2))}
+          row = {"step": t.steps, "val_loss": float(np.mean(losses)), "val_bpb": float(np.mean(losses) / np.log(2)),
+                 "time_s": row.get("time_s")}
           if log:
             log.write(json.dumps(row) + "\n")
       finally:  # the checkpoint manager's close() waits for an in-flight save
@@ -225,24 +228,33 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
   return row
 
 
-def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_devices, progress, stop_after):
-  """Steps `start..train.steps`, logging and checkpointing; returns (state, last logged row)."""
+def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_devices, progress, stop_after,
+          elapsed=0.0):
+  """Steps `start..train.steps`, logging and checkpointing; returns (state, last logged row).
+
+  Each row has `loss` (the logged step's), `loss_avg` (mean over the steps since the last
+  row) and `time_s` (training seconds so far, compile and checkpoint waits excluded,
+  carried across resumes)."""
   m, t = cfg.model, cfg.train
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   tokens = t.batch_size * t.seq_len
-  fpt = flops.textbook_flops_per_token(m, t.seq_len)
+  fpt = flops.model_flops_per_token(m, t.seq_len)["train"]
   peak, _ = flops.peak_flops_per_device(m.dtype if m.dtype != "bfloat16" else "float32")
-  static = {"flops_per_token": fpt, "executed_flops_per_token": float(cost.get("flops", 0.0)) / tokens,
-            "temp_bytes": temp_bytes(compiled)}
+  # cost_analysis of an SPMD program is one device's share: every device executes its partition.
+  executed = float(cost.get("flops", 0.0)) * num_devices / tokens
+  # Emulated CPU devices share one machine, whose measured matmul rate is the peak.
+  peak_devices = 1 if jax.devices()[0].platform == "cpu" else num_devices
+  static = {"flops_per_token": fpt, "executed_flops_per_token": executed, "temp_bytes": temp_bytes(compiled)}
   from tqdm.auto import tqdm
   bar = tqdm(total=t.steps, initial=start, desc="train", unit="step",
              disable=not (sys.stderr.isatty() if progress is None else progress) or jax.process_index() != 0)
   row: dict[str, Any] = {}
-  t_last, steps_since = time.perf_counter(), 0
+  t_last, steps_since, loss_sum = time.perf_counter(), 0, 0.0
   for step in range(start, t.steps):
     state, metrics = compiled(state, get_batch(stream, step))
     steps_since += 1
+    loss_sum += float(metrics["loss"])
     if t.on_nonfinite == "stop" and not bool(metrics["ok"]):
       mngr.wait_until_finished()
       raise NonFiniteError(f"non-finite loss or gradient at step {step + 1} (loss={float(metrics['loss'])});"
@@ -252,14 +264,16 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
       host = _to_host(metrics)
       dt = time.perf_counter() - t_last
       tps = tokens * steps_since / dt
-      row = {"step": done, "loss": host.pop("loss"), **host, "tokens_per_sec": tps,
-             "mfu": flops.mfu(fpt, tps, num_devices, peak), **static}
+      elapsed += dt
+      row = {"step": done, "loss": host.pop("loss"), "loss_avg": loss_sum / steps_since, **host,
+             "time_s": elapsed, "tokens_per_sec": tps,
+             "mfu": flops.mfu(fpt, tps, peak_devices, peak), **static}
       row.pop("ok", None)
       if log:
         log.write(json.dumps(row) + "\n")
         log.flush()
       bar.set_postfix(loss=f"{row['loss']:.3f}")
-      t_last, steps_since = time.perf_counter(), 0
+      t_last, steps_since, loss_sum = time.perf_counter(), 0, 0.0
     stopping = (stop_after is not None and done >= stop_after) or stop.requested()
     if done % t.checkpoint_every == 0 or done == t.steps or stopping:
       save_checkpoint(mngr, done, state, position=done)

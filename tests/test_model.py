@@ -39,7 +39,7 @@ def test_every_param_has_logical_axes():
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
     for box in leaves:
       assert len(box.names) == len(box.value.shape)
-      assert {"embed", "mlp", "heads", "kv_heads", "vocab", "expert", "head_dim", "layers"} >= set(box.names)
+      assert {"embed", "mlp", "heads", "kv_heads", "vocab", "expert", "head_dim", "layers", "norm"} >= set(box.names)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

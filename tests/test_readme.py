@@ -18,7 +18,7 @@ def test_python_example_runs(i):
 def test_first_two_commands_are_main_job_then_tests():
   first = re.search(r"```bash\n(.*?)```", TEXT, re.S).group(1)
   commands = [line for line in first.splitlines() if line and not line.startswith("#")]
-  assert "efficient-attn train" in commands[0] and "pip install -e ." in commands[0]
+  assert "efficient-attn experiment quickstart" in commands[0] and "pip install -e ." in commands[0]
   assert commands[1].endswith("python -m pytest -q tests") and 'pip install -e ".[test]"' in commands[1]
   ci = open(os.path.join(os.path.dirname(README), ".ci", "run"), encoding="utf-8").read()
   assert "python -m pytest -q tests" in ci

@@ -13,7 +13,8 @@ masks and segments behave exactly as in `linear_attention` (same core).
 Stabilisers (they cancel in the ratio num / den): each query row subtracts its
 own max over M; keys subtract one max per (batch, kv head) over all *valid* keys,
 under `stop_gradient` so no gradient flows from future keys (causality holds
-through gradients). Decoding keeps a running key max and rescales its state when
+through gradients), and get a 1e-12 floor (`FEATURE_EPS`) so that keys whose
+features underflow float32 (large norms) cannot zero the denominator. Decoding keeps a running key max and rescales its state when
 the max grows, like online softmax.
 """
 
@@ -30,6 +31,12 @@ from efficient_attn.attention.linear import (check_step, kernelized_attention, p
 
 KERNELS = ("softmax", "relu")
 RELU_EPS = 1e-3  # keeps the relu-kernel denominator positive (as in the reference FAVOR implementation)
+# Added to every valid key's softmax-kernel features. With large-norm keys, exp(W k' - |k'|²/2 - max) spans far
+# more than float32's range and underflows to 0 for most keys; without a floor a query whose visible keys all
+# underflowed gets den = 0 (output 0) or a denormal den whose 1/den² overflows the gradient into NaN. The
+# floor bounds den below by EPS·(visible keys)/M (so 1/den² stays finite in float32) and biases ordinary inputs
+# by ~1e-12 relative (FAVOR+ uses 1e-6, which shows in float32 comparisons with the exact kernel).
+FEATURE_EPS = 1e-12
 
 
 def performer_projection(rng, num_features: int, head_dim: int, orthogonal: bool = True) -> jax.Array:
@@ -119,8 +126,10 @@ def performer_attention(query, key, value, bias=None, mask=None, *, is_causal=Fa
     masked = jnp.where(valid_BSK1, logits_BSKM, -jnp.inf)
     stab_B1K1 = jnp.max(masked, axis=(1, 3), keepdims=True)
     stab_B1K1 = jax.lax.stop_gradient(jnp.where(jnp.isfinite(stab_B1K1), stab_B1K1, 0.0))
-    # Invalid keys get exp(-inf) = 0 before the exponential, so no inf·0 in the gradient.
-    phi_k = jnp.exp(masked - stab_B1K1) / jnp.sqrt(jnp.float32(M))
+    # Invalid keys get exp(-inf) = 0 before the exponential, so no inf·0 in the gradient; only valid keys get
+    # the FEATURE_EPS floor.
+    floor = FEATURE_EPS if p.key_mask_BSK is None else jnp.where(valid_BSK1, FEATURE_EPS, 0.0)
+    phi_k = (jnp.exp(masked - stab_B1K1) + floor) / jnp.sqrt(jnp.float32(M))
   out = kernelized_attention(phi_q, phi_k, p.value_BSKH, is_causal=is_causal, key_mask_BSK=p.key_mask_BSK,
                              segment_ids=p.segment_ids, chunk_size=p.chunk_size)
   return out.astype(query.dtype)
@@ -148,6 +157,6 @@ def performer_step(state, query_B1NH, key_B1KH, value_B1KH, *, projection=None, 
   m_new = jnp.maximum(state["m"], logits_BKM.max(axis=-1))
   rescale_BK = jnp.exp(state["m"] - m_new)
   state = {**state, "kv": state["kv"] * rescale_BK[..., None, None], "z": state["z"] * rescale_BK[..., None]}
-  phi_k = jnp.exp(logits_BKM - m_new[..., None]) / jnp.sqrt(jnp.float32(M))
+  phi_k = (jnp.exp(logits_BKM - m_new[..., None]) + FEATURE_EPS) / jnp.sqrt(jnp.float32(M))
   out, state = recurrent_step(state, phi_q, phi_k, value_B1KH[:, 0], m_BK=m_new)
   return out[:, None].astype(query_B1NH.dtype), state

@@ -1,0 +1,99 @@
+"""Shared by the language-model experiments (quickstart, equal_compute, moe_scaling).
+
+`train_variant` runs `efficient_attn.train.train` in the variant's directory (so a
+killed variant resumes from its checkpoint) and turns its metrics.jsonl into one
+result row: final train / validation loss, throughput, MFU, compiled memory, the
+training FLOPs spent, and the loss curve for the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from efficient_attn.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig, validate
+
+# Flat experiment keys that map onto the training config (experiment key -> "section.field").
+MODEL_KEYS = ("d_model", "num_layers", "num_heads", "ffn_dim", "window", "block_size", "num_features", "dtype")
+TRAIN_KEYS = ("batch_size", "seq_len", "learning_rate", "warmup_steps", "seed", "log_every", "eval_batches")
+
+
+def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> Config:
+  """The training Config of one variant: the experiment's shared settings + the variant's model fields."""
+  m = ModelConfig(**{k: cfg[k] for k in MODEL_KEYS if k in cfg}, **model)
+  t = TrainConfig(steps=steps, checkpoint_every=max(steps // 4, 1), max_to_keep=1,
+                  **{k: cfg[k] for k in TRAIN_KEYS if k in cfg})
+  return Config(model=m, train=t, data=DataConfig(val_fraction=cfg.get("val_fraction", 0.05)),
+                mesh=MeshConfig(**(mesh or {"data": 1})))
+
+
+def devices_for(config: Config):
+  """The first data x fsdp x tensor x expert devices; ConfigError if the machine has fewer."""
+  import jax
+
+  m = config.mesh
+  need = max(m.data, 1) * m.fsdp * m.tensor * m.expert
+  have = jax.devices()
+  if need > len(have):
+    raise ConfigError(f"the mesh needs {need} devices but {len(have)} are available; on CPU set"
+                      f" XLA_FLAGS=--xla_force_host_platform_device_count={need} or use a smaller mesh.")
+  return have[:need]
+
+
+def check_trainable(config: Config, what: str) -> None:
+  """Validates a variant's training config before anything runs (one sentence on failure)."""
+  try:
+    validate(config, len(devices_for(config)))
+  except ConfigError as e:
+    raise ConfigError(f"{what}: {e}") from None
+
+
+def train_variant(config: Config, ctx) -> dict:
+  """Trains one variant in ctx.workdir; returns its result row (curve included)."""
+  from efficient_attn import flops, train
+
+  train.train(config, ctx.workdir, progress=ctx.progress, devices=devices_for(config))
+  with open(os.path.join(ctx.workdir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f if line.strip()]
+  steps_rows = [r for r in logged if "loss" in r]
+  final_eval = next((r for r in reversed(logged) if "val_loss" in r), {})
+  t = config.train
+  tokens = t.batch_size * t.seq_len
+  fpt = flops.model_flops_per_token(config.model, t.seq_len)
+  last = steps_rows[-1]
+  tps = sorted(r["tokens_per_sec"] for r in steps_rows[1:] or steps_rows)  # the first window has warm-up
+  return {
+      "attention": config.model.attention, "num_experts": config.model.num_experts, "steps": t.steps,
+      "seq_len": t.seq_len, "batch_size": t.batch_size,
+      "flops_per_token": fpt["train"], "executed_flops_per_token": fpt["executed_train"],
+      "xla_flops_per_token": last.get("executed_flops_per_token"),
+      "flops": fpt["train"] * tokens * t.steps,
+      "loss": last["loss_avg"], "val_loss": final_eval.get("val_loss"), "val_bpb": final_eval.get("val_bpb"),
+      "tokens_per_sec": tps[len(tps) // 2], "step_time_s": tokens / tps[len(tps) // 2],
+      "mfu": last.get("mfu"), "memory_bytes": last.get("temp_bytes"), "time_s": last["time_s"],
+      "curve_step": [r["step"] for r in steps_rows], "curve_loss": [r["loss_avg"] for r in steps_rows],
+      "curve_time_s": [r["time_s"] for r in steps_rows],
+      "curve_flops": [fpt["train"] * tokens * r["step"] for r in steps_rows],
+  }
+
+
+def time_to_loss(row: dict, target: float) -> float | None:
+  """Training seconds until the logged (window-averaged) loss first reaches `target`; None if never."""
+  for loss, ts in zip(row["curve_loss"], row["curve_time_s"]):
+    if loss <= target:
+      return ts
+  return None
+
+
+def steps_to_loss(row: dict, target: float) -> int | None:
+  for loss, step in zip(row["curve_loss"], row["curve_step"]):
+    if loss <= target:
+      return step
+  return None
+
+
+def fmt(v, spec: str = ".3g") -> str:
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return "-"
+  return format(v, spec)

@@ -1,0 +1,111 @@
+"""Shared by the synthetic-task experiments (listops, mqar): one small jitted training loop.
+
+    train_and_eval(model, loss_fn, batch_fn, eval_batches, ...)
+
+batch i is `batch_fn(i)`, a pure function of the step (the generators are seeded
+per step, see `step_seed`), built on a background thread while step i - 1 runs;
+the update is one jitted AdamW step (`train.make_optimizer`) compiled ahead of
+time, so its compiled temp memory is known before the first step. `loss_fn(params,
+batch) -> (loss, (correct, count))` is the task: the step differentiates the loss,
+evaluation sums `correct` and `count` over the held-out batches. Single device;
+the models are small enough that sharding would only add compilation time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficient_attn.bench import temp_bytes
+from efficient_attn.config import Config, ConfigError, MeshConfig, TrainConfig, validate
+from efficient_attn.train import make_optimizer
+
+
+def step_seed(seed: int, stream: int, step: int = 0) -> int:
+  """An int seed for the data of `step` in `stream` (0 = train, 1 = eval): disjoint streams, pure."""
+  return int(np.random.SeedSequence((seed, stream, step)).generate_state(1)[0])
+
+
+def check_model(m, *, seq_len: int, batch_size: int, what: str) -> None:
+  """ConfigError (one sentence, prefixed by `what`) if ModelConfig `m` cannot train on [batch_size, seq_len]."""
+  try:
+    validate(Config(model=m, train=TrainConfig(seq_len=seq_len, batch_size=batch_size), mesh=MeshConfig(data=1)), 1)
+  except ConfigError as e:
+    raise ConfigError(f"{what}: {e}") from None
+
+
+def train_and_eval(model, loss_fn: Callable, batch_fn: Callable[[int], dict], eval_batches: list[dict], *,
+                   steps: int, learning_rate: float, warmup_steps: int, seed: int, tokens_per_batch: int,
+                   eval_every: int = 0, progress: bool = False, desc: str = "train") -> dict[str, Any]:
+  """Trains `model` for `steps` AdamW steps and evaluates on `eval_batches`.
+
+  Returns the final eval loss / accuracy, the train-loss curve (means over
+  ~20 windows), the eval curve (every `eval_every` steps and at the end),
+  tokens/s of the jitted step alone (median over steps), its compiled temp
+  bytes, and wall / compile (init and step) seconds. A non-finite train loss
+  stops the run: `diverged_at_step` is that step (else None).
+  """
+  from tqdm.auto import tqdm
+
+  tx, _ = make_optimizer(TrainConfig(steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
+                                     seed=seed))
+  t0 = time.perf_counter()
+  first = batch_fn(0)
+  # rbg keys: XLA:CPU compiles threefry init for several seconds, rbg in a fraction of that.
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed, impl="rbg"), first["inputs"])["params"])
+  state = (params, tx.init(params))
+
+  def train_step(state, batch):
+    params, opt = state
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    updates, opt = tx.update(grads, opt, params)
+    return (jax.tree.map(jnp.add, params, updates), opt), loss
+
+  step = jax.jit(train_step, donate_argnums=0).lower(state, first).compile()
+  evaluate = jax.jit(loss_fn)
+  compile_s = time.perf_counter() - t0
+
+  def run_eval():
+    total = correct = count = 0.0
+    for b in eval_batches:
+      loss, (c, n) = evaluate(state[0], b)
+      total, correct, count = total + float(loss) * float(n), correct + float(c), count + float(n)
+    return total / count, correct / count
+
+  window = max(steps // 20, 1)
+  curve_step, curve_loss, eval_step, eval_loss, eval_acc, step_times, losses = [], [], [], [], [], [], []
+  diverged = None
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    nxt = pool.submit(lambda: first)
+    for i in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
+      batch = nxt.result()
+      if i + 1 < steps:
+        nxt = pool.submit(batch_fn, i + 1)
+      t1 = time.perf_counter()
+      state, loss = step(state, batch)
+      losses.append(float(loss))  # blocks: the step time below is the step's own
+      step_times.append(time.perf_counter() - t1)
+      # A non-finite loss means the last update wrote NaN/inf into the params: every later step is lost too.
+      diverged = None if np.isfinite(losses[-1]) else i + 1
+      if (i + 1) % window == 0 or i + 1 == steps or diverged:
+        curve_step.append(i + 1)
+        curve_loss.append(float(np.mean(losses[-window:])))
+      if (eval_every and (i + 1) % eval_every == 0) or i + 1 == steps or diverged:
+        el, ea = run_eval()
+        eval_step.append(i + 1), eval_loss.append(el), eval_acc.append(ea)
+      if diverged:
+        break
+  step_s = float(np.median(step_times))
+  return {
+      "steps": steps, "diverged_at_step": diverged, "eval_loss": eval_loss[-1], "accuracy": eval_acc[-1], "loss": curve_loss[-1],
+      "tokens_per_sec": tokens_per_batch / step_s, "step_time_s": step_s, "memory_bytes": temp_bytes(step),
+      "time_s": time.perf_counter() - t0, "compile_s": compile_s,
+      "curve_step": curve_step, "curve_loss": curve_loss,
+      "eval_curve_step": eval_step, "eval_curve_loss": eval_loss, "eval_curve_accuracy": eval_acc,
+  }

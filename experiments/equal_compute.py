@@ -1,0 +1,110 @@
+"""Equal compute: every attention family pretrains the same LM on the same training-FLOPs budget.
+
+    efficient-attn experiment equal_compute --workdir runs/equal_compute
+
+Each family gets the steps that spend the budget at its own training FLOPs per token
+(`efficient_attn.flops.model_flops_per_token`, counted per family: local pays for its
+window, sparse for its layout's blocks, linear / Performer for their feature
+dimension and chunks), so cheaper attention trains on more tokens. The budget is
+`budget_flops`, or (0) what softmax spends in `reference_steps`. Reported: final
+validation loss and bits per byte, the training seconds each family needs to reach
+softmax's final (window-averaged) train loss, tokens/s, MFU and compiled memory.
+Plots: `loss_vs_flops.png`, `loss_vs_time.png`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from efficient_attn.config import ConfigError
+from efficient_attn.experiment import line_plot
+from experiments import _lm
+
+FAMILIES = ("softmax", "local", "sparse", "linear", "performer")
+
+
+def get_config() -> dict:
+  return {
+      "smoke": False, "variants": list(FAMILIES), "reference_steps": 150, "budget_flops": 0.0,
+      "batch_size": 8, "seq_len": 512, "d_model": 256, "num_layers": 4, "num_heads": 4, "ffn_dim": 1024,
+      "window": 128, "block_size": 64, "num_features": 64, "learning_rate": 3e-3, "warmup_steps": 15,
+      "log_every": 5, "eval_batches": 4, "seed": 0,
+  }
+
+
+SMOKE = {"variants": ["softmax", "linear"], "reference_steps": 4, "batch_size": 2, "seq_len": 64, "d_model": 32,
+         "num_layers": 1, "ffn_dim": 64, "window": 16, "block_size": 16, "num_features": 16, "warmup_steps": 1,
+         "log_every": 2, "eval_batches": 1}
+
+
+def _model_config(cfg: dict, family: str):
+  return _lm.base_config(cfg, steps=1, attention=family).model
+
+
+def budget(cfg: dict) -> float:
+  """The training FLOPs every family spends."""
+  from efficient_attn import flops
+
+  if cfg["budget_flops"] > 0:
+    return float(cfg["budget_flops"])
+  per_token = flops.model_flops_per_token(_model_config(cfg, "softmax"), cfg["seq_len"])["train"]
+  return per_token * cfg["batch_size"] * cfg["seq_len"] * cfg["reference_steps"]
+
+
+def steps_for(cfg: dict, family: str) -> int:
+  from efficient_attn import flops
+
+  return flops.steps_for_budget(budget(cfg), _model_config(cfg, family), cfg["seq_len"], cfg["batch_size"])
+
+
+def check(cfg: dict) -> None:
+  from efficient_attn import flops
+
+  bad = [v for v in cfg["variants"] if v not in FAMILIES]
+  if bad:
+    raise ConfigError(f"unknown variants {bad} for experiment equal_compute; valid variants are {list(FAMILIES)}.")
+  if cfg["budget_flops"] < 0 or cfg["reference_steps"] < 1:
+    raise ConfigError(f"budget_flops={cfg['budget_flops']} must be >= 0 and reference_steps="
+                      f"{cfg['reference_steps']} >= 1.")
+  for family in cfg["variants"]:
+    _lm.check_trainable(_lm.base_config(cfg, steps=1, attention=family), f"equal_compute variant {family}")
+    if steps_for(cfg, family) < 1:
+      one = flops.model_flops_per_token(_model_config(cfg, family), cfg["seq_len"])["train"]
+      raise ConfigError(f"budget_flops={budget(cfg):.3g} is too small to run one step of {family}, which needs"
+                        f" {one * cfg['batch_size'] * cfg['seq_len']:.3g} FLOPs; raise budget_flops.")
+
+
+def variants(cfg: dict) -> list[str]:
+  return list(cfg["variants"])
+
+
+def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
+  row = _lm.train_variant(_lm.base_config(cfg, steps=steps_for(cfg, name), attention=name), ctx)
+  return [{**row, "budget_flops": budget(cfg)}]
+
+
+def summarize(cfg: dict, rows: list[dict]) -> str:
+  f = _lm.fmt
+  ref = next((r for r in rows if r["variant"] == "softmax"), None)
+  target = ref["loss"] if ref else None
+  lines = ["| family | steps | train FLOPs | val loss | bits/byte | s to softmax's loss | tokens/s | MFU |"
+           " compiled temp MiB |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    reach = _lm.time_to_loss(r, target) if target is not None else None
+    lines.append(f"| {r['variant']} | {r['steps']} | {f(r['flops'], '.3g')} | {f(r['val_loss'], '.3f')}"
+                 f" | {f(r['val_bpb'], '.3f')} | {f(reach, '.0f')} | {f(r['tokens_per_sec'], '.0f')}"
+                 f" | {f(r['mfu'], '.2f')} | {f(r['memory_bytes'] / 2**20, '.0f')} |")
+  return (f"Budget {budget(cfg):.3g} training FLOPs per family (= softmax x {cfg['reference_steps']} steps unless"
+          f" budget_flops is set); batch {cfg['batch_size']} x {cfg['seq_len']} bytes, d_model {cfg['d_model']},"
+          f" {cfg['num_layers']} layers, window {cfg['window']}, sparse blocks {cfg['block_size']},"
+          f" Performer M={cfg['num_features']}. FLOPs are the ideal per-family count (forward x 3);"
+          " '-' = never reached softmax's final train loss (window-averaged).\n\n" + "\n".join(lines))
+
+
+def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:
+  by_flops = {r["variant"]: ([x / 1e15 for x in r["curve_flops"]], r["curve_loss"]) for r in rows}
+  by_time = {r["variant"]: (r["curve_time_s"], r["curve_loss"]) for r in rows}
+  return [line_plot(os.path.join(workdir, "loss_vs_flops.png"), by_flops, xlabel="training PFLOPs",
+                    ylabel="train loss (nats/byte)", title="equal compute: loss vs FLOPs"),
+          line_plot(os.path.join(workdir, "loss_vs_time.png"), by_time, xlabel="training seconds",
+                    ylabel="train loss (nats/byte)", title="equal compute: loss vs wall time")]

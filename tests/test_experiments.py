@@ -1,0 +1,119 @@
+"""The experiment runner and the language-model experiments (quickstart, equal_compute, moe_scaling).
+
+Each runs end to end at smoke=true; a rerun resumes finished variants; a workdir
+with other settings is refused without touching it; the equal-compute budget is
+the same for every family; bad settings exit 2 with one sentence.
+"""
+
+import json
+import os
+
+import pytest
+
+from efficient_attn import cli, experiment, flops
+from efficient_attn.config import ConfigError
+
+
+def _run(name, workdir, **overrides):
+  return experiment.run(name, str(workdir), {"smoke": True, **overrides}, progress=False)
+
+
+def _check_outputs(workdir, out, num_rows, header):
+  lines = open(os.path.join(workdir, "results.jsonl")).read().splitlines()
+  assert [json.loads(x) for x in lines] == out["rows"] and len(lines) == num_rows
+  summary = open(os.path.join(workdir, "summary.md")).read()
+  assert header in summary and summary.count("\n|") >= num_rows + 1
+  assert out["plots"] and all(os.path.getsize(p) > 5000 for p in out["plots"])
+
+
+def test_quickstart_smoke_resume_and_refusal(tmp_path, monkeypatch):
+  out = _run("quickstart", tmp_path)
+  _check_outputs(tmp_path, out, 3, "| variant | val loss |")
+  rows = {r["variant"]: r for r in out["rows"]}
+  assert set(rows) == {"softmax", "linear", "softmax+moe"}
+  for r in rows.values():
+    assert r["curve_step"][-1] == r["steps"] == 6 and r["val_loss"] > 0 and r["tokens_per_sec"] > 0
+    assert 0 < r["flops_per_token"] <= r["executed_flops_per_token"]
+    assert r["memory_bytes"] > 0 and r["time_s"] > 0
+  # A rerun resumes: nothing is trained again and the same rows come back.
+  from experiments import quickstart
+
+  monkeypatch.setattr(quickstart, "run_variant", lambda *a: pytest.fail("finished variant was rerun"))
+  assert _run("quickstart", tmp_path)["rows"] == out["rows"]
+  # Other settings in the same workdir: refused, and nothing already saved changes.
+  before = open(tmp_path / "results.jsonl").read()
+  with pytest.raises(ConfigError, match="different settings.*steps=6 there vs 7 now"):
+    _run("quickstart", tmp_path, steps=7)
+  assert open(tmp_path / "results.jsonl").read() == before
+
+
+def test_killed_variant_is_redone_and_others_kept(tmp_path, monkeypatch):
+  from experiments import equal_compute
+
+  real = equal_compute.run_variant
+  calls = []
+
+  def flaky(cfg, name, ctx):
+    calls.append(name)
+    if name == "linear" and calls.count("linear") == 1:
+      raise KeyboardInterrupt  # killed in the middle of the second variant
+    return real(cfg, name, ctx)
+
+  monkeypatch.setattr(equal_compute, "run_variant", flaky)
+  with pytest.raises(KeyboardInterrupt):
+    _run("equal_compute", tmp_path)
+  assert [json.loads(x)["variant"] for x in open(tmp_path / "results.jsonl")] == ["softmax"]
+  out = _run("equal_compute", tmp_path)
+  assert calls == ["softmax", "linear", "linear"]
+  _check_outputs(tmp_path, out, 2, "| family | steps |")
+  assert "s to softmax's loss" in out["summary"]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"smoke": True}, {"seq_len": 1024, "window": 64}])
+def test_equal_compute_budget_is_equal(overrides):
+  from experiments import equal_compute
+
+  cfg = experiment.resolve_config(equal_compute, overrides)
+  budget = equal_compute.budget(cfg)
+  steps = {}
+  for family in equal_compute.FAMILIES:
+    per_step = flops.model_flops_per_token(equal_compute._model_config(cfg, family), cfg["seq_len"])["train"] \
+        * cfg["batch_size"] * cfg["seq_len"]
+    steps[family] = equal_compute.steps_for(cfg, family)
+    assert abs(steps[family] * per_step - budget) <= per_step / 2 + 1e-6 * budget, family
+  assert steps["softmax"] == cfg["reference_steps"]
+  if cfg["seq_len"] >= 512:  # cheaper attention buys more steps
+    assert steps["local"] > steps["softmax"] and steps["linear"] > steps["softmax"]
+
+
+def test_moe_scaling_smoke_equal_active_flops(tmp_path):
+  out = _run("moe_scaling", tmp_path)
+  _check_outputs(tmp_path, out, 3, "| variant | E | k |")
+  rows = {r["variant"]: r for r in out["rows"]}
+  dense, e2, top2 = rows["dense"], rows["switch-e2"], rows["top2-e8"]
+  assert top2["expert_ffn_dim"] * 2 == dense["expert_ffn_dim"] and top2["top_k"] == 2
+  # Equal active FLOPs per token up to the router's (2·D·E per MoE layer, forward, ×3 for training).
+  for r, E in ((e2, 2), (top2, 8)):
+    router = 3 * 2 * 32 * E * 1  # smoke: d_model 32, one MoE layer (2 layers, moe_every 2)
+    assert r["flops_per_token"] == pytest.approx(dense["flops_per_token"] + router, rel=1e-9)
+    assert r["executed_flops_per_token"] > r["flops_per_token"]  # capacity padding is executed
+  assert dense["executed_flops_per_token"] >= dense["flops_per_token"]
+  assert "Fedus et al. 2021" in out["summary"] and "7x" in out["summary"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["experiment", "nonesuch"], "unknown experiment 'nonesuch'; valid experiments are quickstart"),
+    (["experiment", "quickstart", "--set", "stepz=3"], "unknown key 'stepz' for experiment quickstart"),
+    (["experiment", "quickstart", "--set", "variants=['softmax', 'flash']"], "unknown variants ['flash']"),
+    (["experiment", "equal_compute", "--set", "budget_flops=1000.0"], "too small to run one step"),
+    (["experiment", "equal_compute", "--set", "seq_len=100"], "not divisible by model.block_size=64"),
+    (["experiment", "moe_scaling", "--set", "moe_every=9"], "moe_every=9 exceeds num_layers=4"),
+    (["experiment", "quickstart", "--set", "mesh_data=4"], "the mesh needs 16 devices but 8 are available"),
+    (["experiment", "moe_scaling", "--set", "steps=-1"], "train.steps=-1 must be a positive integer"),
+])
+def test_bad_settings_exit_2_before_anything_runs(tmp_path, capsys, argv, needle):
+  workdir = tmp_path / "w"
+  assert cli.main([*argv, "--workdir", str(workdir)]) == 2
+  err = capsys.readouterr().err
+  assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+  assert not workdir.exists()
