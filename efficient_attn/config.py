@@ -98,6 +98,7 @@ class ModelConfig:
   num_features: int = 128             # performer M
   feature_map: str = "elu"            # linear
   chunk_size: int = 0                 # 0 = the family's default
+  softmax_impl: str = ""              # "" = automatic | xla | chunked (flash-style) | cudnn
   rope_base: float = 10_000.0
   scan_layers: bool = False
   dtype: str = "float32"              # compute dtype; params stay float32
@@ -228,6 +229,8 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
   _need(m.feature_map in ("elu", "relu"), f"model.feature_map={m.feature_map!r} is not elu or relu.")
   _need(m.router in ("tokens_choose", "experts_choose"),
         f"model.router={m.router!r} is not tokens_choose or experts_choose.")
+  _need(m.softmax_impl in ("", "xla", "chunked", "cudnn"),
+        f"model.softmax_impl={m.softmax_impl!r} is not '' (automatic), xla, chunked or cudnn.")
   _need(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r} is not float32 or bfloat16.")
   _need(m.capacity_factor > 0, f"model.capacity_factor={m.capacity_factor} must be > 0.")
   if m.num_experts:

@@ -77,8 +77,10 @@ def peak_flops_per_device(dtype: str = "float32") -> tuple[float, str]:
   """(peak FLOP/s of one device, where it came from).
 
   GPU/TPU: a lookup by device kind (bf16 dense). CPU: measured — the FLOP/s of a
-  2048² float32 matmul in this process, so MFU on CPU means "fraction of what
-  this machine's BLAS does".
+  2048² float32 matmul in this process (the best of at least 5 calls over at
+  least one second, so a moment of contention does not set it), so MFU on CPU means
+  "fraction of what this machine's BLAS does". Emulated CPU devices share the
+  machine: the training loop divides by one device's peak on CPU, not by N.
   """
   dev = jax.devices()[0]
   kind = dev.device_kind.upper().replace(" ", "")
@@ -89,11 +91,11 @@ def peak_flops_per_device(dtype: str = "float32") -> tuple[float, str]:
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a: a @ a)
   jax.block_until_ready(f(a))
-  best = float("inf")
-  for _ in range(5):
+  best, calls, start = float("inf"), 0, time.perf_counter()
+  while calls < 5 or (time.perf_counter() - start < 1.0 and calls < 100):
     t0 = time.perf_counter()
     jax.block_until_ready(f(a))
-    best = min(best, time.perf_counter() - t0)
+    best, calls = min(best, time.perf_counter() - t0), calls + 1
   return 2.0 * n ** 3 / best, f"measured {n}x{n} {dtype} matmul on {dev.platform}"
 
 
@@ -239,11 +241,12 @@ def model_flops_per_token(m, seq_len: int, *, causal: bool = True, implementatio
   T = _positive(seq_len, "seq_len", "model_flops_per_token")
   D, N, F = m.d_model, m.num_heads, m.ffn_dim
   H, K = D // N, m.num_kv_heads or N
-  kernelized = m.attention in ("linear", "performer")
+  chunked = m.attention in ("linear", "performer", "softmax")  # the families the model passes chunk_size to
+  implementation = implementation or (m.softmax_impl or None)
   att = attention_flops(m.attention, T, num_heads=N, head_dim=H, num_kv_heads=K, causal=causal, window=m.window,
                         block_size=m.block_size, sparse_window=m.sparse_window, sparse_global=m.sparse_global,
                         sparse_random=m.sparse_random, num_features=m.num_features,
-                        chunk_size=m.chunk_size if kernelized else 0, feature_map=m.feature_map,
+                        chunk_size=m.chunk_size if chunked else 0, feature_map=m.feature_map,
                         implementation=implementation)
   glu = m.ffn_activation == "swiglu"
   ffn = (6 if glu else 4) * D * F
@@ -270,7 +273,7 @@ def model_flops_per_token(m, seq_len: int, *, causal: bool = True, implementatio
   }
 
 
-def steps_for_budget(budget_flops: float, m, seq_len: int, batch_size: int) -> int:
+def steps_for_budget(budget_flops: float, m, seq_len: int, batch_size: int, *, causal: bool = True) -> int:
   """Training steps that spend `budget_flops` (ideal train FLOPs) at batch_size x seq_len tokens per step.
 
   round(budget / (train FLOPs per token · tokens per step)), at least 0: the equal-compute
@@ -281,4 +284,4 @@ def steps_for_budget(budget_flops: float, m, seq_len: int, batch_size: int) -> i
       math.isfinite(budget_flops) and budget_flops >= 0):
     raise ValueError(f"{fn}: `budget_flops` must be a finite number >= 0, got {budget_flops!r}.")
   tokens = _positive(seq_len, "seq_len", fn) * _positive(batch_size, "batch_size", fn)
-  return max(0, round(budget_flops / (model_flops_per_token(m, seq_len)["train"] * tokens)))
+  return max(0, round(budget_flops / (model_flops_per_token(m, seq_len, causal=causal)["train"] * tokens)))

@@ -130,7 +130,8 @@ def segment_positions(segment_ids_BT):
 def family_kwargs(kind: str, options, seq_len: int, head_dim: int) -> dict:
   """Turns model-level options into the keyword arguments of attention family `kind`.
 
-  options (all optional): window (local), block_size / sparse_window / sparse_global /
+  options (all optional): softmax_impl / chunk_size (softmax: "xla" | "chunked" | "cudnn";
+  chunk_size is used with "chunked"), window (local), block_size / sparse_window / sparse_global /
   sparse_random / seed (sparse, BigBird layout), feature_map / chunk_size (linear),
   num_features / seed / chunk_size (performer).
   """
@@ -145,6 +146,8 @@ def family_kwargs(kind: str, options, seq_len: int, head_dim: int) -> dict:
                                                 num_random=o.get("sparse_random", 1), seed=o.get("seed", 0))
     return {"layout": layout, "block_size": bs}
   chunk = {"chunk_size": o["chunk_size"]} if o.get("chunk_size") else {}
+  if kind == "softmax":
+    return {**({"implementation": o["softmax_impl"]} if o.get("softmax_impl") else {}), **chunk}
   if kind == "linear":
     return {"feature_map": o.get("feature_map", "elu"), **chunk}
   if kind == "performer":
@@ -260,7 +263,8 @@ def attention_options(cfg) -> dict:
   """Model config -> the options `MultiHeadAttention` passes to `family_kwargs`."""
   return {"window": cfg.window, "block_size": cfg.block_size, "sparse_window": cfg.sparse_window,
           "sparse_global": cfg.sparse_global, "sparse_random": cfg.sparse_random, "feature_map": cfg.feature_map,
-          "num_features": cfg.num_features, "chunk_size": cfg.chunk_size, "seed": 0}
+          "num_features": cfg.num_features, "chunk_size": cfg.chunk_size, "softmax_impl": cfg.softmax_impl,
+          "seed": 0}
 
 
 class Block(nn.Module):

@@ -78,19 +78,36 @@ def train_variant(config: Config, ctx) -> dict:
   }
 
 
-def time_to_loss(row: dict, target: float) -> float | None:
-  """Training seconds until the logged (window-averaged) loss first reaches `target`; None if never."""
-  for loss, ts in zip(row["curve_loss"], row["curve_time_s"]):
+SMOOTH = 5  # logged points in the trailing mean: single batches of source files differ a lot in difficulty
+
+
+def smoothed(row: dict) -> list[float]:
+  """The logged train loss as a trailing mean over SMOOTH logging windows (same length as the curve)."""
+  losses = row["curve_loss"]
+  windows = [losses[max(0, i - SMOOTH + 1):i + 1] for i in range(len(losses))]
+  return [sum(w) / len(w) for w in windows]
+
+
+def final_loss(row: dict) -> float:
+  """The end of the smoothed curve: the target the others must reach."""
+  return smoothed(row)[-1]
+
+
+def _first(row: dict, target: float, key: str):
+  for loss, x in zip(smoothed(row), row[key]):
     if loss <= target:
-      return ts
+      return x
   return None
+
+
+def time_to_loss(row: dict, target: float) -> float | None:
+  """Training seconds until the smoothed train loss first reaches `target`; None if never."""
+  return _first(row, target, "curve_time_s")
 
 
 def steps_to_loss(row: dict, target: float) -> int | None:
-  for loss, step in zip(row["curve_loss"], row["curve_step"]):
-    if loss <= target:
-      return step
-  return None
+  """Steps until the smoothed train loss first reaches `target`; None if never."""
+  return _first(row, target, "curve_step")
 
 
 def fmt(v, spec: str = ".3g") -> str:

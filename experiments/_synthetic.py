@@ -103,7 +103,8 @@ def train_and_eval(model, loss_fn: Callable, batch_fn: Callable[[int], dict], ev
         break
   step_s = float(np.median(step_times))
   return {
-      "steps": steps, "diverged_at_step": diverged, "eval_loss": eval_loss[-1], "accuracy": eval_acc[-1], "loss": curve_loss[-1],
+      "steps": steps, "diverged_at_step": diverged, "eval_loss": eval_loss[-1], "accuracy": eval_acc[-1],
+      "loss": curve_loss[-1],
       "tokens_per_sec": tokens_per_batch / step_s, "step_time_s": step_s, "memory_bytes": temp_bytes(step),
       "time_s": time.perf_counter() - t0, "compile_s": compile_s,
       "curve_step": curve_step, "curve_loss": curve_loss,

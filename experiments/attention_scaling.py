@@ -21,8 +21,6 @@ measures a tiny model at 256 and 512 tokens in about 20 s.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import os
 
@@ -121,28 +119,11 @@ def _train_config(cfg: dict, name: str, T: int):
   from efficient_attn.config import Config, MeshConfig, ModelConfig, TrainConfig
 
   keys = ("d_model", "num_layers", "num_heads", "ffn_dim", "dtype", "window", "block_size", "sparse_window",
-          "sparse_global", "sparse_random", "num_features", "chunk_size")
-  m = ModelConfig(attention=FAMILIES[name][0], **{k: cfg[k] for k in keys})
+          "sparse_global", "sparse_random", "num_features")
+  attention, impl = FAMILIES[name]
+  chunk = cfg["softmax_chunk"] if attention == "softmax" else cfg["chunk_size"]
+  m = ModelConfig(attention=attention, softmax_impl=impl or "", chunk_size=chunk, **{k: cfg[k] for k in keys})
   return Config(model=m, train=TrainConfig(batch_size=cfg["batch_size"], seq_len=T), mesh=MeshConfig(data=1))
-
-
-@contextlib.contextmanager
-def _softmax_path(implementation: str | None, chunk):
-  """Routes the model's softmax through `implementation` while the step is traced.
-
-  ModelConfig has no field for it (layers.family_kwargs passes softmax nothing, and on
-  CPU softmax_attention picks "chunked" once T·S >= 256²), so the registry entry that
-  `attention.attend` looks up is swapped for the duration of the trace only.
-  """
-  from efficient_attn import attention
-
-  original = attention.ATTENTION["softmax"]
-  if implementation is not None:
-    attention.ATTENTION["softmax"] = functools.partial(original, implementation=implementation, chunk_size=chunk)
-  try:
-    yield
-  finally:
-    attention.ATTENTION["softmax"] = original
 
 
 def _compile(cfg: dict, name: str, T: int, params) -> tuple[dict, object, dict]:
@@ -236,8 +217,7 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
     bar.update()
     return out
 
-  with _softmax_path(FAMILIES[name][1], cfg["softmax_chunk"] or None), \
-       ThreadPoolExecutor(cfg["compile_threads"]) as pool:
+  with ThreadPoolExecutor(cfg["compile_threads"]) as pool:
     built = list(pool.map(build, lengths))
   last = None
   for row, compiled, batch in built:

@@ -8,7 +8,7 @@ window, sparse for its layout's blocks, linear / Performer for their feature
 dimension and chunks), so cheaper attention trains on more tokens. The budget is
 `budget_flops`, or (0) what softmax spends in `reference_steps`. Reported: final
 validation loss and bits per byte, the training seconds each family needs to reach
-softmax's final (window-averaged) train loss, tokens/s, MFU and compiled memory.
+softmax's final train loss (smoothed), tokens/s, MFU and compiled memory.
 Plots: `loss_vs_flops.png`, `loss_vs_time.png`.
 """
 
@@ -86,7 +86,7 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
 def summarize(cfg: dict, rows: list[dict]) -> str:
   f = _lm.fmt
   ref = next((r for r in rows if r["variant"] == "softmax"), None)
-  target = ref["loss"] if ref else None
+  target = _lm.final_loss(ref) if ref else None
   lines = ["| family | steps | train FLOPs | val loss | bits/byte | s to softmax's loss | tokens/s | MFU |"
            " compiled temp MiB |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -98,13 +98,15 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
           f" budget_flops is set); batch {cfg['batch_size']} x {cfg['seq_len']} bytes, d_model {cfg['d_model']},"
           f" {cfg['num_layers']} layers, window {cfg['window']}, sparse blocks {cfg['block_size']},"
           f" Performer M={cfg['num_features']}. FLOPs are the ideal per-family count (forward x 3);"
-          " '-' = never reached softmax's final train loss (window-averaged).\n\n" + "\n".join(lines))
+          " '-' = never reached softmax's final train loss (both smoothed: a trailing mean over"
+          f" {_lm.SMOOTH} logging windows, since batches of different source files differ in"
+          " difficulty).\n\n" + "\n".join(lines))
 
 
 def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:
-  by_flops = {r["variant"]: ([x / 1e15 for x in r["curve_flops"]], r["curve_loss"]) for r in rows}
-  by_time = {r["variant"]: (r["curve_time_s"], r["curve_loss"]) for r in rows}
+  by_flops = {r["variant"]: ([x / 1e15 for x in r["curve_flops"]], _lm.smoothed(r)) for r in rows}
+  by_time = {r["variant"]: (r["curve_time_s"], _lm.smoothed(r)) for r in rows}
   return [line_plot(os.path.join(workdir, "loss_vs_flops.png"), by_flops, xlabel="training PFLOPs",
-                    ylabel="train loss (nats/byte)", title="equal compute: loss vs FLOPs"),
+                    ylabel="train loss, trailing mean (nats/byte)", title="equal compute: loss vs FLOPs"),
           line_plot(os.path.join(workdir, "loss_vs_time.png"), by_time, xlabel="training seconds",
-                    ylabel="train loss (nats/byte)", title="equal compute: loss vs wall time")]
+                    ylabel="train loss, trailing mean (nats/byte)", title="equal compute: loss vs wall time")]

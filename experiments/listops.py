@@ -142,8 +142,8 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
                        progress=ctx.progress, desc=name)
   majority = float(np.bincount(held_out["labels"], minlength=NUM_CLASSES).max() / len(held_out["labels"]))
   return [{"family": name, "lra_row": LRA_ROW[name], "seq_len": cfg["max_length"], "batch_size": B,
-           "flops_per_step": per_step, "flops": per_step * (out["diverged_at_step"] or steps), "majority_accuracy": majority,
-           "eval_curve_flops": [per_step * s for s in out["eval_curve_step"]], **out}]
+           "flops_per_step": per_step, "flops": per_step * (out["diverged_at_step"] or steps),
+           "majority_accuracy": majority, "eval_curve_flops": [per_step * s for s in out["eval_curve_step"]], **out}]
 
 
 def summarize(cfg: dict, rows: list[dict]) -> str:

@@ -35,6 +35,8 @@ def test_overrides_apply():
     ({"model.capacity_factor": 0.0}, "capacity_factor=0.0 must be > 0"),
     ({"data.name": "text"}, "needs data.files"),
     ({"mesh.expert": 2, "mesh.data": 4}, "needs an MoE model"),
+    ({"model.softmax_impl": "flash"}, "model.softmax_impl='flash' is not '' (automatic), xla, chunked or cudnn"),
+    ({"model.expert_dim": -8}, "model.expert_dim=-8 must be >= 0"),
 ])
 def test_validation_names_the_key(overrides, fragment):
   with pytest.raises(ConfigError, match=None) as e:

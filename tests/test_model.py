@@ -128,3 +128,19 @@ def test_encoder_classifier_ignores_padding(kind):
   assert logits.shape == (2, 10)
   other = model.apply({"params": params}, tokens.at[:, 24:].set(0), segment_ids=seg)
   np.testing.assert_allclose(other, logits, atol=1e-5)
+
+
+def test_softmax_impl_and_expert_dim_reach_the_layers():
+  """model.softmax_impl picks the softmax path (same logits, different programs); expert_dim sizes the experts."""
+  tokens = _tokens()
+  outs, hlos = [], []
+  for impl in ("xla", "chunked"):
+    model, params = _init(tiny(softmax_impl=impl), tokens)
+    outs.append(model.apply({"params": params}, tokens))
+    hlos.append(jax.jit(model.apply).lower({"params": params}, tokens).as_text())
+  np.testing.assert_allclose(outs[0], outs[1], atol=2e-5)
+  assert ("while" in hlos[1]) and ("while" not in hlos[0])  # chunked = a loop over key tiles
+  _, params = _init(tiny(num_experts=4, moe_every=2, expert_dim=24), tokens)
+  params = nn.unbox(params)
+  assert params["trunk"]["block_1"]["moe"]["w_in"].shape == (4, 32, 24)
+  assert params["trunk"]["block_0"]["ffn"]["w_in"]["kernel"].shape == (32, 64)
