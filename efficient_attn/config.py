@@ -119,6 +119,7 @@ class TrainConfig:
   checkpoint_every: int = 100
   max_to_keep: int = 3
   eval_batches: int = 4
+  eval_every: int = 0                 # validation loss every n steps (a multiple of log_every); 0 = at the end
   aux_loss_weight: float = 0.01       # MoE load balancing
   z_loss_weight: float = 0.001        # MoE router z-loss
   on_nonfinite: str = "stop"          # stop | skip
@@ -217,7 +218,7 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     _need(getattr(m, k) >= 1, f"model.{k}={getattr(m, k)} must be a positive integer.")
   for k in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "max_to_keep", "eval_batches"):
     _need(getattr(t, k) >= 1, f"train.{k}={getattr(t, k)} must be a positive integer.")
-  for k in ("num_experts", "expert_dim", "num_kv_heads", "chunk_size", "warmup_steps", "sparse_global",
+  for k in ("num_experts", "expert_dim", "num_kv_heads", "chunk_size", "warmup_steps", "eval_every", "sparse_global",
             "sparse_random"):
     obj = m if hasattr(m, k) else t
     _need(getattr(obj, k) >= 0, f"{'model' if obj is m else 'train'}.{k}={getattr(obj, k)} must be >= 0.")
@@ -237,6 +238,8 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     _need(m.top_k <= m.num_experts, f"model.top_k={m.top_k} exceeds model.num_experts={m.num_experts}.")
   _need(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0.")
   _need(t.weight_decay >= 0 and t.grad_clip >= 0, "train.weight_decay and train.grad_clip must be >= 0.")
+  _need(t.eval_every % t.log_every == 0, f"train.eval_every={t.eval_every} must be a multiple of"
+        f" train.log_every={t.log_every} (evaluation happens on logging steps).")
   _need(t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite={t.on_nonfinite!r} is not stop or skip.")
   _need(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1).")
   _need(d.name not in ("text", "json") or d.files, f"data.name={d.name!r} needs data.files (a path or glob).")

@@ -209,15 +209,17 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
       def get_batch(s: PackedStream, i: int):  # each process builds only its own rows
         return sharding.global_batch(lm_example(s.batch(i, jax.process_index(), jax.process_count())), mesh)
 
+      def evaluate(params) -> float:  # mean loss over the same eval_batches held-out batches every time
+        return float(np.mean([float(eval_step(params, get_batch(val_stream, i))) for i in range(t.eval_batches)]))
+
       compiled = train_step.lower(state, get_batch(stream, start)).compile()
       log, elapsed = _metrics_log(workdir, start) if jax.process_index() == 0 else (None, 0.0)
       try:
         state, row = _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, len(devices),
-                           progress, stop_after, elapsed)
+                           progress, stop_after, elapsed, evaluate if val_stream is not None else None)
         if val_stream is not None and start < t.steps and int(state["step"]) == t.steps:
-          losses = [float(eval_step(state["params"], get_batch(val_stream, i))) for i in range(t.eval_batches)]
-          row = {"step": t.steps, "val_loss": float(np.mean(losses)), "val_bpb": float(np.mean(losses) / np.log(2)),
-                 "time_s": row.get("time_s")}
+          val = evaluate(state["params"])
+          row = {"step": t.steps, "val_loss": val, "val_bpb": val / np.log(2), "time_s": row.get("time_s")}
           if log:
             log.write(json.dumps(row) + "\n")
       finally:  # the checkpoint manager's close() waits for an in-flight save
@@ -229,12 +231,13 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
 
 
 def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_devices, progress, stop_after,
-          elapsed=0.0):
+          elapsed=0.0, evaluate=None):
   """Steps `start..train.steps`, logging and checkpointing; returns (state, last logged row).
 
   Each row has `loss` (the logged step's), `loss_avg` (mean over the steps since the last
-  row) and `time_s` (training seconds so far, compile and checkpoint waits excluded,
-  carried across resumes)."""
+  row) and `time_s` (training seconds so far, compile and evaluation excluded, carried
+  across resumes). With train.eval_every, every eval_every-th step (a multiple of
+  log_every) also logs {"step", "val_loss", "time_s"} on the same held-out batches."""
   m, t = cfg.model, cfg.train
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -273,6 +276,11 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
         log.write(json.dumps(row) + "\n")
         log.flush()
       bar.set_postfix(loss=f"{row['loss']:.3f}")
+      if evaluate is not None and t.eval_every and done % t.eval_every == 0 and done < t.steps:
+        val = {"step": done, "val_loss": evaluate(state["params"]), "time_s": elapsed}  # not counted as training
+        if log:
+          log.write(json.dumps(val) + "\n")
+          log.flush()
       t_last, steps_since, loss_sum = time.perf_counter(), 0, 0.0
     stopping = (stop_after is not None and done >= stop_after) or stop.requested()
     if done % t.checkpoint_every == 0 or done == t.steps or stopping:

@@ -16,7 +16,8 @@ from efficient_attn.config import Config, ConfigError, DataConfig, MeshConfig, M
 
 # Flat experiment keys that map onto the training config (experiment key -> "section.field").
 MODEL_KEYS = ("d_model", "num_layers", "num_heads", "ffn_dim", "window", "block_size", "num_features", "dtype")
-TRAIN_KEYS = ("batch_size", "seq_len", "learning_rate", "warmup_steps", "seed", "log_every", "eval_batches")
+TRAIN_KEYS = ("batch_size", "seq_len", "learning_rate", "warmup_steps", "seed", "log_every", "eval_batches",
+              "eval_every")
 
 
 def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> Config:
@@ -57,7 +58,8 @@ def train_variant(config: Config, ctx) -> dict:
   with open(os.path.join(ctx.workdir, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f if line.strip()]
   steps_rows = [r for r in logged if "loss" in r]
-  final_eval = next((r for r in reversed(logged) if "val_loss" in r), {})
+  evals = [r for r in logged if "val_loss" in r]
+  final_eval = evals[-1] if evals else {}
   t = config.train
   tokens = t.batch_size * t.seq_len
   fpt = flops.model_flops_per_token(config.model, t.seq_len)
@@ -75,6 +77,8 @@ def train_variant(config: Config, ctx) -> dict:
       "curve_step": [r["step"] for r in steps_rows], "curve_loss": [r["loss_avg"] for r in steps_rows],
       "curve_time_s": [r["time_s"] for r in steps_rows],
       "curve_flops": [fpt["train"] * tokens * r["step"] for r in steps_rows],
+      "val_step": [r["step"] for r in evals], "val_curve": [r["val_loss"] for r in evals],
+      "val_time_s": [r["time_s"] for r in evals],
   }
 
 
@@ -88,26 +92,50 @@ def smoothed(row: dict) -> list[float]:
   return [sum(w) / len(w) for w in windows]
 
 
+def _uses_val(row: dict) -> bool:
+  return len(row.get("val_curve") or []) >= 2
+
+
 def final_loss(row: dict) -> float:
-  """The end of the smoothed curve: the target the others must reach."""
-  return smoothed(row)[-1]
+  """The quality the others must reach: the final validation loss when validation ran during training
+  (the same held-out batches each time, so curves compare), else the end of the smoothed train loss."""
+  return row["val_curve"][-1] if _uses_val(row) else smoothed(row)[-1]
 
 
 def _first(row: dict, target: float, key: str):
-  for loss, x in zip(smoothed(row), row[key]):
+  if _uses_val(row):
+    pairs = zip(row["val_curve"], row["val_step" if key == "curve_step" else "val_time_s"])
+  else:
+    pairs = zip(smoothed(row), row[key])
+  for loss, x in pairs:
     if loss <= target:
       return x
   return None
 
 
 def time_to_loss(row: dict, target: float) -> float | None:
-  """Training seconds until the smoothed train loss first reaches `target`; None if never."""
+  """Training seconds until the validation (else smoothed train) loss first reaches `target`; None if never."""
   return _first(row, target, "curve_time_s")
 
 
 def steps_to_loss(row: dict, target: float) -> int | None:
-  """Steps until the smoothed train loss first reaches `target`; None if never."""
+  """Steps until the validation (else smoothed train) loss first reaches `target`; None if never."""
   return _first(row, target, "curve_step")
+
+
+def loss_curves(rows: list[dict], x: str) -> dict:
+  """{variant: (xs, losses)} for the plots: validation curves when there are some, else smoothed train loss.
+  x: "step" | "time_s" | "flops"."""
+  out = {}
+  for r in rows:
+    if _uses_val(r):
+      xs = {"step": r["val_step"], "time_s": r["val_time_s"],
+            "flops": [r["flops"] * s / r["steps"] for s in r["val_step"]]}[x]
+      out[r["variant"]] = (xs, r["val_curve"])
+    else:
+      out[r["variant"]] = ({"step": r["curve_step"], "time_s": r["curve_time_s"], "flops": r["curve_flops"]}[x],
+                           smoothed(r))
+  return out
 
 
 def fmt(v, spec: str = ".3g") -> str:

@@ -8,7 +8,7 @@ window, sparse for its layout's blocks, linear / Performer for their feature
 dimension and chunks), so cheaper attention trains on more tokens. The budget is
 `budget_flops`, or (0) what softmax spends in `reference_steps`. Reported: final
 validation loss and bits per byte, the training seconds each family needs to reach
-softmax's final train loss (smoothed), tokens/s, MFU and compiled memory.
+softmax's final validation loss, tokens/s, MFU and compiled memory.
 Plots: `loss_vs_flops.png`, `loss_vs_time.png`.
 """
 
@@ -28,13 +28,13 @@ def get_config() -> dict:
       "smoke": False, "variants": list(FAMILIES), "reference_steps": 150, "budget_flops": 0.0,
       "batch_size": 8, "seq_len": 512, "d_model": 256, "num_layers": 4, "num_heads": 4, "ffn_dim": 1024,
       "window": 128, "block_size": 64, "num_features": 64, "learning_rate": 3e-3, "warmup_steps": 15,
-      "log_every": 5, "eval_batches": 4, "seed": 0,
+      "log_every": 5, "eval_every": 15, "eval_batches": 4, "seed": 0,
   }
 
 
 SMOKE = {"variants": ["softmax", "linear"], "reference_steps": 4, "batch_size": 2, "seq_len": 64, "d_model": 32,
          "num_layers": 1, "ffn_dim": 64, "window": 16, "block_size": 16, "num_features": 16, "warmup_steps": 1,
-         "log_every": 2, "eval_batches": 1}
+         "log_every": 2, "eval_every": 2, "eval_batches": 1}
 
 
 def _model_config(cfg: dict, family: str):
@@ -98,15 +98,15 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
           f" budget_flops is set); batch {cfg['batch_size']} x {cfg['seq_len']} bytes, d_model {cfg['d_model']},"
           f" {cfg['num_layers']} layers, window {cfg['window']}, sparse blocks {cfg['block_size']},"
           f" Performer M={cfg['num_features']}. FLOPs are the ideal per-family count (forward x 3);"
-          " '-' = never reached softmax's final train loss (both smoothed: a trailing mean over"
-          f" {_lm.SMOOTH} logging windows, since batches of different source files differ in"
-          " difficulty).\n\n" + "\n".join(lines))
+          " '-' = never reached softmax's final validation loss (the same held-out batches evaluated"
+          f" every {cfg['eval_every']} steps; with eval_every=0 the train loss, smoothed over {_lm.SMOOTH} logs).\n\n"
+          + "\n".join(lines))
 
 
 def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:
-  by_flops = {r["variant"]: ([x / 1e15 for x in r["curve_flops"]], _lm.smoothed(r)) for r in rows}
-  by_time = {r["variant"]: (r["curve_time_s"], _lm.smoothed(r)) for r in rows}
+  by_flops = {k: ([x / 1e15 for x in xs], ys) for k, (xs, ys) in _lm.loss_curves(rows, "flops").items()}
+  by_time = _lm.loss_curves(rows, "time_s")
   return [line_plot(os.path.join(workdir, "loss_vs_flops.png"), by_flops, xlabel="training PFLOPs",
-                    ylabel="train loss, trailing mean (nats/byte)", title="equal compute: loss vs FLOPs"),
+                    ylabel="validation loss (nats/byte)", title="equal compute: loss vs FLOPs"),
           line_plot(os.path.join(workdir, "loss_vs_time.png"), by_time, xlabel="training seconds",
-                    ylabel="train loss, trailing mean (nats/byte)", title="equal compute: loss vs wall time")]
+                    ylabel="validation loss (nats/byte)", title="equal compute: loss vs wall time")]

@@ -8,7 +8,7 @@ FFN replaces every `moe_every`-th dense FFN (every other one, as in the Switch
 Transformer). Variants: switch with E in {2, 4, 8, 16} at capacity factor 1.25,
 E=8 at capacity factors 1.0 and 2.0, top-2 at E=8, and dropless E=8. All train
 for the same steps on the same data. Reported: final validation loss, the
-speed-up to reach the dense model's final (smoothed) train loss in steps
+speed-up to reach the dense model's final validation loss in steps
 and in seconds, tokens/s, executed-vs-active FLOPs (capacity padding), compiled
 memory. Plots: `moe_loss_vs_step.png`, `moe_speedup.png`.
 
@@ -43,13 +43,15 @@ def get_config() -> dict:
   return {
       "smoke": False, "variants": list(VARIANTS), "steps": 150, "batch_size": 8, "seq_len": 256,
       "d_model": 256, "num_layers": 4, "num_heads": 4, "ffn_dim": 1024, "moe_every": 2,
-      "capacity_factor": 1.25, "learning_rate": 3e-3, "warmup_steps": 15, "log_every": 5, "eval_batches": 4,
+      "capacity_factor": 1.25, "learning_rate": 3e-3, "warmup_steps": 15, "log_every": 5, "eval_every": 15,
+      "eval_batches": 4,
       "seed": 0,
   }
 
 
 SMOKE = {"variants": ["dense", "top2-e8"], "steps": 4, "batch_size": 2, "seq_len": 32,
-         "d_model": 32, "num_layers": 2, "ffn_dim": 64, "warmup_steps": 1, "log_every": 2, "eval_batches": 1}
+         "d_model": 32, "num_layers": 2, "ffn_dim": 64, "warmup_steps": 1, "log_every": 2, "eval_every": 2,
+         "eval_batches": 1}
 
 
 def _config(cfg: dict, name: str):
@@ -113,7 +115,7 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
   return (f"{cfg['steps']} steps of {cfg['batch_size']} x {cfg['seq_len']} bytes, d_model {cfg['d_model']},"
           f" {cfg['num_layers']} layers, MoE in every {cfg['moe_every']}-th FFN, dense FFN {cfg['ffn_dim']}."
           " Speed-up = dense's steps (seconds) / the variant's steps (seconds) to reach dense's final"
-          f" train loss, both smoothed (trailing mean over {_lm.SMOOTH} logging windows); '-' = not reached."
+          f" validation loss (the same held-out batches every {cfg['eval_every']} steps); '-' = not reached."
           " Anchor (Fedus et al. 2021, Fig. 1 / Table 1):"
           " Switch-Base reaches T5-Base quality up to 7x faster at equal FLOPs per token, with gains growing"
           " with the number of experts (up to 128+ experts, 10^5+ steps, C4) — our runs are 10^2 steps of"
@@ -121,9 +123,9 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
 
 
 def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:
-  curves = {r["variant"]: (r["curve_step"], _lm.smoothed(r)) for r in rows}
+  curves = _lm.loss_curves(rows, "step")
   out = [line_plot(os.path.join(workdir, "moe_loss_vs_step.png"), curves, xlabel="step",
-                   ylabel="train loss, trailing mean (nats/byte)", title="MoE vs dense at equal active FLOPs")]
+                   ylabel="validation loss (nats/byte)", title="MoE vs dense at equal active FLOPs")]
   sp = _speedups(rows)
   switch = sorted((r["num_experts"], sp.get(r["variant"], (None, None))[1]) for r in rows
                   if r["variant"].startswith("switch-e") and "cf" not in r["variant"])

@@ -37,6 +37,7 @@ def test_overrides_apply():
     ({"mesh.expert": 2, "mesh.data": 4}, "needs an MoE model"),
     ({"model.softmax_impl": "flash"}, "model.softmax_impl='flash' is not '' (automatic), xla, chunked or cudnn"),
     ({"model.expert_dim": -8}, "model.expert_dim=-8 must be >= 0"),
+    ({"train.eval_every": 15}, "train.eval_every=15 must be a multiple of train.log_every=10"),
 ])
 def test_validation_names_the_key(overrides, fragment):
   with pytest.raises(ConfigError, match=None) as e:

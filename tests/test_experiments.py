@@ -92,6 +92,10 @@ def test_moe_scaling_smoke_equal_active_flops(tmp_path):
   rows = {r["variant"]: r for r in out["rows"]}
   dense, top2 = rows["dense"], rows["top2-e8"]
   assert top2["expert_ffn_dim"] * 2 == dense["expert_ffn_dim"] and top2["top_k"] == 2
+  # Validation every eval_every=2 steps on the same held-out batches: the speed-up is read from these curves.
+  for r in rows.values():
+    assert r["val_step"] == [2, 4] and r["val_curve"][-1] == pytest.approx(r["val_loss"])
+  assert "validation loss (the same held-out batches every 2 steps)" in out["summary"]
   # Equal active FLOPs per token up to the router's (2·D·E per MoE layer, forward, ×3 for training).
   router = 3 * 2 * 32 * 8 * 1  # smoke: d_model 32, one MoE layer (2 layers, moe_every 2)
   assert top2["flops_per_token"] == pytest.approx(dense["flops_per_token"] + router, rel=1e-9)
