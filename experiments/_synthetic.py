@@ -32,6 +32,16 @@ def step_seed(seed: int, stream: int, step: int = 0) -> int:
   return int(np.random.SeedSequence((seed, stream, step)).generate_state(1)[0])
 
 
+def check_counts(cfg: dict, experiment: str, keys: tuple[str, ...], hint: str = "") -> None:
+  """ConfigError unless cfg[k] >= 1 for every k in keys and eval_examples is whole batches."""
+  for k in keys:
+    if cfg[k] < 1:
+      raise ConfigError(f"experiment {experiment}: {k}={cfg[k]} must be a positive integer{hint}.")
+  if cfg["eval_examples"] % cfg["batch_size"]:
+    raise ConfigError(f"experiment {experiment}: eval_examples={cfg['eval_examples']} is not a multiple of"
+                      f" batch_size={cfg['batch_size']}; evaluation runs whole batches.")
+
+
 def check_model(m, *, seq_len: int, batch_size: int, what: str) -> None:
   """ConfigError (one sentence, prefixed by `what`) if ModelConfig `m` cannot train on [batch_size, seq_len]."""
   try:

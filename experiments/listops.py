@@ -67,7 +67,7 @@ def plan(cfg: dict) -> dict[str, tuple[int, float]]:
 
 def check(cfg: dict) -> None:
   from efficient_attn.data.listops import generate_listops
-  from experiments._synthetic import check_model
+  from experiments._synthetic import check_counts, check_model
 
   bad = [f for f in cfg["families"] if f not in FAMILIES]
   if bad or not cfg["families"]:
@@ -78,12 +78,7 @@ def check(cfg: dict) -> None:
                      max_depth=cfg["max_depth"], max_args=cfg["max_args"])
   except ValueError as e:
     raise ConfigError(f"experiment listops: {e}") from None
-  for k in ("steps", "batch_size", "eval_examples", "eval_points"):
-    if cfg[k] < 1:
-      raise ConfigError(f"experiment listops: {k}={cfg[k]} must be a positive integer.")
-  if cfg["eval_examples"] % cfg["batch_size"]:
-    raise ConfigError(f"experiment listops: eval_examples={cfg['eval_examples']} is not a multiple of batch_size="
-                      f"{cfg['batch_size']}; evaluation runs whole batches.")
+  check_counts(cfg, "listops", ("steps", "batch_size", "eval_examples", "eval_points"))
   for f in cfg["families"]:
     check_model(model_config(cfg, f), seq_len=cfg["max_length"], batch_size=cfg["batch_size"],
                 what=f"experiment listops, family {f} (seq_len = max_length)")

@@ -51,7 +51,7 @@ def model_config(cfg: dict, family: str, width: int):
 
 def check(cfg: dict) -> None:
   from efficient_attn.data.mqar import generate_mqar
-  from experiments._synthetic import check_model
+  from experiments._synthetic import check_counts, check_model
 
   bad = [f for f in cfg["families"] if f not in FAMILIES]
   if bad or not cfg["families"]:
@@ -59,12 +59,7 @@ def check(cfg: dict) -> None:
                       " (at least one).")
   if not cfg["widths"] or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in cfg["widths"]):
     raise ConfigError(f"widths={cfg['widths']} for experiment mqar: need a list of positive integers such as [32, 64].")
-  for k in ("steps", "batch_size", "eval_examples", "ffn_mult"):
-    if cfg[k] < 1:
-      raise ConfigError(f"experiment mqar: {k}={cfg[k]} must be a positive integer (at least one step's worth).")
-  if cfg["eval_examples"] % cfg["batch_size"]:
-    raise ConfigError(f"experiment mqar: eval_examples={cfg['eval_examples']} is not a multiple of batch_size="
-                      f"{cfg['batch_size']}; evaluation runs whole batches.")
+  check_counts(cfg, "mqar", ("steps", "batch_size", "eval_examples", "ffn_mult"), " (at least one step's worth)")
   try:
     generate_mqar(0, seq_len=cfg["seq_len"], num_kv_pairs=cfg["num_kv_pairs"], vocab_size=cfg["vocab_size"],
                   seed=0, power_a=cfg["power_a"])
