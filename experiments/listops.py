@@ -61,8 +61,11 @@ def step_flops(cfg: dict, family: str) -> float:
 
 def plan(cfg: dict) -> dict[str, tuple[int, float]]:
   """{family: (steps, FLOPs per step)}: every family spends the same budget, to within half a step."""
+  from efficient_attn import flops
+
   budget = cfg["budget_flops"] or cfg["steps"] * step_flops(cfg, "softmax")
-  return {f: (round(budget / step_flops(cfg, f)), step_flops(cfg, f)) for f in cfg["families"]}
+  return {f: (flops.steps_for_budget(budget, model_config(cfg, f), cfg["max_length"], cfg["batch_size"],
+                                     causal=False), step_flops(cfg, f)) for f in cfg["families"]}
 
 
 def check(cfg: dict) -> None:
