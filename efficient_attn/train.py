@@ -257,7 +257,7 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
   for step in range(start, t.steps):
     state, metrics = compiled(state, get_batch(stream, step))
     steps_since += 1
-    loss_sum += float(metrics["loss"])
+    loss_sum = loss_sum + metrics["loss"]  # on device: no host sync in the step loop
     if t.on_nonfinite == "stop" and not bool(metrics["ok"]):
       mngr.wait_until_finished()
       raise NonFiniteError(f"non-finite loss or gradient at step {step + 1} (loss={float(metrics['loss'])});"
@@ -268,7 +268,7 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
       dt = time.perf_counter() - t_last
       tps = tokens * steps_since / dt
       elapsed += dt
-      row = {"step": done, "loss": host.pop("loss"), "loss_avg": loss_sum / steps_since, **host,
+      row = {"step": done, "loss": host.pop("loss"), "loss_avg": float(loss_sum) / steps_since, **host,
              "time_s": elapsed, "tokens_per_sec": tps,
              "mfu": flops.mfu(fpt, tps, peak_devices, peak), **static}
       row.pop("ok", None)
