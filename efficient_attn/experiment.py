@@ -1,6 +1,6 @@
-"""The experiment runner: `efficient-attn experiment NAME --workdir DIR [--set KEY=VALUE]...`.
+"""The experiment runner: `efficient-attn experiment NAME|FILE.py --workdir DIR [--set KEY=VALUE]...`.
 
-An experiment is a module `experiments/NAME.py` that defines
+An experiment is a file `experiments/NAME.py` (or a user's own FILE.py) that defines
 
     get_config() -> dict           flat settings, every key overridable with --set; includes "smoke"
     SMOKE: dict                    what smoke=true changes (well under a minute on a laptop CPU)
@@ -21,12 +21,19 @@ and the runner does the rest, the same way for all of them:
 
 A killed experiment loses at most the variant in flight (and a training variant
 resumes from its last checkpoint).
+
+The files are loaded by path, not installed as a top-level `experiments` package
+(which would shadow a user's own): each runs as a module of the private package
+`efficient_attn._experiments`, whose path is the experiments directory, so
+experiment files import their shared helpers relatively (`from . import _lm`);
+a user's FILE.py can do the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
@@ -35,6 +42,7 @@ from typing import Any
 from efficient_attn.config import ConfigError, apply_overrides
 
 EXPERIMENTS = ("quickstart", "attention_scaling", "equal_compute", "moe_scaling", "listops", "mqar")
+PACKAGE = "efficient_attn._experiments"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +52,63 @@ class Context:
   progress: bool
 
 
+def experiments_dir() -> str:
+  """The directory of the experiment files.
+
+  A wheel ships experiments/*.py inside the package as efficient_attn/_experiments/ (see
+  setup.py); a source checkout or an editable install has them in the top-level experiments/.
+  """
+  here = os.path.dirname(os.path.abspath(__file__))
+  for path in (os.path.join(here, "_experiments"), os.path.join(os.path.dirname(here), "experiments")):
+    if os.path.isfile(os.path.join(path, "quickstart.py")):
+      return path
+  raise ConfigError(f"the experiment files are missing: neither {here}/_experiments nor {os.path.dirname(here)}"
+                    "/experiments holds them; reinstall efficient_attn.")
+
+
+def _package():
+  """The package PACKAGE over experiments_dir(), registered once, so relative imports between files work."""
+  if PACKAGE not in sys.modules:
+    spec = importlib.machinery.ModuleSpec(PACKAGE, None, is_package=True)
+    spec.submodule_search_locations = [experiments_dir()]
+    sys.modules[PACKAGE] = importlib.util.module_from_spec(spec)
+  return sys.modules[PACKAGE]
+
+
 def load(name: str):
-  """The module `experiments.NAME`; an unknown name is a ConfigError listing the valid ones."""
-  if name not in EXPERIMENTS:
-    raise ConfigError(f"unknown experiment {name!r}; valid experiments are {', '.join(EXPERIMENTS)}.")
-  return importlib.import_module(f"experiments.{name}")
+  """The experiment module NAME (experiments/NAME.py), or the user's experiment file at path NAME (*.py).
+
+  Loaded once as `efficient_attn._experiments.STEM` (STEM: the file name without .py); an
+  unknown name, a missing file or a file named like a built-in one is a ConfigError.
+  """
+  if name.endswith(".py"):
+    path = os.path.abspath(name)
+    if not os.path.isfile(path):
+      raise ConfigError(f"experiment file {name} does not exist; pass one of {', '.join(EXPERIMENTS)} or the path"
+                        " of an experiment file.")
+  elif name in EXPERIMENTS:
+    path = os.path.join(experiments_dir(), name + ".py")
+  else:
+    raise ConfigError(f"unknown experiment {name!r}; valid experiments are {', '.join(EXPERIMENTS)}, or the path"
+                      " of your own experiment file (FILE.py).")
+  path, stem = os.path.realpath(path), os.path.basename(path)[:-3]
+  _package()
+  builtin = os.path.join(experiments_dir(), stem + ".py")
+  if not stem.isidentifier() or (os.path.exists(builtin) and os.path.realpath(builtin) != path):
+    raise ConfigError(f"experiment file {name}: rename it; its name must be a Python identifier other than those"
+                      f" of the files in {os.path.dirname(builtin)}.")
+  module = sys.modules.get(f"{PACKAGE}.{stem}")
+  if module is not None and os.path.realpath(module.__file__) == path:
+    return module  # loaded already (the tests patch functions of the loaded module)
+  spec = importlib.util.spec_from_file_location(f"{PACKAGE}.{stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[spec.name]
+    raise
+  return module
 
 
 def resolve_config(module, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +163,7 @@ def run(name: str, workdir: str, overrides: dict[str, Any] | None = None, *,
   from efficient_attn import reliability
 
   module = load(name)
+  name = module.__name__.rsplit(".", 1)[-1]  # a file path runs under its file's name
   cfg = resolve_config(module, overrides or {})
   names = module.variants(cfg)
   if os.path.exists(workdir) and not os.path.isdir(workdir):

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.bench import temp_bytes
 from efficient_attn.config import Config, ConfigError, MeshConfig, TrainConfig, validate
+from efficient_attn.measure import temp_bytes
 from efficient_attn.train import make_optimizer
 
 

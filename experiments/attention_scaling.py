@@ -27,6 +27,8 @@ import os
 from efficient_attn.config import ConfigError
 from efficient_attn.experiment import line_plot
 
+from ._papers import LRA_LENGTHS, LRA_TABLE2, LRA_TABLE2_NOTE
+
 # family -> (model.attention, softmax implementation). "softmax" is the baseline and runs first.
 FAMILIES = {
     "softmax": ("softmax", "xla"),
@@ -38,17 +40,6 @@ FAMILIES = {
 }
 BASELINE = "softmax"
 LONG_STEP_S = 10.0
-
-# Tay et al. 2020 (LRA), Table 2: steps/s and peak memory (GB per device) on 4x4 TPU v3,
-# batch 32, byte-level text classification (encoder), at 1K / 2K / 3K / 4K tokens.
-LRA_LENGTHS = (1024, 2048, 3072, 4096)
-LRA_TABLE2 = {
-    "softmax": ("Transformer", (8.1, 4.9, 2.3, 1.4), (0.85, 2.65, 5.51, 9.48)),
-    "local": ("Local Attention", (9.2, 8.4, 7.4, 7.4), (0.42, 0.76, 1.06, 1.37)),
-    "sparse": ("BigBird", (7.4, 3.9, 2.7, 1.5), (0.77, 1.49, 2.18, 2.88)),
-    "linear": ("Linear Trans.", (9.1, 9.3, 8.6, 7.8), (0.37, 0.57, 0.80, 1.03)),
-    "performer": ("Performer", (9.5, 9.4, 8.7, 8.0), (0.37, 0.59, 0.82, 1.06)),
-}
 
 
 def get_config() -> dict:
@@ -130,7 +121,8 @@ def _compile(cfg: dict, name: str, T: int, params) -> tuple[dict, object, dict]:
   """Compiles the training step of family `name` at length T: (row with memory and FLOPs, executable, batch)."""
   import jax
 
-  from efficient_attn import bench, flops, train
+  from efficient_attn import flops, train
+  from efficient_attn.measure import compile_fn, temp_bytes, xla_flops
   from efficient_attn.model import TransformerLM
 
   config = _train_config(cfg, name, T)
@@ -140,14 +132,12 @@ def _compile(cfg: dict, name: str, T: int, params) -> tuple[dict, object, dict]:
            "weights": jax.numpy.ones((B, T), jax.numpy.float32)}
   model = TransformerLM(m)
   step = jax.value_and_grad(lambda p, b: train.loss_fn(p, b, model, config.train), has_aux=True)
-  compiled = bench.compile_fn(step, params, batch)
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  compiled = compile_fn(step, params, batch)
   impl = FAMILIES[name][1]
   fpt = flops.model_flops_per_token(m, T, implementation=impl)
   row = {"family": name, "attention": m.attention, "implementation": impl, "seq_len": T, "batch_size": B,
-         "memory_bytes": bench.temp_bytes(compiled), "flops": fpt["train"] * B * T,
-         "flops_executed": fpt["executed_train"] * B * T, "xla_flops": float(cost.get("flops", 0.0)) or None,
+         "memory_bytes": temp_bytes(compiled), "flops": fpt["train"] * B * T,
+         "flops_executed": fpt["executed_train"] * B * T, "xla_flops": xla_flops(compiled) or None,
          "step_time_s": None, "repeats": 0, "load_avg": None, "tokens_per_sec": None, "device_peak_bytes": None,
          "skipped": None}
   return row, compiled, batch
@@ -155,7 +145,7 @@ def _compile(cfg: dict, name: str, T: int, params) -> tuple[dict, object, dict]:
 
 def _time(cfg: dict, row: dict, compiled, params, batch, predicted_s: float | None) -> None:
   """Fills row's step time, unless its memory or its predicted time is over the limits (then says why)."""
-  from efficient_attn import bench
+  from efficient_attn.measure import peak_device_bytes, time_compiled
 
   if row["memory_bytes"] > cfg["max_memory_gib"] * 2**30:
     row["skipped"] = f"compiled memory {row['memory_bytes'] / 2**30:.1f} GiB > max_memory_gib={cfg['max_memory_gib']:g}"
@@ -165,11 +155,11 @@ def _time(cfg: dict, row: dict, compiled, params, batch, predicted_s: float | No
     # A step predicted past LONG_STEP_S is timed once after the warm-up: timer noise is nil at that
     # scale, and repeating it would not remove the noise of a shared machine, only add minutes.
     repeats = 1 if predicted_s is not None and predicted_s > LONG_STEP_S else cfg["repeats"]
-    row["step_time_s"] = bench.time_compiled(compiled, params, batch, repeats=repeats, min_time=cfg["min_time_s"])
+    row["step_time_s"] = time_compiled(compiled, params, batch, repeats=repeats, min_time=cfg["min_time_s"])
     row["repeats"] = repeats
     row["load_avg"] = os.getloadavg()[0]  # the machine's 1-minute load when timed: other jobs slow the step
     row["tokens_per_sec"] = row["batch_size"] * row["seq_len"] / row["step_time_s"]
-    row["device_peak_bytes"] = bench.peak_device_bytes()  # process-wide peak so far (GPU/TPU only)
+    row["device_peak_bytes"] = peak_device_bytes()  # process-wide peak so far (GPU/TPU only)
 
 
 def _init_params(cfg: dict, name: str):
@@ -304,9 +294,6 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
            " materialised T x T logits) at the same length. FLOPs: ideal and executed from"
            " `flops.model_flops_per_token`, XLA from `cost_analysis()`, which counts a loop body once and so"
            " under-reports the chunked softmax (its key-chunk loop is a while loop).")
-  lra = ("LRA Table 2 (Tay et al. 2020, ICLR 2021): 4x4 TPU v3, batch 32, byte-level text classification"
-         " (bidirectional encoder). At 4K: Performer 5.7x faster at 0.11x the memory, Linear Transformer 5.6x /"
-         " 0.11x, Local Attention 5.3x / 0.14x, BigBird 1.1x / 0.30x.")
   differs = ("How ours differs: a causal decoder (kernelized attention runs chunkwise; softmax XLA still computes"
              " the full T x T logits); batch 1 on a shared CPU, where other jobs ran at the same time (1-minute"
              f" load average {load} while timing) and the families were timed minutes apart, so the times are"
@@ -316,7 +303,7 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
   return "\n\n".join([
       intro, "## Measured", _measured_table(rows),
       "## Beside LRA Table 2 (ours / LRA; relative to softmax = LRA's vanilla Transformer)", _anchor_table(rows),
-      lra + "\n\n" + "\n".join(lra_abs), differs,
+      LRA_TABLE2_NOTE + "\n\n" + "\n".join(lra_abs), differs,
       "Skipped:\n" + ("\n".join(skipped) if skipped else "- nothing"),
   ])
 

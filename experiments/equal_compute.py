@@ -18,7 +18,8 @@ import os
 
 from efficient_attn.config import ConfigError
 from efficient_attn.experiment import line_plot
-from experiments import _lm
+
+from . import _lm
 
 FAMILIES = ("softmax", "local", "sparse", "linear", "performer")
 

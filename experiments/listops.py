@@ -22,6 +22,8 @@ import os
 from efficient_attn.config import ConfigError
 from efficient_attn.experiment import line_plot
 
+from ._papers import LRA_TABLE1
+
 FAMILIES = ("softmax", "local", "sparse", "linear", "performer")
 # Our family -> the LRA Table 1 row it corresponds to (sparse uses BigBird's window + global + random layout).
 LRA_ROW = {"softmax": "Transformer", "local": "Local Attention", "sparse": "BigBird", "linear": "Linear Trans.",
@@ -70,7 +72,8 @@ def plan(cfg: dict) -> dict[str, tuple[int, float]]:
 
 def check(cfg: dict) -> None:
   from efficient_attn.data.listops import generate_listops
-  from experiments._synthetic import check_counts, check_model
+
+  from ._synthetic import check_counts, check_model
 
   bad = [f for f in cfg["families"] if f not in FAMILIES]
   if bad or not cfg["families"]:
@@ -123,7 +126,8 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
 
   from efficient_attn.data.listops import NUM_CLASSES
   from efficient_attn.model import EncoderClassifier
-  from experiments._synthetic import step_seed, train_and_eval
+
+  from ._synthetic import step_seed, train_and_eval
 
   model = EncoderClassifier(model_config(cfg, name), NUM_CLASSES)
 
@@ -145,8 +149,6 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
 
 
 def summarize(cfg: dict, rows: list[dict]) -> str:
-  from efficient_attn.data.listops import LRA_TABLE1
-
   lines = ["| family | LRA row | LRA acc % | our acc % | eval loss | steps | train FLOPs | tokens/s |"
            " compiled temp MiB |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -188,8 +190,6 @@ def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
-
-  from efficient_attn.data.listops import LRA_TABLE1
 
   x = np.arange(len(rows))
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)

@@ -23,7 +23,9 @@ import os
 
 from efficient_attn.config import ConfigError
 from efficient_attn.experiment import line_plot
-from experiments import _lm
+
+from . import _lm
+from ._papers import SWITCH_NOTE
 
 # name -> MoE fields (ffn_scale: expert width / dense FFN width, for equal active FLOPs)
 VARIANTS = {
@@ -120,9 +122,7 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
           f" {cfg['num_layers']} layers, MoE in every {cfg['moe_every']}-th FFN, dense FFN {cfg['ffn_dim']}."
           " Speed-up = dense's steps (seconds) / the variant's steps (seconds) to first reach dense's final"
           f" validation loss (the same held-out batches every {cfg['eval_every']} steps); '-' = not reached."
-          " Anchor (Fedus et al. 2021, Fig. 1 / Table 1):"
-          " Switch-Base reaches T5-Base quality up to 7x faster at equal FLOPs per token, with gains growing"
-          " with the number of experts (up to 128+ experts, 10^5+ steps, C4) — our runs are 10^2 steps of"
+          f" Anchor (Fedus et al. 2021, Fig. 1 / Table 1): {SWITCH_NOTE} — our runs are 10^2 steps of"
           " byte-level stdlib text on a CPU, so expect the direction, not the size.\n\n" + "\n".join(lines))
 
 

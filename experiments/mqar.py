@@ -20,6 +20,8 @@ import os
 from efficient_attn.config import ConfigError
 from efficient_attn.experiment import line_plot
 
+from ._papers import ZOOLOGY_NOTE
+
 FAMILIES = ("softmax", "local", "sparse", "linear", "performer")
 
 
@@ -51,7 +53,8 @@ def model_config(cfg: dict, family: str, width: int):
 
 def check(cfg: dict) -> None:
   from efficient_attn.data.mqar import generate_mqar
-  from experiments._synthetic import check_counts, check_model
+
+  from ._synthetic import check_counts, check_model
 
   bad = [f for f in cfg["families"] if f not in FAMILIES]
   if bad or not cfg["families"]:
@@ -96,7 +99,8 @@ def task_loss(logits_BTV, batch):
 def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   from efficient_attn import flops
   from efficient_attn.model import TransformerLM
-  from experiments._synthetic import step_seed, train_and_eval
+
+  from ._synthetic import step_seed, train_and_eval
 
   family, width = _split(name)
   m = model_config(cfg, family, width)
@@ -125,8 +129,6 @@ def _accuracy(r) -> str:
 
 
 def summarize(cfg: dict, rows: list[dict]) -> str:
-  from efficient_attn.data.mqar import ZOOLOGY_NOTE
-
   widths = sorted({r["d_model"] for r in rows})
   cell = {(r["family"], r["d_model"]): r for r in rows}
   head = "| family | " + " | ".join(f"d={w}" for w in widths) + " |"

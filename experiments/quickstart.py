@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 
 from efficient_attn.experiment import line_plot
-from experiments import _lm
+
+from . import _lm
 
 VARIANTS = {
     "softmax": {"attention": "softmax"},

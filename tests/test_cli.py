@@ -39,6 +39,18 @@ def test_apply_overrides_checks_keys_and_types():
     apply_overrides(d, {"steps": True}, "t")
 
 
+def test_bench_settings_one_parser_for_both_benches():
+  from efficient_attn.measure import bench_settings
+
+  d = {"seq_lens": [1024, 2048], "repeats": 3}
+  assert bench_settings(d, {"seq_lens": 512}, "bench x") == {"seq_lens": [512], "repeats": 3}  # scalar -> [scalar]
+  assert bench_settings(d, None, "bench x") == d
+  with pytest.raises(ConfigError, match="unknown key 'lens' for bench x; valid keys are repeats, seq_lens."):
+    bench_settings(d, {"lens": [1]}, "bench x")
+  with pytest.raises(ConfigError, match="repeats=2.5 has type float, expected int"):
+    bench_settings(d, {"repeats": 2.5}, "bench x")
+
+
 def test_bench_attention_small_writes_json(tmp_path, capsys):
   out = tmp_path / "rows.json"
   rc = cli.main(["bench", "attention", "--set", "seq_lens=[128]", "--set", "window=32", "--set",
@@ -83,4 +95,4 @@ def test_bench_moe_small_through_the_cli(capsys):
 def test_bench_moe_unknown_setting_exits_2(capsys):
   assert cli.main(["bench", "moe", "--set", "experts=8"]) == 2
   err = capsys.readouterr().err
-  assert "unknown setting 'experts'" in err and "Traceback" not in err
+  assert "unknown key 'experts' for bench moe" in err and "Traceback" not in err

@@ -6,7 +6,8 @@ import pytest
 
 from efficient_attn import experiment
 from efficient_attn.config import ConfigError
-from experiments import attention_scaling as A
+
+A = experiment.load("attention_scaling")
 
 LENGTHS = (256, 512)
 

@@ -13,6 +13,9 @@ import pytest
 from efficient_attn import cli, experiment, flops
 from efficient_attn.config import ConfigError
 
+# Loading registers the experiments' package, so `efficient_attn._experiments.*` imports below work.
+listops, mqar = experiment.load("listops"), experiment.load("mqar")
+
 
 def _run(name, workdir, **overrides):
   return experiment.run(name, str(workdir), {"smoke": True, **overrides}, progress=False)
@@ -40,9 +43,16 @@ def _no_rerun(module, monkeypatch):
   monkeypatch.setattr(module, "run_variant", fail)
 
 
+def test_paper_tables():
+  from efficient_attn._experiments import _papers
+
+  assert _papers.LRA_TABLE1["Transformer"] == 36.37
+  assert set(_papers.LRA_TABLE1) >= {"Performer", "Linear Trans.", "BigBird", "Local Attention"}
+  assert "MQAR" in _papers.ZOOLOGY_NOTE and len(_papers.ZOOLOGY_NOTE) > 200
+
+
 def test_listops_smoke_resume(tmp_path, monkeypatch):
-  from efficient_attn.data.listops import LRA_TABLE1
-  from experiments import listops
+  from efficient_attn._experiments._papers import LRA_TABLE1
 
   out = _run("listops", tmp_path)
   families = listops.SMOKE["families"]
@@ -61,8 +71,7 @@ def test_listops_smoke_resume(tmp_path, monkeypatch):
 
 
 def test_mqar_smoke_resume(tmp_path, monkeypatch):
-  from efficient_attn.data.mqar import ZOOLOGY_NOTE
-  from experiments import mqar
+  from efficient_attn._experiments._papers import ZOOLOGY_NOTE
 
   out = _run("mqar", tmp_path)
   cfg = experiment.resolve_config(mqar, {"smoke": True})
@@ -79,8 +88,6 @@ def test_mqar_smoke_resume(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("overrides", [{}, {"smoke": True}, {"budget_flops": 3e12, "max_length": 256}])
 def test_listops_equal_compute(overrides):
-  from experiments import listops
-
   cfg = experiment.resolve_config(listops, overrides)
   plan = listops.plan(cfg)
   assert set(plan) == set(cfg["families"])
@@ -97,8 +104,7 @@ def test_listops_equal_compute(overrides):
 def test_task_losses_against_numpy():
   import numpy as np
 
-  from experiments import listops, mqar
-  from experiments._synthetic import step_seed
+  from efficient_attn._experiments._synthetic import step_seed
 
   cfg = experiment.resolve_config(mqar, {"smoke": True})
   batch = mqar._batch(cfg, step_seed(0, 0, 3), 4)
@@ -130,7 +136,7 @@ def test_training_loop_learns_and_stops_on_divergence():
   import jax.numpy as jnp
   import numpy as np
 
-  from experiments._synthetic import step_seed, train_and_eval
+  from efficient_attn._experiments._synthetic import step_seed, train_and_eval
 
   w_true = np.arange(1.0, 5.0, dtype=np.float32)
 

@@ -36,8 +36,7 @@ def test_quickstart_smoke_resume_and_refusal(tmp_path, monkeypatch):
     assert 0 < r["flops_per_token"] <= r["executed_flops_per_token"]
     assert r["memory_bytes"] > 0 and r["time_s"] > 0
   # A rerun resumes: nothing is trained again and the same rows come back.
-  from experiments import quickstart
-
+  quickstart = experiment.load("quickstart")
   monkeypatch.setattr(quickstart, "run_variant", lambda *a: pytest.fail("finished variant was rerun"))
   assert _run("quickstart", tmp_path)["rows"] == out["rows"]
   # Other settings in the same workdir: refused, and nothing already saved changes.
@@ -48,8 +47,7 @@ def test_quickstart_smoke_resume_and_refusal(tmp_path, monkeypatch):
 
 
 def test_killed_variant_is_redone_and_others_kept(tmp_path, monkeypatch):
-  from experiments import equal_compute
-
+  equal_compute = experiment.load("equal_compute")
   real = equal_compute.run_variant
   calls = []
 
@@ -71,8 +69,7 @@ def test_killed_variant_is_redone_and_others_kept(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("overrides", [{}, {"smoke": True}, {"seq_len": 1024, "window": 64}])
 def test_equal_compute_budget_is_equal(overrides):
-  from experiments import equal_compute
-
+  equal_compute = experiment.load("equal_compute")
   cfg = experiment.resolve_config(equal_compute, overrides)
   budget = equal_compute.budget(cfg)
   steps = {}
@@ -100,8 +97,7 @@ def test_moe_scaling_smoke_equal_active_flops(tmp_path):
   router = 3 * 2 * 32 * 8 * 1  # smoke: d_model 32, one MoE layer (2 layers, moe_every 2)
   assert top2["flops_per_token"] == pytest.approx(dense["flops_per_token"] + router, rel=1e-9)
   assert top2["executed_flops_per_token"] > top2["flops_per_token"]  # capacity padding is executed
-  from experiments import moe_scaling
-
+  moe_scaling = experiment.load("moe_scaling")
   for name in moe_scaling.VARIANTS:  # every variant, not only the smoke's: same active FLOPs
     m = moe_scaling._config(experiment.resolve_config(moe_scaling, {}), name).model
     E = m.num_experts
@@ -112,8 +108,60 @@ def test_moe_scaling_smoke_equal_active_flops(tmp_path):
   assert "Fedus et al. 2021" in out["summary"] and "7x" in out["summary"]
 
 
+USER_EXPERIMENT = '''"""Mine: one variant, one row."""
+import os
+
+from efficient_attn.experiment import line_plot
+
+from . import _lm  # the built-in experiments' shared helpers are importable from a user's file
+
+
+def get_config():
+  return {"smoke": False, "scale": 2}
+
+
+SMOKE = {}
+
+
+def variants(cfg):
+  return ["a"]
+
+
+def run_variant(cfg, name, ctx):
+  return [{"x": cfg["scale"] * 1.5, "helpers": callable(_lm.train_variant)}]
+
+
+def summarize(cfg, rows):
+  return "| x |\\n|---|\\n" + "".join(f"| {r['x']} |\\n" for r in rows)
+
+
+def plot(cfg, rows, workdir):
+  return [line_plot(os.path.join(workdir, "x.png"), {"x": ([1], [rows[0]["x"]])}, xlabel="", ylabel="", title="")]
+'''
+
+
+def test_experiment_files_load_by_path(tmp_path, capsys):
+  """Experiments are files loaded by path (no top-level `experiments` package); a user's FILE.py runs too."""
+  quickstart = experiment.load("quickstart")
+  assert quickstart.__name__ == "efficient_attn._experiments.quickstart"
+  assert os.path.dirname(quickstart.__file__) == experiment.experiments_dir()
+  assert experiment.load("quickstart") is quickstart  # loaded once
+  mine = tmp_path / "my_exp.py"
+  mine.write_text(USER_EXPERIMENT)
+  workdir = tmp_path / "w"
+  assert cli.main(["experiment", str(mine), "--workdir", str(workdir), "--set", "scale=3"]) == 0
+  rows = [json.loads(x) for x in open(workdir / "results.jsonl")]
+  assert rows == [{"experiment": "my_exp", "variant": "a", "x": 4.5, "helpers": True}]
+  assert open(workdir / "summary.md").read().startswith("# my_exp: Mine: one variant, one row.")
+  (tmp_path / "quickstart.py").write_text(USER_EXPERIMENT)  # would shadow the built-in one
+  capsys.readouterr()
+  assert cli.main(["experiment", str(tmp_path / "quickstart.py"), "--workdir", str(workdir)]) == 2
+  assert "rename it" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["experiment", "nonesuch"], "unknown experiment 'nonesuch'; valid experiments are quickstart"),
+    (["experiment", "nonesuch.py"], "experiment file nonesuch.py does not exist"),
     (["experiment", "quickstart", "--set", "stepz=3"], "unknown key 'stepz' for experiment quickstart"),
     (["experiment", "quickstart", "--set", "variants=['softmax', 'flash']"], "unknown variants ['flash']"),
     (["experiment", "equal_compute", "--set", "budget_flops=1000.0"], "too small to run one step"),

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from efficient_attn.attention import block_sparse_attention, masks
-from efficient_attn.bench import compile_fn, temp_bytes
+from efficient_attn.measure import compile_fn, temp_bytes
 from reference import dense_softmax_jnp, softmax_reference, visibility
 
 

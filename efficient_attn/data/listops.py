@@ -54,16 +54,6 @@ _P_OPERATOR = 0.25  # LRA's VALUE_P: a node is an operator with probability 1/4
 _MIN_EXPRESSION = 4  # "[OP a b ]"
 _MAX_ATTEMPTS = 200_000  # consecutive rejections before we call the window infeasible
 
-# LRA (Tay et al. 2020) Table 1, ListOps test accuracy in %.
-LRA_TABLE1 = {
-    "Transformer": 36.37,
-    "Local Attention": 15.82,
-    "Sparse Trans.": 17.07,
-    "BigBird": 36.05,
-    "Linear Trans.": 16.13,
-    "Performer": 18.01,
-}
-
 # A tree is a digit (int) or (operator name, tuple of child trees).
 Tree = Union[int, tuple]
 

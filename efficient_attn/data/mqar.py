@@ -33,18 +33,6 @@ from __future__ import annotations
 
 import numpy as np
 
-ZOOLOGY_NOTE = (
-    "Zoology (Arora et al. 2023) traced most of the perplexity gap between attention and "
-    "gated-convolution language models (H3, Hyena, RWKV and relatives) to associative recall of "
-    "earlier tokens, and introduced multi-query associative recall (MQAR) to measure it. On MQAR "
-    "attention solves the task at every sequence length and number of key-value pairs they tried "
-    "with a small, fixed model width, whereas gated-convolution and kernelized (linear) attention "
-    "models need a width that grows with the number of pairs (and sequence length) to keep up, "
-    "matching their theory that such recurrent-state models must store all pairs in a state whose "
-    "size scales with the width; hybrids that add input-dependent sparse attention close most of "
-    "the gap."
-)
-
 
 def _distinct_per_row(rng: np.random.Generator, num_rows: int, low: int, high: int, k: int) -> np.ndarray:
   """[num_rows, k] ints from [low, high), distinct within each row."""

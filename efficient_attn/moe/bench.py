@@ -21,8 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.bench import compile_fn, format_table, temp_bytes, time_compiled
 from efficient_attn.config import ConfigError
+from efficient_attn.measure import bench_settings, compile_fn, format_table, temp_bytes, time_compiled
 from efficient_attn.moe.ffn import flops_per_token, moe_ffn, resolve_activation
 
 VARIANTS = {
@@ -60,15 +60,8 @@ COLUMNS = [
 
 
 def _settings(settings: dict | None) -> dict:
-  s = dict(DEFAULTS)
-  for key, value in (settings or {}).items():
-    if key not in DEFAULTS:
-      raise ConfigError(f"bench_moe: unknown setting {key!r}; valid settings are {sorted(DEFAULTS)}.")
-    s[key] = value
-  if isinstance(s["num_experts"], int):
-    s["num_experts"] = [s["num_experts"]]
-  if isinstance(s["variants"], str):
-    s["variants"] = [s["variants"]]
+  """DEFAULTS updated by `settings` (`measure.bench_settings`), then the MoE bench's own checks."""
+  s = bench_settings(DEFAULTS, settings, "bench moe")
   for v in s["variants"]:
     if v not in VARIANTS:
       raise ConfigError(f"bench_moe: unknown variant {v!r} in `variants`; valid variants are {list(VARIANTS)}.")
