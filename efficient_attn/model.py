@@ -14,7 +14,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from efficient_attn import attention as attention_lib
 from efficient_attn import sharding as sharding_lib
@@ -91,21 +90,31 @@ class Trunk(nn.Module):
     return x if decode_states is None else (x, new)
 
 
-def batch_sharded(x):
-  """Pins activations [B, ...] to the batch sharding when a mesh with the batch axes is set.
+def batch_sharded(x_BTD):
+  """Pins the embedded tokens to their logical sharding ("batch", "length", "embed") by the rules table.
 
-  The embedding lookup would otherwise inherit the table's `embed` (fsdp) sharding, and
-  GSPMD would carry fsdp-sharded activations into the blocks and reshard them in full.
+  Batch over (data, fsdp, expert), D whole: the blocks start from the layout they keep.
+  A no-op without a mesh.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(sharding_lib.BATCH_AXES) <= set(mesh.axis_names):
-    return x
-  return jax.lax.with_sharding_constraint(x, P(sharding_lib.BATCH_AXES, *([None] * (x.ndim - 1))))
+  return sharding_lib.constrain(x_BTD, ("batch", "length", "embed"))
+
+
+class _Embed(nn.Embed):
+  """nn.Embed whose table is gathered over fsdp at the lookup, as FSDP gathers every weight at use.
+
+  Left sharded over `embed`, the lookup's gradient (a scatter-add of batch-sharded rows
+  into a D-sharded table) is one XLA's SPMD partitioner cannot split: it replicated it in
+  full ("Involuntary full rematerialization") on every fsdp mesh.
+  """
+
+  def __call__(self, inputs):
+    table_VD = sharding_lib.constrain(jnp.asarray(self.embedding, self.dtype), ("vocab", None))
+    return jnp.take(table_VD, inputs, axis=0)
 
 
 def _embedding(cfg, dtype, name=None):
   table = nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed"))
-  return nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=table, dtype=dtype, name=name)
+  return _Embed(cfg.vocab_size, cfg.d_model, embedding_init=table, dtype=dtype, name=name)
 
 
 class TransformerLM(nn.Module):

@@ -1,11 +1,18 @@
-"""Meshes and the one table that maps logical parameter axes to mesh axes.
+"""Meshes and the one table that maps logical axes to mesh axes, for params and activations.
 
 Mesh axes: `data`, `fsdp`, `tensor`, `expert`. The batch is split over
 (data, fsdp, expert); parameters over fsdp (their `embed` axis, ZeRO-3 style),
 tensor (heads / mlp / vocab) and expert (the expert axis of MoE weights).
+
+Params carry logical names from `nn.with_logical_partitioning`; activations are named at
+layer boundaries with `constrain(x, ("batch", "length", "embed"))` (MaxText style), and the
+MoE's `shard_map` specs are read from the same table (`mesh_axes`), so RULES alone places
+everything.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -15,8 +22,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")
 
-# logical axis -> mesh axis (None = replicated). Flax drops a mesh axis that a
-# dimension cannot use twice, so the same table serves dense and MoE layers.
+# logical axis -> mesh axis (None = replicated). A mesh axis serves one dimension of an
+# array, the first rule that claims it (an activation ("batch", "length", "embed") keeps
+# "embed" whole: "batch" took fsdp first), so the same table serves params and activations.
 RULES = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
@@ -48,9 +56,70 @@ def param_shardings(abstract_boxed_params, mesh) -> object:
   return nn.logical_to_mesh_sharding(specs, mesh, RULES)
 
 
+def mesh_axes(logical_axes, mesh, rules=RULES) -> tuple[tuple[str, ...], ...]:
+  """Per dimension, the mesh axes RULES place it on, among `mesh`'s axes.
+
+  Rules claim mesh axes in table order and a mesh axis serves one dimension: a later rule
+  skips the axes an earlier one took (Flax's params follow the same table order).
+  `logical_axes`: one name (or None = replicated) per dimension.
+  """
+  present = set(getattr(mesh, "axis_names", ()))
+  out: list[tuple[str, ...]] = [() for _ in logical_axes]
+  used: set[str] = set()
+  for name, target in rules:
+    if name not in logical_axes or target is None:
+      continue
+    target = (target,) if isinstance(target, str) else tuple(target)
+    axes = tuple(a for a in target if a in present and a not in used)
+    out[logical_axes.index(name)] = axes
+    used.update(axes)
+  return tuple(out)
+
+
+def divisible_axes(axes, size: int, mesh, keep=()) -> tuple[str, ...]:
+  """The axes (in their order) that split a dimension of `size` evenly: `keep` always, the others
+  while the size still divides (greedily, in order). E.g. a batch of 4 on data=2 x expert=4,
+  keeping "expert": ("expert",)."""
+  chosen, shards = set(keep), math.prod(mesh.shape[a] for a in keep)
+  for a in axes:
+    if a not in chosen and size % (shards * mesh.shape[a]) == 0:
+      chosen.add(a)
+      shards *= mesh.shape[a]
+  return tuple(a for a in axes if a in chosen)
+
+
+def spec(dims) -> P:
+  """PartitionSpec from per-dimension tuples of mesh axes: () -> None, (a,) -> a."""
+  return P(*(None if not axes else axes[0] if len(axes) == 1 else tuple(axes) for axes in dims))
+
+
+def logical_spec(logical_axes, mesh, shape=None, rules=RULES) -> P:
+  """The PartitionSpec RULES give an array whose dimensions are named `logical_axes`.
+
+  With `shape`, a dimension keeps only the mesh axes its size divides (`divisible_axes`).
+  """
+  dims = mesh_axes(logical_axes, mesh, rules)
+  if shape is not None:
+    dims = tuple(divisible_axes(axes, n, mesh) for axes, n in zip(dims, shape, strict=True))
+  return spec(dims)
+
+
+def constrain(x, logical_axes):
+  """Pins activation `x` to the sharding RULES give `logical_axes`, under the current mesh.
+
+  The activation counterpart of the params' logical names (MaxText style): e.g.
+  `constrain(x_BTD, ("batch", "length", "embed"))` is batch-sharded and whole in D. A no-op
+  without a mesh (`jax.set_mesh`), so modules run unchanged on one device.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes, mesh, x.shape))
+
+
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
-  """Leading (batch) dimension over (data, fsdp, expert); the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+  """Leading (batch) dimension over the batch axes (data, fsdp, expert); the rest replicated."""
+  return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1), mesh))
 
 
 def replicated(mesh) -> NamedSharding:

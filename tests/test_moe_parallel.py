@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficient_attn import moe
+from efficient_attn import moe, platform
 from efficient_attn.moe import dispatch, gmm, parallel
 
 B, T, D, F, E = 8, 16, 8, 16, 8
@@ -117,6 +117,8 @@ def test_reference_ragged_all_to_all_matches_documented_example():
 
 
 def test_backend_selection_never_picks_ragged_on_cpu():
+  assert platform.platform_of(make_mesh("data1_expert8")) == platform.platform_of() == "cpu"
+  assert platform.is_accelerator("tpu") and not platform.is_accelerator(make_mesh("data1_expert8"))
   assert parallel.dropless_impl(make_mesh("data1_expert8")) == "padded"
   assert gmm.grouped_matmul_impl() == "blocked"
   assert gmm.grouped_matmul_impl("gpu") == gmm.grouped_matmul_impl("tpu") == "ragged_dot"
@@ -126,8 +128,8 @@ def test_batch_axes():
   mesh = make_mesh("data2_expert4")
   assert parallel.batch_axes(mesh, 8, "expert") == ("data", "expert")
   assert parallel.batch_axes(mesh, 4, "expert") == ("expert",)  # B too small for data too: replicated over it
-  assert parallel.tensor_axis(make_mesh("data2_expert2_tensor2"), 16, "expert") == "tensor"
-  assert parallel.tensor_axis(make_mesh("data2_expert2_tensor2"), 15, "expert") is None
+  assert parallel.tensor_axes(make_mesh("data2_expert2_tensor2"), 16, "expert") == ("tensor",)
+  assert parallel.tensor_axes(make_mesh("data2_expert2_tensor2"), 15, "expert") == ()  # F whole
 
 
 @pytest.mark.parametrize("mesh_name, E_, B_, axis, match", [

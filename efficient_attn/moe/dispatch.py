@@ -16,8 +16,7 @@ with a counting sort; the experts run as a grouped matmul over the sorted rows
 expert plus a block loop over the overflow, `gmm.bulk_block_mlp`); the outputs are gathered
 back per pair and summed with their gates. Cost O(G·S·k·D·F).
 
-Experts are GELU-style MLPs act(x @ w_in) @ w_out, or GLU when `w_gate` is given:
-(act(x @ w_gate) ⊙ (x @ w_in)) @ w_out (Shazeer 2020).
+Experts are `gmm.expert_mlp`: act(x @ w_in) @ w_out, or GLU when `w_gate` is given.
 """
 
 from __future__ import annotations
@@ -104,22 +103,12 @@ def combine_slots(y_EGCD, token_GEC, gate_GEC, tokens_per_group: int):
   return y.reshape(G, tokens_per_group, D)
 
 
-def expert_mlp(x_ECD, experts, act):
-  """Every expert on its own rows: [E, C, D] -> [E, C, D], batched over E."""
-  h_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, experts["w_in"])
-  if "w_gate" in experts:
-    h_ECF = act(jnp.einsum("ECD,EDF->ECF", x_ECD, experts["w_gate"])) * h_ECF
-  else:
-    h_ECF = act(h_ECF)
-  return jnp.einsum("ECF,EFD->ECD", h_ECF, experts["w_out"])
-
-
 def capacity_experts(x_GSD, token_GEC, gate_GEC, experts, act):
   """Capacity-based expert layer on one device: dispatch, batched experts, combine (float32)."""
   G, S, D = x_GSD.shape
   _, E, C = token_GEC.shape
   x_EGCD = dispatch_slots(x_GSD, token_GEC)
-  y_ECD = expert_mlp(x_EGCD.reshape(E, G * C, D), experts, act)
+  y_ECD = gmm.expert_mlp(x_EGCD.reshape(E, G * C, D), experts, act)
   return combine_slots(y_ECD.reshape(E, G, C, D), token_GEC, gate_GEC, S)
 
 

@@ -1,14 +1,15 @@
 """`moe_ffn`: the mixture-of-experts feed-forward layer as one pure function.
 
-Steps (each a pure function in router.py / dispatch.py / parallel.py):
+Steps (each a pure function in router.py / dispatch.py / gmm.py / parallel.py):
   1. router: logits_GSE = x @ router in float32 (+ jitter), probs = softmax.
-  2. choose: tokens pick their top-k experts (Switch / GShard), or experts pick their
-     top-C tokens (expert choice).
-  3. dispatch: capacity slots per expert (tokens over capacity dropped) or, dropless,
-     a counting sort by expert.
-  4. experts: one batched (capacity) or grouped (dropless) matmul per weight; with a
-     mesh, on the devices that hold them, tokens moved by all-to-all.
-  5. combine: each token's outputs weighted by its gates; + the shared expert, if any.
+  2. route (`router.ROUTES[router, dropless]`): tokens pick their top-k experts
+     (Switch / GShard) into capacity slots (`Slots`, tokens over capacity dropped) or,
+     dropless, as (expert, gate) pairs (`Pairs`); or experts pick their top-C tokens
+     (expert choice, `Slots`).
+  3. experts, by the record's type: slots -> one batched matmul per weight; pairs -> a
+     counting sort by expert and a grouped matmul; with a mesh, on the devices that hold
+     them, tokens moved by all-to-all.
+  4. combine: each token's outputs weighted by its gates; + the shared expert, if any.
 
 A token group is one sequence (G = B, S = T): capacity is per sequence, so the result
 does not depend on the mesh.
@@ -22,9 +23,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.moe import dispatch, parallel, router as routing
+from efficient_attn.moe import dispatch, gmm, parallel, router as routing
 
-ROUTERS = ("tokens_choose", "experts_choose")
+ROUTERS = tuple(dict.fromkeys(name for name, _ in routing.ROUTES))  # ("tokens_choose", "experts_choose")
 ACTIVATIONS = {
     "gelu": jax.nn.gelu,  # tanh approximation, as flax / T5X
     "gelu_exact": partial(jax.nn.gelu, approximate=False),
@@ -34,6 +35,7 @@ ACTIVATIONS = {
 }
 EXPERT_KEYS = ("w_in", "w_out", "w_gate")
 SHARED_KEYS = ("shared_w_in", "shared_w_out", "shared_w_gate")
+AUX_RANKS = {"expert_fraction": 1}  # rank of each aux entry of one layer; the others are scalars
 
 
 def resolve_activation(activation, fn: str = "moe_ffn"):
@@ -85,14 +87,16 @@ def check_params(params, d_model: int, fn: str = "moe_ffn"):
 
 
 def check_options(num_experts, *, top_k, capacity_factor, router, dropless, jitter, fn="moe_ffn"):
-  if router not in ROUTERS:
-    raise ValueError(f"{fn}: `router`={router!r} is unknown; use one of {list(ROUTERS)}.")
+  names = list(dict.fromkeys(name for name, _ in routing.ROUTES))  # ROUTERS + any registered since
+  if router not in names:
+    raise ValueError(f"{fn}: `router`={router!r} is unknown; use one of {names}.")
   if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
     raise ValueError(f"{fn}: `top_k`={top_k!r} must be an integer in [1, num_experts={num_experts}].")
   if not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
     raise ValueError(f"{fn}: `capacity_factor`={capacity_factor!r} must be a number > 0 (1.0-2.0 is typical).")
-  if dropless and router != "tokens_choose":
-    raise ValueError(f"{fn}: `dropless`=True needs router='tokens_choose'; experts choose a fixed number of tokens.")
+  if (router, bool(dropless)) not in routing.ROUTES:  # experts choose a fixed number of tokens: no dropless form
+    valid = [name for name, d in routing.ROUTES if d == bool(dropless)]
+    raise ValueError(f"{fn}: `dropless`={dropless!r} works with router in {valid}, not router={router!r}.")
   if not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
     raise ValueError(f"{fn}: `jitter`={jitter!r} must be a number in [0, 1) (Switch uses 0.01).")
 
@@ -100,8 +104,27 @@ def check_options(num_experts, *, top_k, capacity_factor, router, dropless, jitt
 def shared_expert(x_BTD, params, act):
   """The always-on shared expert (DeepSeekMoE): a dense MLP every token goes through, unweighted."""
   B, T, D = x_BTD.shape
-  one_expert = {k[len("shared_"):]: params[k][None] for k in SHARED_KEYS if k in params}  # E = 1
-  return dispatch.expert_mlp(x_BTD.reshape(1, B * T, D), one_expert, act).reshape(B, T, D)
+  weights = {k.removeprefix("shared_"): params[k] for k in SHARED_KEYS if k in params}
+  return gmm.expert_mlp(x_BTD.reshape(B * T, D), weights, act).reshape(B, T, D)
+
+
+def run_experts(x_GSD, routed, experts, act, mesh=None, expert_axis: str = "expert"):
+  """The experts on routed tokens, by the record's type (float32 [G, S, D]).
+
+  `routing.Slots`: capacity slots, one batched matmul per weight; `routing.Pairs`: dropless,
+  a counting sort and a grouped matmul. With `mesh`, experts sharded over `expert_axis`.
+  """
+  if isinstance(routed, routing.Slots):
+    if mesh is None:
+      return dispatch.capacity_experts(x_GSD, routed.token_GEC, routed.gate_GEC, experts, act)
+    return parallel.sharded_capacity_experts(x_GSD, routed.token_GEC, routed.gate_GEC, experts, act, mesh,
+                                             expert_axis)
+  if isinstance(routed, routing.Pairs):
+    if mesh is None:
+      return dispatch.dropless_experts(x_GSD, routed.expert_GSk, routed.gate_GSk, experts, act)
+    return parallel.sharded_dropless_experts(x_GSD, routed.expert_GSk, routed.gate_GSk, experts, act, mesh,
+                                             expert_axis)
+  raise TypeError(f"run_experts: a router returned {type(routed).__name__}; expected router.Slots or router.Pairs.")
 
 
 def moe_ffn(x_BTD, params, *, top_k: int = 1, capacity_factor: float = 1.25,
@@ -140,8 +163,8 @@ def moe_ffn(x_BTD, params, *, top_k: int = 1, capacity_factor: float = 1.25,
   fn = "moe_ffn"
   if getattr(x_BTD, "ndim", None) != 3:
     raise ValueError(f"{fn}: `x_BTD` must have rank 3 [B, T, D], got shape {getattr(x_BTD, 'shape', None)}.")
-  B, T, D = x_BTD.shape
-  E, F = check_params(params, D, fn)
+  B, _, D = x_BTD.shape
+  E, _ = check_params(params, D, fn)
   check_options(E, top_k=top_k, capacity_factor=capacity_factor, router=router, dropless=dropless,
                 jitter=jitter, fn=fn)
   act = resolve_activation(activation, fn)
@@ -151,31 +174,12 @@ def moe_ffn(x_BTD, params, *, top_k: int = 1, capacity_factor: float = 1.25,
 
   logits_GSE = routing.router_logits(x_BTD, params["router"], jitter=jitter, rng=rng)
   probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-  expert_GSk, gate_GSk = routing.tokens_choose(probs_GSE, top_k)
-  if router == "experts_choose":
-    capacity = dispatch.expert_capacity(T, E, top_k, capacity_factor)
-    token_GEC, gate_GEC = routing.experts_choose(probs_GSE, capacity)
-    taken_GS = jnp.zeros((B, T + 1), bool).at[jnp.arange(B)[:, None, None], token_GEC].set(True)
-    dropped = jnp.mean(~taken_GS[:, :T])
-  elif dropless:
-    dropped = 0.0
-  else:
-    capacity = dispatch.expert_capacity(T, E, top_k, capacity_factor)
-    token_GEC, gate_GEC, keep_GSk = dispatch.capacity_slots(expert_GSk, gate_GSk, E, capacity)
-    dropped = jnp.mean(~keep_GSk)
-
-  if dropless:
-    if mesh is None:
-      y_BTD = dispatch.dropless_experts(x_BTD, expert_GSk, gate_GSk, experts, act)
-    else:
-      y_BTD = parallel.sharded_dropless_experts(x_BTD, expert_GSk, gate_GSk, experts, act, mesh, expert_axis)
-  elif mesh is None:
-    y_BTD = dispatch.capacity_experts(x_BTD, token_GEC, gate_GEC, experts, act)
-  else:
-    y_BTD = parallel.sharded_capacity_experts(x_BTD, token_GEC, gate_GEC, experts, act, mesh, expert_axis)
+  route = routing.ROUTES[router, bool(dropless)]
+  routed = route(probs_GSE, top_k=top_k, capacity_factor=capacity_factor)
+  y_BTD = run_experts(x_BTD, routed, experts, act, mesh, expert_axis)
   if "shared_w_in" in params:
     y_BTD = y_BTD + shared_expert(x_BTD, params, act).astype(jnp.float32)
-  aux = routing.router_aux(logits_GSE, probs_GSE, expert_GSk, dropped)
+  aux = routing.router_aux(logits_GSE, probs_GSE, routed.expert_GSk, routed.dropped_fraction)
   return y_BTD.astype(x_BTD.dtype), aux
 
 
@@ -219,4 +223,9 @@ def collect_aux(tree) -> dict:
   walk(tree)
   if not found:
     return {}
-  return jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *found)
+
+  def per_layer(name, x):  # nn.scan stacks the layers it runs along leading axes: [..., *entry shape]
+    rank = AUX_RANKS.get(name, 0)
+    return x.reshape(-1, *x.shape[x.ndim - rank:])
+
+  return {k: jnp.mean(jnp.concatenate([per_layer(k, aux[k]) for aux in found]), axis=0) for k in found[0]}

@@ -1,6 +1,10 @@
-"""Grouped expert MLPs: rows sorted by expert, each row through its expert's weights.
+"""Expert MLPs: the one MLP every expert path runs, and grouped matmuls over rows sorted by expert.
 
-Two implementations, chosen by backend (`grouped_matmul_impl`):
+`expert_mlp(x, experts, act, matmul)` is the MLP; `matmul` says how rows meet weights:
+batched per expert (`jnp.matmul` on [E, C, D] x [E, D, F]), one expert's rows (`jnp.matmul`
+on [R, D] x [D, F]) or rows in contiguous runs per expert (`ragged_matmul`).
+
+Grouped matmuls, two implementations chosen by backend (`grouped_matmul_impl`):
 
 - "ragged_dot" (GPU/TPU): `jax.lax.ragged_dot(x, w, group_sizes)` over rows in one
   contiguous run per expert, a native kernel there. XLA:CPU lowers ragged_dot densely
@@ -22,28 +26,36 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from efficient_attn.platform import is_accelerator
+
 
 def grouped_matmul_impl(platform: str | None = None) -> str:
   """"ragged_dot" on GPU/TPU (native kernel), "blocked" elsewhere (XLA:CPU lowers ragged_dot densely)."""
-  platform = platform or jax.default_backend()
-  return "ragged_dot" if platform in ("gpu", "cuda", "rocm", "tpu") else "blocked"
+  return "ragged_dot" if is_accelerator(platform) else "blocked"
 
 
-def mlp(x, w, act):
-  """One expert's MLP on rows x [.., D] with its weights w = {"w_in", "w_out"[, "w_gate"]}."""
-  h = x @ w["w_in"]
-  h = act(x @ w["w_gate"]) * h if "w_gate" in w else act(h)
-  return h @ w["w_out"]
+def expert_mlp(x, experts, act, matmul=jnp.matmul):
+  """The expert MLP: act(x @ w_in) @ w_out, or with `w_gate` the GLU (act(x @ w_gate) ⊙ (x @ w_in)) @ w_out
+  (Shazeer 2020).
+
+  experts: {"w_in", "w_out"[, "w_gate"]}. `matmul(x, w)`: `jnp.matmul` runs every expert
+  on its own rows ([E, C, D] x [E, D, F] -> [E, C, F], batched over E) or one expert
+  ([R, D] x [D, F]); `ragged_matmul(group_sizes_E)` runs [R, D] rows in contiguous runs per
+  expert against [E, D, F]. Cost 2·rows·D·F per weight.
+  """
+  h = matmul(x, experts["w_in"])
+  h = act(matmul(x, experts["w_gate"])) * h if "w_gate" in experts else act(h)
+  return matmul(h, experts["w_out"])
+
+
+def ragged_matmul(group_sizes_E):
+  """`matmul` for `expert_mlp` over rows in runs of group_sizes_E rows per expert (`jax.lax.ragged_dot`)."""
+  return functools.partial(lax.ragged_dot, group_sizes=group_sizes_E)
 
 
 def ragged_mlp(x_rows, experts, act, group_sizes_E):
   """Expert MLP over rows in contiguous runs of group_sizes_E rows per expert (`jax.lax.ragged_dot`)."""
-  h = lax.ragged_dot(x_rows, experts["w_in"], group_sizes_E)
-  if "w_gate" in experts:
-    h = act(lax.ragged_dot(x_rows, experts["w_gate"], group_sizes_E)) * h
-  else:
-    h = act(h)
-  return lax.ragged_dot(h, experts["w_out"], group_sizes_E)
+  return expert_mlp(x_rows, experts, act, ragged_matmul(group_sizes_E))
 
 
 def _varying_axes(x) -> frozenset:
@@ -88,7 +100,7 @@ def _block_mlp_fwd_impl(x_RD, experts, block_expert, act):
   def one_block(i, y_RD):
     start = order[i] * b
     e = block_expert[order[i]]
-    y_bD = mlp(lax.dynamic_slice_in_dim(x_RD, start, b), {k: w[e] for k, w in experts.items()}, act)
+    y_bD = expert_mlp(lax.dynamic_slice_in_dim(x_RD, start, b), {k: w[e] for k, w in experts.items()}, act)
     return lax.dynamic_update_slice_in_dim(y_RD, y_bD.astype(y_RD.dtype), start, 0)
 
   return lax.fori_loop(0, count, one_block, _zeros(x_RD.shape[:1] + experts["w_out"].shape[-1:], x_RD.dtype, vma))
@@ -122,7 +134,7 @@ def _block_mlp_bwd(act, residuals, dy_RD):
     start = order[i] * b
     e = block_expert[order[i]]
     w = {k: v[e] for k, v in experts.items()}
-    _, vjp = jax.vjp(lambda x, w: mlp(x, w, act), lax.dynamic_slice_in_dim(x_RD, start, b), w)
+    _, vjp = jax.vjp(lambda x, w: expert_mlp(x, w, act), lax.dynamic_slice_in_dim(x_RD, start, b), w)
     dx_bD, dw_e = vjp(lax.dynamic_slice_in_dim(dy_RD, start, b).astype(x_RD.dtype))
     dx_RD = lax.dynamic_update_slice_in_dim(dx_RD, dx_bD, start, 0)
     return dx_RD, {k: dw[k].at[e].add(dw_e[k]) for k in dw}
@@ -149,12 +161,7 @@ def bulk_block_mlp(x_rows, experts, act, block_expert, bulk: int, num_sources: i
   parts = []
   if bulk:
     x_ECD = jnp.swapaxes(x_bulk.reshape(num_sources, E, bulk, D), 0, 1).reshape(E, num_sources * bulk, D)
-    h = jnp.einsum("ECD,EDF->ECF", x_ECD, experts["w_in"])
-    if "w_gate" in experts:
-      h = act(jnp.einsum("ECD,EDF->ECF", x_ECD, experts["w_gate"])) * h
-    else:
-      h = act(h)
-    y_ECD = jnp.einsum("ECF,EFD->ECD", h, experts["w_out"])
+    y_ECD = expert_mlp(x_ECD, experts, act)
     parts.append(jnp.swapaxes(y_ECD.reshape(E, num_sources, bulk, D), 0, 1).reshape(num_sources, E * bulk, D))
   if x_over.shape[1]:
     blocks = _match_varying_axes((x_over.reshape(-1, D), experts))[0]

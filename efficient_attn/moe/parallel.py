@@ -1,12 +1,13 @@
 """Expert parallelism: experts sharded over a mesh axis, tokens moved by all-to-all.
 
-Layout inside `jax.shard_map`:
-  - batch (token groups G) split over the batch axes: ("data", "fsdp", expert_axis)
-    ∩ the mesh axes, as far as B divides (the expert axis always: tokens must be
-    spread over the devices that hold the experts);
-  - experts split over `expert_axis` (E_local = E / n_expert per device); with a
-    "tensor" axis, each expert's hidden dim F is split over it too (Megatron-style
-    column/row split, one psum);
+Layout inside `jax.shard_map`, read from the logical rules table of `efficient_attn.sharding`:
+  - batch (token groups G, logical "batch") split over the table's batch axes
+    (data, fsdp, expert) ∩ the mesh axes, as far as B divides (the expert axis always:
+    tokens must be spread over the devices that hold the experts);
+  - experts (logical "expert") split over `expert_axis` (E_local = E / n_expert per
+    device); each expert's hidden dim F (logical "mlp") over the table's "mlp" axes
+    (tensor) when F divides (Megatron-style column/row split, one psum); D whole
+    (FSDP's shards of "embed" are gathered on entry);
   - any other axis holds a replica.
 
 Capacity path (GShard): each device fills its [E, G_local, C, D] slot buffer, an
@@ -19,7 +20,8 @@ fixed-size slice, padded to the static bound (all local pairs might pick one dev
 moved by a plain all-to-all; the receiver runs the bulk as one batched matmul and
 loops over the non-empty overflow blocks only (`gmm.bulk_block_mlp`). On GPU/TPU the rows move with `jax.lax.ragged_all_to_all` (only the
 real rows; XLA:CPU does not implement it) straight into expert-sorted order for
-`jax.lax.ragged_dot`. The choice is made from the mesh's device platform.
+`jax.lax.ragged_dot`. The choice is made from the mesh's device platform
+(`efficient_attn.platform.is_accelerator`).
 
 Routing happens before, outside shard_map, on batch-sharded arrays; since groups are
 sequences and every reduction in `aux` is a global mean, sharded == single device.
@@ -30,12 +32,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
+from efficient_attn import sharding
 from efficient_attn.moe import dispatch, gmm
+from efficient_attn.platform import is_accelerator
 
-BATCH_AXES = ("data", "fsdp")  # batch axes besides the expert axis, in mesh-rule order
-TENSOR_AXIS = "tensor"
+# Logical axes of the expert weights inside shard_map: the params' own names with "embed" whole.
+WEIGHT_AXES = {"w_in": ("expert", None, "mlp"), "w_gate": ("expert", None, "mlp"), "w_out": ("expert", "mlp", None)}
 
 
 def check_mesh(mesh, expert_axis: str, *, num_experts: int, batch: int, fn: str = "moe_ffn"):
@@ -52,30 +55,27 @@ def check_mesh(mesh, expert_axis: str, *, num_experts: int, batch: int, fn: str 
 
 
 def batch_axes(mesh, batch: int, expert_axis: str) -> tuple[str, ...]:
-  """Mesh axes the batch is split over: the expert axis, plus data / fsdp while B divides."""
-  chosen, shards = {expert_axis}, mesh.shape[expert_axis]
-  for name in BATCH_AXES:
-    if name in mesh.axis_names and name != expert_axis and batch % (shards * mesh.shape[name]) == 0:
-      chosen.add(name)
-      shards *= mesh.shape[name]
-  return tuple(a for a in BATCH_AXES + (expert_axis,) if a in chosen)
+  """Mesh axes the token groups are split over: the rules' "batch" axes while B divides, the
+  expert axis always."""
+  (axes,) = sharding.mesh_axes(("batch",), mesh)
+  axes += (expert_axis,) * (expert_axis not in axes)
+  return sharding.divisible_axes(axes, batch, mesh, keep=(expert_axis,))
 
 
-def tensor_axis(mesh, hidden_dim: int, expert_axis: str):
-  """"tensor" when the mesh has it (size > 1) and it divides F, else None."""
-  if TENSOR_AXIS in mesh.axis_names and TENSOR_AXIS != expert_axis:
-    n = mesh.shape[TENSOR_AXIS]
-    if n > 1 and hidden_dim % n == 0:
-      return TENSOR_AXIS
-  return None
+def tensor_axes(mesh, hidden_dim: int, expert_axis: str) -> tuple[str, ...]:
+  """Mesh axes an expert's hidden dim F is split over: the rules' "mlp" axes (size > 1, not the
+  expert axis) while F divides; () = F whole."""
+  (axes,) = sharding.mesh_axes(("mlp",), mesh)
+  axes = tuple(a for a in axes if a != expert_axis and mesh.shape[a] > 1)
+  return sharding.divisible_axes(axes, hidden_dim, mesh)
 
 
 def _specs(mesh, batch: int, experts, expert_axis: str):
-  bax = batch_axes(mesh, batch, expert_axis)
-  tax = tensor_axis(mesh, experts["w_in"].shape[-1], expert_axis)
-  w_specs = {"w_in": P(expert_axis, None, tax), "w_gate": P(expert_axis, None, tax),
-             "w_out": P(expert_axis, tax, None)}
-  return P(bax), {k: w_specs[k] for k in experts}, tax
+  """shard_map specs: (token groups, {weight name: spec}, tensor axes to psum over)."""
+  tax = tensor_axes(mesh, experts["w_in"].shape[-1], expert_axis)
+  placed = {"expert": (expert_axis,), "mlp": tax}
+  w_specs = {k: sharding.spec([placed[a] if a else () for a in WEIGHT_AXES[k]]) for k in experts}
+  return sharding.spec([batch_axes(mesh, batch, expert_axis)]), w_specs, tax
 
 
 def sharded_capacity_experts(x_GSD, token_GEC, gate_GEC, experts, act, mesh, expert_axis: str = "expert"):
@@ -89,7 +89,7 @@ def sharded_capacity_experts(x_GSD, token_GEC, gate_GEC, experts, act, mesh, exp
     if n_exp > 1:  # [E, G_local, C, D] -> [E_local, n_exp · G_local, C, D]
       x_EGCD = lax.all_to_all(x_EGCD, expert_axis, 0, 1, tiled=True)
     E_local, G_all, C, _ = x_EGCD.shape
-    y_EGCD = dispatch.expert_mlp(x_EGCD.reshape(E_local, G_all * C, D), experts, act).reshape(x_EGCD.shape)
+    y_EGCD = gmm.expert_mlp(x_EGCD.reshape(E_local, G_all * C, D), experts, act).reshape(x_EGCD.shape)
     if n_exp > 1:
       y_EGCD = lax.all_to_all(y_EGCD, expert_axis, 1, 0, tiled=True)
     y_GSD = dispatch.combine_slots(y_EGCD, token_GEC, gate_GEC, S)
@@ -101,9 +101,7 @@ def sharded_capacity_experts(x_GSD, token_GEC, gate_GEC, experts, act, mesh, exp
 
 def dropless_impl(mesh) -> str:
   """"ragged" (ragged_all_to_all + ragged_dot) on GPU/TPU meshes, "padded" elsewhere."""
-  devices = getattr(mesh, "devices", None)  # an AbstractMesh has none: use the default backend
-  platform = devices.flat[0].platform if devices is not None else jax.default_backend()
-  return "ragged" if platform in ("gpu", "cuda", "rocm", "tpu") else "padded"
+  return "ragged" if is_accelerator(mesh) else "padded"
 
 
 def sharded_dropless_experts(x_GSD, expert_GSk, gate_GSk, experts, act, mesh, expert_axis: str = "expert",

@@ -8,12 +8,47 @@ how the batch is split over devices.
 Everything here runs in float32, whatever the model dtype: the Switch Transformer
 (Fedus et al. 2021, §2.4, "selective precision") found bfloat16 routers unstable.
 All functions are pure and cost O(G·S·E) (plus O(G·S·D·E) for the router matmul).
+
+A router returns a record (as flaxformer's routing.py does), and `moe_ffn` runs the
+experts by the record's type, never by the router's name:
+  - `Slots` (token_GEC, gate_GEC): each expert's C slots per group, filled by tokens
+    choosing with a capacity (`route_capacity`) or by experts choosing (`route_experts_choose`);
+  - `Pairs` (expert_GSk, gate_GSk): every token's k choices, all kept (`route_dropless`).
+Both carry `expert_GSk` (the tokens' own top-k preferences) and `dropped_fraction`, what
+`router_aux` needs. `ROUTES` registers them by (router name, dropless): a new router is
+one function returning a record plus one line there.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+from efficient_attn.moe import dispatch
+
+
+class Slots(NamedTuple):
+  """Capacity routing: per group, expert and slot, the token sitting there and its weight.
+
+  token_GEC int32 (S = an empty slot), gate_GEC float32 (0 in an empty slot),
+  expert_GSk: the tokens' top-k preferences (for aux), dropped_fraction: a scalar.
+  """
+  token_GEC: jax.Array
+  gate_GEC: jax.Array
+  expert_GSk: jax.Array
+  dropped_fraction: jax.Array
+
+
+class Pairs(NamedTuple):
+  """Dropless routing: every token's k (expert, gate) choices, none dropped.
+
+  expert_GSk int32 (best first), gate_GSk float32, dropped_fraction: 0.
+  """
+  expert_GSk: jax.Array
+  gate_GSk: jax.Array
+  dropped_fraction: jax.Array
 
 
 def router_logits(x_GSD, router_DE, *, jitter: float = 0.0, rng=None):
@@ -104,3 +139,37 @@ def router_aux(logits_GSE, probs_GSE, expert_GSk, dropped_fraction):
       "router_entropy": jnp.mean(jnp.sum(jax.scipy.special.entr(probs_GSE_ng), axis=-1)),
       "router_confidence": jnp.mean(jnp.max(probs_GSE_ng, axis=-1)),
   }
+
+
+def route_capacity(probs_GSE, *, top_k: int, capacity_factor: float) -> Slots:
+  """Tokens choose their top-k experts; each expert keeps C slots per group (GShard priority), the rest drop."""
+  _, S, E = probs_GSE.shape
+  expert_GSk, gate_GSk = tokens_choose(probs_GSE, top_k)
+  capacity = dispatch.expert_capacity(S, E, top_k, capacity_factor)
+  token_GEC, gate_GEC, keep_GSk = dispatch.capacity_slots(expert_GSk, gate_GSk, E, capacity)
+  return Slots(token_GEC, gate_GEC, expert_GSk, jnp.mean(~keep_GSk))
+
+
+def route_dropless(probs_GSE, *, top_k: int, capacity_factor: float) -> Pairs:
+  """Tokens choose their top-k experts, and all of them are kept (`capacity_factor` is unused)."""
+  del capacity_factor
+  expert_GSk, gate_GSk = tokens_choose(probs_GSE, top_k)
+  return Pairs(expert_GSk, gate_GSk, jnp.zeros((), jnp.float32))
+
+
+def route_experts_choose(probs_GSE, *, top_k: int, capacity_factor: float) -> Slots:
+  """Each expert takes its top-C tokens, C = expert_capacity(S, E, top_k, capacity_factor);
+  dropped_fraction is the fraction of tokens no expert took."""
+  G, S, E = probs_GSE.shape
+  token_GEC, gate_GEC = experts_choose(probs_GSE, dispatch.expert_capacity(S, E, top_k, capacity_factor))
+  taken_GS = jnp.zeros((G, S + 1), bool).at[jnp.arange(G)[:, None, None], token_GEC].set(True)
+  expert_GSk, _ = tokens_choose(probs_GSE, top_k)
+  return Slots(token_GEC, gate_GEC, expert_GSk, jnp.mean(~taken_GS[:, :S]))
+
+
+# (router name, dropless) -> route(probs_GSE, *, top_k, capacity_factor) -> Slots | Pairs.
+ROUTES = {
+    ("tokens_choose", False): route_capacity,
+    ("tokens_choose", True): route_dropless,
+    ("experts_choose", False): route_experts_choose,
+}
