@@ -4,6 +4,9 @@
     efficient-attn experiment NAME --workdir DIR [--set KEY=VALUE]...
     efficient-attn bench      attention|moe [--set KEY=VALUE]... [--json FILE]
 
+Every subcommand takes `--plugin FILE.py` (repeatable), imported first: a user's attention
+family registered there is then selectable by name (`--set model.attention=NAME`).
+
 User errors (an unknown key, a bad value, a missing file) print one sentence and
 exit with status 2 before anything compiles.
 """
@@ -28,26 +31,31 @@ def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog="efficient-attn", description="Efficient attention and MoE in JAX/Flax.")
   sub = p.add_subparsers(dest="command", required=True)
   sets = dict(action="append", default=[], metavar="KEY=VALUE", help="override one setting (repeatable)")
+  plugin = dict(action="append", default=[], metavar="FILE.py",
+                help="import this Python file first (it is code), e.g. to register an attention family (repeatable)")
 
   t = sub.add_parser("train", help="pretrain a TransformerLM")
   t.add_argument("--workdir", required=True)
   t.add_argument("--config")
   t.add_argument("--set", **sets)
+  t.add_argument("--plugin", **plugin)
 
   e = sub.add_parser("experiment", help="run a named scaling comparison")
   e.add_argument("name")
   e.add_argument("--workdir", required=True)
   e.add_argument("--set", **sets)
+  e.add_argument("--plugin", **plugin)
 
   b = sub.add_parser("bench", help="speed / memory tables")
   b.add_argument("what", choices=["attention", "moe"])
   b.add_argument("--set", **sets)
   b.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+  b.add_argument("--plugin", **plugin)
   return p
 
 
 def _bench(args) -> None:
-  from efficient_attn import bench
+  from efficient_attn.measure import write_json
 
   overrides = parse_overrides(args.set)
   if args.json:
@@ -56,6 +64,8 @@ def _bench(args) -> None:
       raise ConfigError(f"--json {args.json}: directory {parent} does not exist.")
   progress = sys.stderr.isatty()
   if args.what == "attention":
+    from efficient_attn.attention import bench
+
     rows = bench.bench_attention(overrides, progress=progress)
     table = bench.attention_table(rows)
   else:
@@ -65,16 +75,19 @@ def _bench(args) -> None:
     table = moe_bench.format_moe_table(rows)
   print(table)
   if args.json:
-    bench.write_json(rows, args.json)
+    write_json(rows, args.json)
     print(f"wrote {len(rows)} rows to {args.json}")
 
 
-def _experiment(args) -> None:
+def _emulate_devices() -> None:
   # The experiments' meshes (quickstart: 2x4) need 8 devices; on CPU they are emulated. Must be
-  # set before jax initialises its backends; GPU/TPU device lists are unaffected.
+  # set before jax initialises its backends (so before any plugin runs); GPU/TPU are unaffected.
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+
+
+def _experiment(args) -> None:
   from efficient_attn import experiment
 
   out = experiment.run(args.name, args.workdir, parse_overrides(args.set))
@@ -119,11 +132,36 @@ def _train(args) -> int:
   return 0
 
 
+def load_plugin(path: str) -> None:
+  """Imports a user's Python file (code: trust it as such), e.g. one that calls
+  `efficient_attn.attention.register(Family(...))`. A missing file or one that fails to
+  import is a ConfigError naming it."""
+  import importlib.util
+
+  if not os.path.isfile(path):
+    raise ConfigError(f"--plugin {path}: no such file; pass a Python file (e.g. one that registers an attention family).")
+  name = "efficient_attn_plugin_" + "".join(c if c.isalnum() else "_" for c in os.path.abspath(path))
+  if name in sys.modules:
+    return
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  try:
+    spec.loader.exec_module(module)
+  except (ConfigError, ValueError, ImportError, SyntaxError) as e:
+    del sys.modules[name]
+    raise ConfigError(f"--plugin {path}: {type(e).__name__}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from efficient_attn.data.text import DataError
 
+  if args.command == "experiment":
+    _emulate_devices()
   try:
+    for path in args.plugin:
+      load_plugin(path)
     if args.command == "bench":
       _bench(args)
     elif args.command == "train":

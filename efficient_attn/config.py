@@ -8,6 +8,7 @@ code (`ast.literal_eval` only).
 from __future__ import annotations
 
 import ast
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -43,10 +44,16 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def apply_overrides(defaults: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
   """Returns `defaults` updated by `overrides`, refusing unknown keys and values of the wrong type.
 
-  Ints are accepted where floats are expected; a list where a list is expected.
+  Ints are accepted where floats are expected; a list where a list is expected. A dotted key
+  whose head names a dict-valued setting sets one entry inside it
+  (`attention_options.local.window=64`); the owner of that dict checks its entries.
   """
   out = dict(defaults)
   for key, value in overrides.items():
+    head = key.split(".", 1)[0]
+    if key not in defaults and "." in key and isinstance(defaults.get(head), dict):
+      out[head] = _set_nested(out[head], key.split(".")[1:], value)
+      continue
     if key not in defaults:
       raise ConfigError(f"unknown key {key!r} for {where}; valid keys are {', '.join(sorted(defaults))}.")
     expected = defaults[key]
@@ -63,6 +70,19 @@ def apply_overrides(defaults: dict[str, Any], overrides: dict[str, Any], where: 
   return out
 
 
+def _set_nested(tree: dict, path: list[str], value) -> dict:
+  """A copy of `tree` with tree[path[0]][path[1]]... = value (missing levels become dicts)."""
+  out = dict(tree)
+  if len(path) == 1:
+    out[path[0]] = list(value) if isinstance(value, tuple) else value
+  else:
+    inner = out.get(path[0], {})
+    if not isinstance(inner, dict):
+      raise ConfigError(f"cannot set {'.'.join(path)}: {path[0]}={inner!r} is not a mapping.")
+    out[path[0]] = _set_nested(inner, path[1:], value)
+  return out
+
+
 # ----------------------------------------------------------------------------- training configs
 
 import dataclasses  # noqa: E402
@@ -70,12 +90,13 @@ import importlib.util  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 
-ATTENTION_KINDS = ("softmax", "local", "sparse", "linear", "performer")
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  attention: str = "softmax"          # softmax | local | sparse | linear | performer
+  """The model. `attention` names a registered family (softmax | local | sparse | linear | performer
+  | a plugin's); `attention_options` are that family's typed options (its `Family.options`
+  dataclass; a mapping {option: value} is turned into it), `--set model.attention_options.KEY=V`."""
+  attention: str = "softmax"          # a registered attention family
+  attention_options: Any = None       # the family's options; None = its defaults
   num_layers: int = 4
   d_model: int = 256
   num_heads: int = 4
@@ -90,19 +111,52 @@ class ModelConfig:
   capacity_factor: float = 1.25
   router: str = "tokens_choose"       # tokens_choose | experts_choose
   dropless: bool = False
-  window: int = 128                   # local attention
-  block_size: int = 64                # sparse attention
-  sparse_global: int = 1
-  sparse_random: int = 1
-  sparse_window: int = 3
-  num_features: int = 128             # performer M
-  feature_map: str = "elu"            # linear
-  chunk_size: int = 0                 # 0 = the family's default
-  softmax_impl: str = ""              # "" = automatic | xla | chunked (flash-style) | cudnn
   rope_base: float = 10_000.0
   scan_layers: bool = False
   dtype: str = "float32"              # compute dtype; params stay float32
   remat: bool = False
+
+  def __post_init__(self):
+    # Typed and hashable (modules hash their config): a mapping becomes the family's options
+    # dataclass once the family is registered; until then (a plugin not yet imported) a sorted tuple.
+    opts = self.attention_options
+    family = _registered_family(self.attention)
+    if dataclasses.is_dataclass(opts) and family is not None and not isinstance(opts, family.options):
+      opts = None  # another family's options (dataclasses.replace(m, attention=...)): the new family's defaults
+    if family is not None:
+      try:
+        opts = family.make_options(dict(opts) if isinstance(opts, tuple) else opts)
+      except ValueError as e:
+        raise ConfigError(_model_option_message(str(e))) from None
+    elif isinstance(opts, Mapping):
+      opts = tuple(sorted(opts.items()))
+    object.__setattr__(self, "attention_options", opts)
+
+  @property
+  def family(self):
+    """The registered attention family record (ConfigError if the name is unknown)."""
+    family = _registered_family(self.attention)
+    if family is None:
+      from efficient_attn.attention import names
+      raise ConfigError(f"model.attention={self.attention!r} is not a registered attention family; valid ones are"
+                        f" {names()} (a plugin's family needs --plugin FILE.py).")
+    return family
+
+  @property
+  def options(self):
+    """The attention family's typed options."""
+    return self.family.make_options(self.attention_options if not isinstance(self.attention_options, tuple)
+                                    else dict(self.attention_options))
+
+
+def _registered_family(name: str):
+  from efficient_attn.attention import registry
+  return registry.FAMILIES.get(name)
+
+
+def _model_option_message(msg: str) -> str:
+  """Family errors in config terms: `option window=` -> `model.attention_options.window=`."""
+  return msg.replace("option ", "model.attention_options.", 1) if "option " in msg and "no option" not in msg else msg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +177,7 @@ class TrainConfig:
   aux_loss_weight: float = 0.01       # MoE load balancing
   z_loss_weight: float = 0.001        # MoE router z-loss
   on_nonfinite: str = "stop"          # stop | skip
+  redraw_every: int = 0               # redraw the attention buffers (Performer features) every n steps; 0 = never
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,20 +204,52 @@ class Config:
   mesh: MeshConfig = MeshConfig()
 
 
+OPTIONS_PREFIX = "model.attention_options."
+
+
 def flatten(cfg) -> dict:
-  """Config -> {'model.attention': 'softmax', ...}."""
-  return {f"{sec.name}.{f.name}": getattr(getattr(cfg, sec.name), f.name)
-          for sec in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, sec.name))}
+  """Config -> {'model.attention': 'softmax', ..., 'model.attention_options.window': 128, ...}.
+
+  The attention family's options appear as `model.attention_options.NAME`, one key each.
+  """
+  flat = {}
+  for sec in dataclasses.fields(cfg):
+    sub = getattr(cfg, sec.name)
+    for f in dataclasses.fields(sub):
+      if sec.name == "model" and f.name == "attention_options":
+        opts = sub.options if _registered_family(sub.attention) else dict(sub.attention_options or ())
+        items = ({g.name: getattr(opts, g.name) for g in dataclasses.fields(opts)}
+                 if dataclasses.is_dataclass(opts) else opts)
+        flat.update({OPTIONS_PREFIX + k: (list(v) if isinstance(v, tuple) else v) for k, v in items.items()})
+      else:
+        flat[f"{sec.name}.{f.name}"] = getattr(sub, f.name)
+  return flat
 
 
 def with_overrides(cfg: Config, overrides: dict) -> Config:
-  """Applies {'section.key': value} overrides with key and type checks (ConfigError on a bad one)."""
-  flat = apply_overrides(flatten(cfg), overrides, "the training config")
+  """Applies {'section.key': value} overrides with key and type checks (ConfigError on a bad one).
+
+  `model.attention` is applied first: a new family starts from its own default options,
+  which `model.attention_options.KEY` overrides then update (checked against that family).
+  """
+  overrides = dict(overrides)
+  options = {k[len(OPTIONS_PREFIX):]: overrides.pop(k) for k in list(overrides) if k.startswith(OPTIONS_PREFIX)}
+  flat = flatten(cfg)
+  base = {k: v for k, v in flat.items() if not k.startswith(OPTIONS_PREFIX)}
+  flat = apply_overrides(base, overrides, "the training config")
+  m = cfg.model
+  old_opts = {k[len(OPTIONS_PREFIX):]: v for k, v in flatten(cfg).items() if k.startswith(OPTIONS_PREFIX)}
+  new_opts = old_opts if flat["model.attention"] == m.attention else {}
+  family = _registered_family(flat["model.attention"])
+  if family is None and options:
+    m.__class__(attention=flat["model.attention"]).family  # raises: unknown family
   sections = {}
   for sec in dataclasses.fields(cfg):
     sub = getattr(cfg, sec.name)
-    sections[sec.name] = dataclasses.replace(sub, **{f.name: flat[f"{sec.name}.{f.name}"]
-                                                     for f in dataclasses.fields(sub)})
+    values = {f.name: flat[f"{sec.name}.{f.name}"] for f in dataclasses.fields(sub) if f"{sec.name}.{f.name}" in flat}
+    if sec.name == "model":
+      values["attention_options"] = {**new_opts, **options}
+    sections[sec.name] = dataclasses.replace(sub, **values)
   return Config(**sections)
 
 
@@ -179,6 +266,17 @@ def load_config_file(path: str) -> Config:
   if not isinstance(cfg, Config):
     raise ConfigError(f"--config {path}: get_config() returned {type(cfg).__name__}, expected efficient_attn.config.Config.")
   return cfg
+
+
+def check_attention(m: ModelConfig, seq_len: int, causal: bool = True) -> None:
+  """ConfigError (one sentence) unless model m's attention family can run its options at seq_len."""
+  from efficient_attn.attention import Shape
+
+  H = m.d_model // m.num_heads
+  try:
+    m.family.validate(m.options, Shape(seq_len, seq_len, m.num_heads, m.num_kv_heads or m.num_heads, H, causal))
+  except ValueError as e:
+    raise ConfigError(f"model.attention={m.attention!r} at train.seq_len={seq_len}: {e}") from None
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -207,19 +305,17 @@ def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
 def validate(cfg: Config, num_devices: int) -> dict[str, int]:
   """Checks every field before anything compiles; returns the resolved mesh shape."""
   m, t, d = cfg.model, cfg.train, cfg.data
-  _need(m.attention in ATTENTION_KINDS, f"model.attention={m.attention!r} is not one of {list(ATTENTION_KINDS)}.")
+  _ = m.family  # a ConfigError naming the registered families if model.attention is unknown
   for sec, obj in (("model", m), ("train", t)):
     for f in dataclasses.fields(obj):
       v = getattr(obj, f.name)
       if isinstance(v, float):
         _need(math.isfinite(v), f"{sec}.{f.name}={v} must be a finite number.")
-  for k in ("num_layers", "d_model", "num_heads", "ffn_dim", "vocab_size", "top_k", "moe_every", "window",
-            "block_size", "num_features"):
+  for k in ("num_layers", "d_model", "num_heads", "ffn_dim", "vocab_size", "top_k", "moe_every"):
     _need(getattr(m, k) >= 1, f"model.{k}={getattr(m, k)} must be a positive integer.")
   for k in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "max_to_keep", "eval_batches"):
     _need(getattr(t, k) >= 1, f"train.{k}={getattr(t, k)} must be a positive integer.")
-  for k in ("num_experts", "expert_dim", "num_kv_heads", "chunk_size", "warmup_steps", "eval_every", "sparse_global",
-            "sparse_random"):
+  for k in ("num_experts", "expert_dim", "num_kv_heads", "warmup_steps", "eval_every", "redraw_every"):
     obj = m if hasattr(m, k) else t
     _need(getattr(obj, k) >= 0, f"{'model' if obj is m else 'train'}.{k}={getattr(obj, k)} must be >= 0.")
   _need(m.d_model % m.num_heads == 0,
@@ -227,11 +323,8 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
   kv = m.num_kv_heads or m.num_heads
   _need(m.num_heads % kv == 0, f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}.")
   _need(m.ffn_activation in ("gelu", "swiglu"), f"model.ffn_activation={m.ffn_activation!r} is not gelu or swiglu.")
-  _need(m.feature_map in ("elu", "relu"), f"model.feature_map={m.feature_map!r} is not elu or relu.")
   _need(m.router in ("tokens_choose", "experts_choose"),
         f"model.router={m.router!r} is not tokens_choose or experts_choose.")
-  _need(m.softmax_impl in ("", "xla", "chunked", "cudnn"),
-        f"model.softmax_impl={m.softmax_impl!r} is not '' (automatic), xla, chunked or cudnn.")
   _need(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r} is not float32 or bfloat16.")
   _need(m.capacity_factor > 0, f"model.capacity_factor={m.capacity_factor} must be > 0.")
   if m.num_experts:
@@ -243,9 +336,7 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
   _need(t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite={t.on_nonfinite!r} is not stop or skip.")
   _need(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1).")
   _need(d.name not in ("text", "json") or d.files, f"data.name={d.name!r} needs data.files (a path or glob).")
-  if m.attention == "sparse":
-    _need(t.seq_len % m.block_size == 0, f"train.seq_len={t.seq_len} is not divisible by model.block_size="
-          f"{m.block_size}; pick a seq_len that is a multiple of {m.block_size}.")
+  check_attention(m, t.seq_len)
   sizes = mesh_shape(cfg.mesh, num_devices)
   if m.num_experts:
     _need(m.num_experts % sizes["expert"] == 0, f"model.num_experts={m.num_experts} is not divisible by"

@@ -198,6 +198,40 @@ def run(name: str, workdir: str, overrides: dict[str, Any] | None = None, *,
 # ----------------------------------------------------------------------------- shared by the experiments
 
 
+def attention_variant(cfg: dict, name: str, aliases: dict | None = None) -> tuple[str, dict]:
+  """(family, options) of an experiment's attention variant `name`.
+
+  A variant is a registered family (built-in or a --plugin's) run with
+  cfg["attention_options"][family], or one of the experiment's own `aliases`
+  {variant: (family, options)} (e.g. "softmax_chunked"), whose options win over the shared ones.
+  """
+  family, extra = (aliases or {}).get(name, (name, {}))
+  return family, {**cfg.get("attention_options", {}).get(family, {}), **extra}
+
+
+def check_attention_variants(cfg: dict, names: list[str], experiment: str, key: str,
+                             aliases: dict | None = None) -> None:
+  """ConfigError (one sentence) unless every name is a registered family or an alias, all distinct,
+  and every family's options in cfg["attention_options"] are valid for it."""
+  from efficient_attn import attention
+
+  valid = list(aliases or {}) + [n for n in attention.names() if n not in (aliases or {})]
+  bad = [n for n in names if n not in valid]
+  if bad or not names or len(set(names)) < len(names):
+    raise ConfigError(f"{key}={list(names)!r} for experiment {experiment}: use distinct names from {valid}"
+                      " (a plugin's family needs --plugin FILE.py).")
+  options = cfg.get("attention_options", {})
+  if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+    raise ConfigError(f"attention_options={options!r} for experiment {experiment} must map a family to a dict"
+                      " of its options, e.g. {'local': {'window': 64}}.")
+  for name in names:
+    family, opts = attention_variant(cfg, name, aliases)
+    try:
+      attention.get(family).make_options(opts)
+    except ValueError as e:
+      raise ConfigError(f"experiment {experiment}, variant {name}: {e}") from None
+
+
 def line_plot(path: str, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,
               logx: bool = False, logy: bool = False, hline: tuple[float, str] | None = None) -> str:
   """One PNG with a line per series {label: (xs, ys)}; returns `path`."""

@@ -19,6 +19,8 @@ Two numbers everywhere, as DESIGN.md asks:
   block-wide band of local attention; whole (padded) blocks of sparse rows; full
   chunk x chunk products of causal kernelized attention; MoE capacity padding.
 
+Each attention family counts itself in its own file (`Family.flops`, see
+`efficient_attn.attention.registry`; a plugin without one is counted by XLA);
 `model_flops_per_token` sums them over a `config.ModelConfig`; train = 3·forward
 (Kaplan et al. 2020). `textbook_flops_per_token` (6·N + 12·L·D·T) is kept for
 comparison: it assumes full attention and is wrong for the other families.
@@ -34,13 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.attention import linear as linear_lib
-from efficient_attn.attention import masks
-from efficient_attn.attention import softmax as softmax_lib
-from efficient_attn.attention import sparse as sparse_lib
+from efficient_attn import attention as attention_lib
 from efficient_attn.moe import ffn as moe_ffn_lib
-
-KINDS = ("softmax", "local", "sparse", "linear", "performer")
 
 
 def active_params(cfg) -> dict[str, int]:
@@ -110,144 +107,47 @@ def _positive(value, arg: str, fn: str = "attention_flops") -> int:
   return int(value)
 
 
-def _mean_visible(T: int, window: int, causal: bool) -> float:
-  """Mean number of keys a query sees (T == S, top-left causal, keys within `window` positions)."""
-  W = min(window, T)
-  if causal:
-    return (W * (W + 1) / 2 + (T - W) * W) / T
-  return (T + 2 * ((W - 1) * T - (W - 1) * W / 2)) / T
-
-
-def _softmax_impl(T: int, implementation) -> str:
-  """The path softmax_attention runs on CPU (cudnn only when asked for)."""
-  if implementation not in (None, *softmax_lib.IMPLEMENTATIONS):
-    raise ValueError(f"attention_flops: `implementation`={implementation!r} is not one of "
-                     f"{[None, *softmax_lib.IMPLEMENTATIONS]}.")
-  return implementation or ("chunked" if T * T >= softmax_lib.CHUNKED_MIN_TS else "xla")
-
-
-def _softmax(T, N, H, causal, impl, chunk_size):
-  """Exact softmax: 4·N·H per visible pair; xla computes all T·S pairs, chunked whole [Cq, Ck] tiles."""
-  per_pair = 4 * N * H  # q·k (2H) and p·v (2H) per head
-  ideal = per_pair * _mean_visible(T, T, causal)
-  if impl == "xla":
-    return ideal, per_pair * T
-  if impl == "cudnn":  # fused kernel; its tile skipping is not modelled here
-    return ideal, ideal
-  cq, ck = softmax_lib._resolve_chunk(chunk_size or None)
-  cq, ck = min(cq, T), min(ck, T)
-  nq, ns = -(-T // cq), -(-T // ck)
-  # As _Tiling.key_range: query chunk i stops at the key chunk holding its last query's diagonal.
-  tiles = sum(min(ns, ((i + 1) * cq - 1) // ck + 1) for i in range(nq)) if causal else nq * ns
-  return ideal, per_pair * tiles * cq * ck / T
-
-
-def _local(T, N, H, causal, window, block):
-  """Sliding window: the window is ideal; executed is local.py's band of whole neighbour blocks."""
-  window = _positive(window, "window")
-  block = _positive(block, "local_block_size") if block else min(T, window if window < 64 else -(-window // 2))
-  nb = -(-T // block)
-  before = -(-(window - 1) // block)
-  width = (before + 1 + (0 if causal else before)) * block
-  return 4 * N * H * _mean_visible(T, window, causal), 4 * N * H * nb * block * width / T
-
-
-def _sparse(T, N, H, causal, bs, layout, window, num_global, num_random):
-  """Block-sparse: visible pairs of the marked blocks (ideal) and the padded rows sparse.py computes."""
-  bs = _positive(bs, "block_size")
-  if T % bs:
-    raise ValueError(f"attention_flops: seq_len={T} is not divisible by block_size={bs}; pick a multiple of {bs}.")
-  nb = T // bs
-  if layout is None:  # as layers.family_kwargs builds it (non-causal; causality applied below, as sparse.py does)
-    layout = masks.bigbird_layout(nb, nb, window=window, num_global=num_global, num_random=num_random, seed=0)
-  layout = np.asarray(layout).astype(bool)
-  layout = layout[None] if layout.ndim == 2 else layout
-  if layout.ndim != 3 or layout.shape[1:] != (nb, nb) or layout.shape[0] not in (1, N):
-    raise ValueError(f"attention_flops: `layout` of shape {list(layout.shape)} does not match [T/bs, T/bs]="
-                     f"{[nb, nb]} or [N, T/bs, T/bs]={[N, nb, nb]}.")
-  if causal:
-    layout = layout & np.tri(nb, dtype=bool)
-  diagonal = np.trace(layout, axis1=1, axis2=2).sum() if causal else 0  # half-visible blocks
-  pairs = (layout.sum() * bs * bs - diagonal * bs * (bs - 1) / 2) / layout.shape[0]
-  slots = sum(len(rows) * valid.shape[-1] for rows, _, valid in sparse_lib._row_groups(layout))
-  return 4 * N * H * pairs / T, 4 * N * H * slots * bs * bs / T
-
-
-def _kernelized(T, N, K, H, M, causal, chunk, features):
-  """Linear-attention core with M features; causal is chunkwise (linear.py): exact L x L inside a chunk."""
-  update = K * M * (2 * H + 1)   # Σφ(k)vᵀ and Σφ(k)
-  readout = 2 * N * M * (H + 1)  # φ(q)ᵀ(Σφ(k)vᵀ) and φ(q)ᵀΣφ(k)
-  if not causal:
-    return features + update + readout, features + update + readout
-  L = min(chunk or linear_lib.DEFAULT_CHUNK_SIZE, T)
-  padded = -(-T // L) * L
-  intra = N * (2 * M + 2 * H + 1)  # per (query, key) pair inside a chunk: φq·φk, a·v, Σa
-  r = T % L
-  pairs = ((T // L) * L * (L + 1) / 2 + r * (r + 1) / 2) / T  # causal half, per real token
-  ideal = features + update + readout + intra * pairs
-  return ideal, features + (update + readout + intra * L) * padded / T
-
-
 def attention_flops(kind: str, seq_len: int, *, num_heads: int, head_dim: int, num_kv_heads: int | None = None,
-                    causal: bool = True, window: int = 128, block_size: int = 64, layout=None, sparse_window: int = 3,
-                    sparse_global: int = 1, sparse_random: int = 1, num_features: int = 128, chunk_size=0,
-                    feature_map: str = "elu", implementation: str | None = None,
-                    local_block_size: int | None = None) -> dict:
+                    causal: bool = True, options=None, **option_values) -> dict:
   """Forward FLOPs per token of one layer's attention core (after q/k/v projections, before the output one).
 
-  kind: softmax | local | sparse | linear | performer; self-attention, T == S == seq_len.
-  Options as the families take them: window and local_block_size (None = local.py's
-  default) for local; block_size, layout (default: the BigBird layout of
-  layers.family_kwargs) for sparse; chunk_size (0 = the family default) and
-  implementation (None = softmax.py's CPU pick) for softmax; feature_map (M = H) for
-  linear, num_features (M) for performer, chunk_size for both. Returns
-  {"ideal", "executed"} (see the module docstring); 2 FLOPs per multiply-add.
+  kind: a registered family; self-attention, T == S == seq_len. Its options as the family's
+  options dataclass (`options=`) or as keywords (`window=64`, `implementation="xla"`, ...);
+  unknown ones are refused. Each family counts itself (`Family.flops`; a family without one
+  is counted by XLA). Returns {"ideal", "executed", "backward"} (see the module docstring);
+  2 FLOPs per multiply-add.
   """
-  if kind not in KINDS:
-    raise ValueError(f"attention_flops: unknown attention kind {kind!r}; valid kinds are {list(KINDS)}.")
+  fn = "attention_flops"
+  family = attention_lib.get(kind)
   T, N, H = _positive(seq_len, "seq_len"), _positive(num_heads, "num_heads"), _positive(head_dim, "head_dim")
   K = _positive(num_kv_heads, "num_kv_heads") if num_kv_heads else N
   if N % K:
-    raise ValueError(f"attention_flops: num_kv_heads={K} must divide num_heads={N}.")
-  if kind == "softmax":
-    ideal, executed = _softmax(T, N, H, causal, _softmax_impl(T, implementation), chunk_size)
-  elif kind == "local":
-    ideal, executed = _local(T, N, H, causal, window, local_block_size)
-  elif kind == "sparse":
-    ideal, executed = _sparse(T, N, H, causal, block_size, layout, sparse_window, sparse_global, sparse_random)
-  else:
-    if chunk_size:
-      _positive(chunk_size, "chunk_size")
-    if kind == "linear" and feature_map not in linear_lib.FEATURE_MAPS:
-      raise ValueError(f"attention_flops: unknown `feature_map` {feature_map!r}; valid ones are "
-                       f"{sorted(linear_lib.FEATURE_MAPS)}.")
-    M = H if kind == "linear" else _positive(num_features, "num_features")
-    features = 0 if kind == "linear" else 2 * M * H * (N + K)  # elementwise φ is free; FAVOR+ projects W·x
-    ideal, executed = _kernelized(T, N, K, H, M, causal, chunk_size, features)
-  return {"ideal": float(ideal), "executed": float(executed)}
+    raise ValueError(f"{fn}: num_kv_heads={K} must divide num_heads={N}.")
+  if options is not None and option_values:
+    raise ValueError(f"{fn}: pass the options either as `options=` or as keywords, not both.")
+  try:
+    return family.flops_per_token(options if options is not None else option_values,
+                                  attention_lib.Shape(T, T, N, K, H, causal))
+  except ValueError as e:
+    raise ValueError(f"{fn}: {e}") from None
 
 
-def model_flops_per_token(m, seq_len: int, *, causal: bool = True, implementation: str | None = None) -> dict:
+def model_flops_per_token(m, seq_len: int, *, causal: bool = True) -> dict:
   """FLOPs per token of a TransformerLM (`config.ModelConfig` m) at sequence length `seq_len`.
 
   forward = dense + attention, ideal; executed_* include the families' extra work and
   MoE capacity padding (one routing group per sequence; dropless: executed = ideal).
   dense: q/k/v/o projections (GQA), FFN (gelu 2 matmuls, swiglu 3) or MoE, LM head 2·D·V;
   embedding lookup, norms, rotary and activations are not counted. train = 3·forward
-  (Kaplan et al. 2020); executed_train adds the chunked softmax's recomputed logits in
-  the backward pass (5 tile matmuls vs 2 forward, FlashAttention-2) and, with
-  m.remat, one more forward of the blocks. attention_share = attention / forward.
+  (Kaplan et al. 2020); executed_train counts the attention backward as its family does
+  (the chunked softmax recomputes its logit tiles: 5 tile matmuls vs 2 forward,
+  FlashAttention-2) and, with m.remat, one more forward of the blocks.
+  attention_share = attention / forward.
   """
   T = _positive(seq_len, "seq_len", "model_flops_per_token")
   D, N, F = m.d_model, m.num_heads, m.ffn_dim
   H, K = D // N, m.num_kv_heads or N
-  chunked = m.attention in ("linear", "performer", "softmax")  # the families the model passes chunk_size to
-  implementation = implementation or (m.softmax_impl or None)
-  att = attention_flops(m.attention, T, num_heads=N, head_dim=H, num_kv_heads=K, causal=causal, window=m.window,
-                        block_size=m.block_size, sparse_window=m.sparse_window, sparse_global=m.sparse_global,
-                        sparse_random=m.sparse_random, num_features=m.num_features,
-                        chunk_size=m.chunk_size if chunked else 0, feature_map=m.feature_map,
-                        implementation=implementation)
+  att = attention_flops(m.attention, T, num_heads=N, head_dim=H, num_kv_heads=K, causal=causal, options=m.options)
   glu = m.ffn_activation == "swiglu"
   ffn = (6 if glu else 4) * D * F
   n_moe = m.num_layers // m.moe_every if m.num_experts else 0
@@ -260,14 +160,14 @@ def model_flops_per_token(m, seq_len: int, *, causal: bool = True, implementatio
   base = m.num_layers * 2 * D * H * (2 * N + 2 * K) + (m.num_layers - n_moe) * ffn + head
   dense, executed_dense = base + n_moe * moe["ideal"], base + n_moe * moe["executed"]
   attention, executed_attention = m.num_layers * att["ideal"], m.num_layers * att["executed"]
-  flash = m.attention == "softmax" and _softmax_impl(T, implementation) == "chunked"
+  backward_attention = m.num_layers * att["backward"]
   remat = 1.0 if m.remat else 0.0
   forward = dense + attention
   return {
       "forward": forward, "train": 3.0 * forward,
       "executed_forward": executed_dense + executed_attention,
       "executed_train": ((3.0 + remat) * executed_dense - remat * head  # remat recomputes the blocks, not the head
-                         + (1.0 + (2.5 if flash else 2.0) + remat) * executed_attention),
+                         + (1.0 + remat) * executed_attention + backward_attention),
       "attention": attention, "executed_attention": executed_attention,
       "dense": float(dense), "executed_dense": float(executed_dense), "attention_share": attention / forward,
   }

@@ -4,7 +4,7 @@ axis names for `sharding.py`'s rules) and call the maths.
 Logical axes: "embed" (D), "mlp" (F), "expert" (E), "heads" (N), "kv_heads" (K),
 "head_dim" (H), "vocab" (V).
 
-Modules: `MultiHeadAttention` (any registry family + rotary positions),
+Modules: `MultiHeadAttention` (any registered family + rotary positions; `redraw_buffers`),
 `FeedForward` (GELU / SwiGLU), `MoEFeedForward`, `RMSNorm`, and the pre-norm `Block`.
 """
 
@@ -127,36 +127,6 @@ def segment_positions(segment_ids_BT):
   return t - start_BT
 
 
-def family_kwargs(kind: str, options, seq_len: int, head_dim: int) -> dict:
-  """Turns model-level options into the keyword arguments of attention family `kind`.
-
-  options (all optional): softmax_impl / chunk_size (softmax: "xla" | "chunked" | "cudnn";
-  chunk_size is used with "chunked"), window (local), block_size / sparse_window / sparse_global /
-  sparse_random / seed (sparse, BigBird layout), feature_map / chunk_size (linear),
-  num_features / seed / chunk_size (performer).
-  """
-  o = dict(options or {})
-  if kind == "local":
-    return {"window": o.get("window", 128)}
-  if kind == "sparse":
-    bs = o.get("block_size", 64)
-    nb = seq_len // bs
-    layout = attention_lib.masks.bigbird_layout(nb, nb, window=o.get("sparse_window", 3),
-                                                num_global=o.get("sparse_global", 1),
-                                                num_random=o.get("sparse_random", 1), seed=o.get("seed", 0))
-    return {"layout": layout, "block_size": bs}
-  chunk = {"chunk_size": o["chunk_size"]} if o.get("chunk_size") else {}
-  if kind == "softmax":
-    return {**({"implementation": o["softmax_impl"]} if o.get("softmax_impl") else {}), **chunk}
-  if kind == "linear":
-    return {"feature_map": o.get("feature_map", "elu"), **chunk}
-  if kind == "performer":
-    proj = attention_lib.performer_projection(jax.random.PRNGKey(o.get("seed", 0)), o.get("num_features", 128),
-                                              head_dim)
-    return {"projection": proj, **chunk}
-  return {}
-
-
 class Projection(nn.Module):
   """Bias-free linear map of the last `in_dims` axes to `features` ([..., *in] -> [..., *features]).
 
@@ -202,10 +172,13 @@ class RMSNorm(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-  """[B, T, D] -> [B, T, D]: q/k/v projections, rotary positions, any registry family, output projection.
+  """[B, T, D] -> [B, T, D]: q/k/v projections, rotary positions, any registered family, output projection.
 
-  `attention` names the family ("softmax", "local", "sparse", "linear",
-  "performer"); `options` are model-level options (see `family_kwargs`).
+  `attention` names the family (`efficient_attn.attention.names()`); `options` are its typed
+  options (its `Family.options` dataclass, or a mapping turned into it; None = defaults).
+  A family with buffers (the Performer's projection) keeps them in the "buffers" collection,
+  drawn at init from the "params" rng of this layer (so every layer draws its own), saved in
+  checkpoints with the params and redrawn with `redraw_buffers`.
   Decoding: pass `decode_state` (from `init_decode_state`) and x of shape
   [B, 1, D] with `positions` [B, 1]; returns (y, new_state).
   """
@@ -216,6 +189,17 @@ class MultiHeadAttention(nn.Module):
   is_causal: bool = True
   rope_base: float | None = 10_000.0
   dtype: Any = jnp.float32
+
+  def family_kwargs(self, T: int, H: int) -> dict:
+    """The family's keyword arguments at length T: prepared options (cached per shape) + this layer's buffers."""
+    family = attention_lib.get(self.attention)
+    options = family.make_options(self.options)
+    shape = attention_lib.Shape(T, T, self.num_heads, self.num_kv_heads or self.num_heads, H, self.is_causal)
+    kw = family.call_kwargs(options, shape)
+    if family.buffers is not None:
+      init = lambda: family.buffers(self.make_rng("params"), options, shape)  # noqa: E731
+      kw.update(self.variable("buffers", family.name, init).value)
+    return kw
 
   @nn.compact
   def __call__(self, x_BTD, segment_ids=None, positions=None, decode_state=None):
@@ -231,13 +215,28 @@ class MultiHeadAttention(nn.Module):
       positions = segment_positions(segment_ids) if segment_ids is not None else jnp.broadcast_to(jnp.arange(T), (B, T))
     if self.rope_base:
       q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
-    kw = family_kwargs(self.attention, self.options, T, H)
+    kw = self.family_kwargs(T, H)
     if decode_state is None:
       out = attention_lib.attend(self.attention, q, k, v, is_causal=self.is_causal, segment_ids=segment_ids, **kw)
     else:
       out, decode_state = attention_lib.decode_step(self.attention, decode_state, q, k, v, **kw)
     y = _dense(D, ("heads", "head_dim", "embed"), "out", self.dtype, in_axes=(-2, -1))(out)
     return y if decode_state is None else (y, decode_state)
+
+
+def redraw_buffers(module: nn.Module, variables, rng, *args, **kwargs):
+  """`variables` with every attention buffer (the Performer's projection, ...) drawn anew from `rng`.
+
+  FAVOR+ redraws its random features during training (Choromanski et al. 2021, §4);
+  this is the user-code form of `train.redraw_every`. `args` / `kwargs` are an example
+  input of `module` (only their shapes matter: under `jax.jit` the forward pass is dead
+  code and never runs). Each layer draws its own features from `rng` folded with its path.
+  """
+  if "buffers" not in variables:
+    return variables
+  rest = {k: v for k, v in variables.items() if k != "buffers"}
+  _, fresh = module.apply(rest, *args, rngs={"params": rng}, mutable=["buffers"], **kwargs)
+  return {**rest, "buffers": fresh["buffers"]}
 
 
 class FeedForward(nn.Module):
@@ -259,14 +258,6 @@ class FeedForward(nn.Module):
     return _dense(D, ("mlp", "embed"), "w_out", self.dtype)(h)
 
 
-def attention_options(cfg) -> dict:
-  """Model config -> the options `MultiHeadAttention` passes to `family_kwargs`."""
-  return {"window": cfg.window, "block_size": cfg.block_size, "sparse_window": cfg.sparse_window,
-          "sparse_global": cfg.sparse_global, "sparse_random": cfg.sparse_random, "feature_map": cfg.feature_map,
-          "num_features": cfg.num_features, "chunk_size": cfg.chunk_size, "softmax_impl": cfg.softmax_impl,
-          "seed": 0}
-
-
 class Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)) (dense or MoE).
 
@@ -283,8 +274,8 @@ class Block(nn.Module):
   def __call__(self, x_BTD, segment_ids=None, positions=None, decode_state=None):
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    attn = MultiHeadAttention(c.num_heads, c.num_kv_heads or None, c.attention, attention_options(c),
-                              self.is_causal, c.rope_base, dtype, name="attention")
+    attn = MultiHeadAttention(c.num_heads, c.num_kv_heads or None, c.attention, c.options, self.is_causal,
+                              c.rope_base, dtype, name="attention")
     h = RMSNorm(dtype=dtype, name="attention_norm")(x_BTD)
     if decode_state is None:
       x_BTD = x_BTD + attn(h, segment_ids, positions)

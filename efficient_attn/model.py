@@ -72,8 +72,10 @@ class Trunk(nn.Module):
       if c.remat:
         body = nn.remat(body)
       axes = (nn.broadcast, nn.broadcast) if decode_states is None else (0, nn.broadcast)
-      scanned = nn.scan(body, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                        in_axes=axes, length=groups, metadata_params={nn.PARTITION_NAME: "layers"})
+      # "buffers" (the Performer's projections) stack per layer like params; split rngs: one draw each.
+      scanned = nn.scan(body, variable_axes={"params": 0, "intermediates": 0, "buffers": 0},
+                        split_rngs={"params": True}, in_axes=axes, length=groups,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
       if decode_states is None:
         x, _ = scanned(c, self.is_causal, self.mesh, name="layers")(x, segment_ids, positions)
         return x
@@ -147,12 +149,14 @@ class TransformerLM(nn.Module):
 
 def init_decode_states(cfg, batch: int, max_len: int):
   """Per-layer decoding states (a list, or groups stacked along a leading axis with scan_layers)."""
+  import dataclasses
+
   H = cfg.d_model // cfg.num_heads
   K = cfg.num_kv_heads or cfg.num_heads
-  opts = {}
-  if cfg.attention == "performer":
-    opts["projection"] = attention_lib.performer_projection(jax.random.PRNGKey(0), cfg.num_features, H)
-  one = lambda: attention_lib.init_decode_state(cfg.attention, batch, K, H, max_len=max_len, **opts)  # noqa: E731
+  family, options = cfg.family, cfg.options
+  kw = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+  kw.update(family.call_kwargs(options, attention_lib.Shape(1, 1, cfg.num_heads, K, H, True)))
+  one = lambda: attention_lib.init_decode_state(cfg.attention, batch, K, H, max_len=max_len, **kw)  # noqa: E731
   if not cfg.scan_layers:
     return [one() for _ in range(cfg.num_layers)]
   size = cfg.moe_every if cfg.num_experts else 1
@@ -160,8 +164,17 @@ def init_decode_states(cfg, batch: int, max_len: int):
   return tuple(jax.tree.map(stack, *[one() for _ in range(cfg.num_layers // size)]) for _ in range(size))
 
 
+def as_variables(params_or_variables) -> dict:
+  """{"params": ...[, "buffers": ...]}: accepts a model's variables or its bare params."""
+  tree = params_or_variables
+  return dict(tree) if "params" in tree else {"params": tree}
+
+
 def generate(model: TransformerLM, params, prompt_BT, num_new: int, *, temperature: float = 0.0, rng=None):
   """Feeds the prompt token by token, then samples `num_new` tokens (greedy at temperature 0).
+
+  `params`: the model's variables ({"params", "buffers"}) or its bare params (a family with
+  buffers, the Performer, needs the variables).
 
   Returns (tokens [B, T + num_new], logits [B, T + num_new - 1, V]): logits[:, t]
   is the prediction made after reading token t, so it can be compared with the
@@ -171,12 +184,13 @@ def generate(model: TransformerLM, params, prompt_BT, num_new: int, *, temperatu
   total = T + num_new
   states = init_decode_states(model.config, B, total)
   rng = jax.random.PRNGKey(0) if rng is None else rng
+  variables = as_variables(params)
 
   @jax.jit
   def step(carry, t):
     tokens, states, rng = carry
     tok = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)
-    logits, states = model.apply({"params": params}, tok, jnp.full((B, 1), t), states, method=TransformerLM.decode)
+    logits, states = model.apply(variables, tok, jnp.full((B, 1), t), states, method=TransformerLM.decode)
     rng, sub = jax.random.split(rng)
     nxt = (jnp.argmax(logits[:, 0], -1) if temperature == 0.0
            else jax.random.categorical(sub, logits[:, 0] / temperature))

@@ -26,9 +26,9 @@ import optax
 import orbax.checkpoint as ocp
 
 from efficient_attn import flops, reliability, sharding
-from efficient_attn.bench import temp_bytes
 from efficient_attn.config import Config, ConfigError, validate
 from efficient_attn.data.text import PackedStream, lm_example, load_documents, split_documents
+from efficient_attn.measure import temp_bytes, xla_flops
 from efficient_attn.model import TransformerLM
 from efficient_attn.moe import collect_aux
 
@@ -50,9 +50,13 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
   return tx, schedule
 
 
-def loss_fn(params, batch, model, t):
-  """Mean next-byte cross-entropy over weighted targets, plus MoE aux losses."""
-  logits, mutated = model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
+def loss_fn(params, batch, model, t, buffers=None):
+  """Mean next-byte cross-entropy over weighted targets, plus MoE aux losses.
+
+  `buffers`: the model's non-trainable "buffers" collection (the Performer's projections), if any.
+  """
+  variables = {"params": params, **({"buffers": buffers} if buffers else {})}
+  logits, mutated = model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"],
                                 mutable=["intermediates"])
   logp = jax.nn.log_softmax(logits.astype(jnp.float32))
   nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
@@ -73,8 +77,12 @@ def init_state(model, tx, mesh, dummy, rng, *, abstract_only=False):
   """
 
   def init(rng):
-    params = model.init(rng, dummy)["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    variables = model.init(rng, dummy)
+    params = variables["params"]
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    if variables.get("buffers"):  # non-trainable (Performer projections): saved, never optimised
+      state["buffers"] = variables["buffers"]
+    return state
 
   abstract = jax.eval_shape(init, rng)  # boxed with logical axis names (nn.Partitioned)
   state_sh = sharding.param_shardings(abstract, mesh)
@@ -88,11 +96,12 @@ def make_train_step(model, tx, schedule, t, state_sh, batch_sh):
   """The one jitted update: explicit shardings, the old state donated."""
 
   def train_step(state, batch):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, model, t)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, model, t,
+                                                                    state.get("buffers"))
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+    new = {**state, "step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
            "opt_state": opt_state}
     if t.on_nonfinite == "skip":  # keep the old params and moments, still count the step
       new = {**jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), "step": state["step"] + 1}
@@ -103,10 +112,33 @@ def make_train_step(model, tx, schedule, t, state_sh, batch_sh):
 
 
 def make_eval_step(model, t, state_sh, batch_sh):
-  def eval_step(params, batch):
-    return loss_fn(params, batch, model, t)[1]["loss"]
+  def eval_step(params, buffers, batch):
+    return loss_fn(params, batch, model, t, buffers)[1]["loss"]
 
-  return jax.jit(eval_step, in_shardings=(state_sh["params"], batch_sh))
+  return jax.jit(eval_step, in_shardings=(state_sh["params"], state_sh.get("buffers"), batch_sh))
+
+
+def make_redraw(model, t, state_sh, dummy):
+  """Jitted (state, step) -> state with every attention buffer drawn anew (FAVOR+ feature redraw).
+
+  The draw for step s uses fold_in(PRNGKey(train.seed + 1), s), so a resumed run redraws the same
+  features as an uninterrupted one. Only the buffers are computed (the forward pass is dead code).
+  """
+
+  def redraw(state, step):
+    rng = jax.random.fold_in(jax.random.PRNGKey(t.seed + 1), step)
+    _, fresh = model.apply({"params": state["params"]}, dummy, rngs={"params": rng}, mutable=["buffers"])
+    return {**state, "buffers": fresh["buffers"]}
+
+  return jax.jit(redraw, in_shardings=(state_sh, None), out_shardings=state_sh, donate_argnums=0)
+
+
+def _compiled_redraw(model, t, state_sh, dummy, state):
+  """`make_redraw` compiled ahead of the loop (its compile time is not training time); None if nothing to redraw."""
+  if not t.redraw_every or "buffers" not in state:
+    return None
+  compiled = make_redraw(model, t, state_sh, dummy).lower(state, jnp.int32(0)).compile()
+  return lambda state, step: compiled(state, jnp.int32(step))
 
 
 # ----------------------------------------------------------------------------- checkpoints and logs
@@ -209,16 +241,19 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
       def get_batch(s: PackedStream, i: int):  # each process builds only its own rows
         return sharding.global_batch(lm_example(s.batch(i, jax.process_index(), jax.process_count())), mesh)
 
-      def evaluate(params) -> float:  # mean loss over the same eval_batches held-out batches every time
-        return float(np.mean([float(eval_step(params, get_batch(val_stream, i))) for i in range(t.eval_batches)]))
+      def evaluate(state) -> float:  # mean loss over the same eval_batches held-out batches every time
+        return float(np.mean([float(eval_step(state["params"], state.get("buffers"), get_batch(val_stream, i)))
+                              for i in range(t.eval_batches)]))
+
+      redraw = _compiled_redraw(model, t, state_sh, dummy, state)
 
       compiled = train_step.lower(state, get_batch(stream, start)).compile()
       log, elapsed = _metrics_log(workdir, start) if jax.process_index() == 0 else (None, 0.0)
       try:
         state, row = _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, len(devices),
-                           progress, stop_after, elapsed, evaluate if val_stream is not None else None)
+                           progress, stop_after, elapsed, evaluate if val_stream is not None else None, redraw)
         if val_stream is not None and start < t.steps and int(state["step"]) == t.steps:
-          val = evaluate(state["params"])
+          val = evaluate(state)
           row = {"step": t.steps, "val_loss": val, "val_bpb": val / np.log(2), "time_s": row.get("time_s")}
           if log:
             log.write(json.dumps(row) + "\n")
@@ -231,7 +266,7 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
 
 
 def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_devices, progress, stop_after,
-          elapsed=0.0, evaluate=None):
+          elapsed=0.0, evaluate=None, redraw=None):
   """Steps `start..train.steps`, logging and checkpointing; returns (state, last logged row).
 
   Each row has `loss` (the logged step's), `loss_avg` (mean over the steps since the last
@@ -239,13 +274,11 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
   across resumes). With train.eval_every, every eval_every-th step (a multiple of
   log_every) also logs {"step", "val_loss", "time_s"} on the same held-out batches."""
   m, t = cfg.model, cfg.train
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   tokens = t.batch_size * t.seq_len
   fpt = flops.model_flops_per_token(m, t.seq_len)["train"]
   peak, _ = flops.peak_flops_per_device(m.dtype if m.dtype != "bfloat16" else "float32")
   # cost_analysis of an SPMD program is one device's share: every device executes its partition.
-  executed = float(cost.get("flops", 0.0)) * num_devices / tokens
+  executed = xla_flops(compiled) * num_devices / tokens
   # Emulated CPU devices share one machine, whose measured matmul rate is the peak.
   peak_devices = 1 if jax.devices()[0].platform == "cpu" else num_devices
   static = {"flops_per_token": fpt, "executed_flops_per_token": executed, "temp_bytes": temp_bytes(compiled)}
@@ -255,6 +288,8 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
   row: dict[str, Any] = {}
   t_last, steps_since, loss_sum = time.perf_counter(), 0, 0.0
   for step in range(start, t.steps):
+    if redraw is not None and step > 0 and step % t.redraw_every == 0:
+      state = redraw(state, step)
     state, metrics = compiled(state, get_batch(stream, step))
     steps_since += 1
     loss_sum = loss_sum + metrics["loss"]  # on device: no host sync in the step loop
@@ -277,7 +312,7 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
         log.flush()
       bar.set_postfix(loss=f"{row['loss']:.3f}")
       if evaluate is not None and t.eval_every and done % t.eval_every == 0 and done < t.steps:
-        val = {"step": done, "val_loss": evaluate(state["params"]), "time_s": elapsed}  # not counted as training
+        val = {"step": done, "val_loss": evaluate(state), "time_s": elapsed}  # not counted as training
         if log:
           log.write(json.dumps(val) + "\n")
           log.flush()

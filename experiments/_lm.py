@@ -15,13 +15,14 @@ import os
 from efficient_attn.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig, validate
 
 # Flat experiment keys that map onto the training config (experiment key -> "section.field").
-MODEL_KEYS = ("d_model", "num_layers", "num_heads", "ffn_dim", "window", "block_size", "num_features", "dtype")
+MODEL_KEYS = ("d_model", "num_layers", "num_heads", "ffn_dim", "dtype")
 TRAIN_KEYS = ("batch_size", "seq_len", "learning_rate", "warmup_steps", "seed", "log_every", "eval_batches",
               "eval_every")
 
 
 def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> Config:
   """The training Config of one variant: the experiment's shared settings + the variant's model fields."""
+  model.setdefault("attention_options", cfg.get("attention_options", {}).get(model.get("attention", "softmax")))
   m = ModelConfig(**{k: cfg[k] for k in MODEL_KEYS if k in cfg}, **model)
   t = TrainConfig(steps=steps, checkpoint_every=max(steps // 4, 1), max_to_keep=1,
                   **{k: cfg[k] for k in TRAIN_KEYS if k in cfg})

@@ -5,8 +5,9 @@
 batch i is `batch_fn(i)`, a pure function of the step (the generators are seeded
 per step, see `step_seed`), built on a background thread while step i - 1 runs;
 the update is one jitted AdamW step (`train.make_optimizer`) compiled ahead of
-time, so its compiled temp memory is known before the first step. `loss_fn(params,
-batch) -> (loss, (correct, count))` is the task: the step differentiates the loss,
+time, so its compiled temp memory is known before the first step. `loss_fn(variables,
+batch) -> (loss, (correct, count))` is the task (`variables`: the model's {"params"} plus its
+fixed {"buffers"} if it has any): the step differentiates the loss w.r.t. the params,
 evaluation sums `correct` and `count` over the held-out batches. Single device;
 the models are small enough that sharding would only add compilation time.
 """
@@ -68,17 +69,21 @@ def train_and_eval(model, loss_fn: Callable, batch_fn: Callable[[int], dict], ev
   t0 = time.perf_counter()
   first = batch_fn(0)
   # rbg keys: XLA:CPU compiles threefry init for several seconds, rbg in a fraction of that.
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed, impl="rbg"), first["inputs"])["params"])
+  variables = nn.unbox(jax.jit(model.init)(jax.random.key(seed, impl="rbg"), first["inputs"]))
+  params = variables["params"]
+  # Non-trainable buffers (the Performer's per-layer projections) ride along, fixed: never optimised.
+  fixed = {"buffers": variables["buffers"]} if "buffers" in variables else {}
+  task_loss = lambda params, batch: loss_fn({"params": params, **fixed}, batch)  # noqa: E731
   state = (params, tx.init(params))
 
   def train_step(state, batch):
     params, opt = state
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    (loss, _), grads = jax.value_and_grad(task_loss, has_aux=True)(params, batch)
     updates, opt = tx.update(grads, opt, params)
     return (jax.tree.map(jnp.add, params, updates), opt), loss
 
   step = jax.jit(train_step, donate_argnums=0).lower(state, first).compile()
-  evaluate = jax.jit(loss_fn)
+  evaluate = jax.jit(task_loss)
   compile_s = time.perf_counter() - t0
 
   def run_eval():

@@ -25,19 +25,15 @@ import math
 import os
 
 from efficient_attn.config import ConfigError
-from efficient_attn.experiment import line_plot
+from efficient_attn.experiment import attention_variant, check_attention_variants, line_plot
 
 from ._papers import LRA_LENGTHS, LRA_TABLE2, LRA_TABLE2_NOTE
 
-# family -> (model.attention, softmax implementation). "softmax" is the baseline and runs first.
-FAMILIES = {
-    "softmax": ("softmax", "xla"),
-    "softmax_chunked": ("softmax", "chunked"),
-    "local": ("local", None),
-    "sparse": ("sparse", None),
-    "linear": ("linear", None),
-    "performer": ("performer", None),
-}
+# The default variants, in table order; any registered family (a --plugin's too) can be added.
+# "softmax" (the baseline, run first) materialises its logits; "softmax_chunked" is an alias:
+# the same family with its flash-style implementation.
+FAMILIES = ["softmax", "softmax_chunked", "local", "sparse", "linear", "performer"]
+ALIASES = {"softmax": ("softmax", {"implementation": "xla"}), "softmax_chunked": ("softmax", {"implementation": "chunked"})}
 BASELINE = "softmax"
 LONG_STEP_S = 10.0
 
@@ -46,40 +42,23 @@ def get_config() -> dict:
   return {
       "smoke": False, "families": list(FAMILIES), "seq_lens": [1024, 2048, 4096, 8192], "batch_size": 1,
       "d_model": 256, "num_layers": 2, "num_heads": 4, "ffn_dim": 1024, "dtype": "float32",
-      "window": 256, "block_size": 64, "sparse_window": 3, "sparse_global": 1, "sparse_random": 1,
-      "num_features": 256, "chunk_size": 0,   # linear / performer chunk; 0 = the family default
-      "softmax_chunk": 0,                     # chunked softmax tile; 0 = softmax.DEFAULT_CHUNK
+      "attention_options": {"local": {"window": 256}, "sparse": {"block_size": 64, "window": 3, "num_global": 1,
+                                                                 "num_random": 1},
+                            "performer": {"num_features": 256}},
       "repeats": 3, "min_time_s": 0.2, "max_step_s": 120.0, "max_memory_gib": 12.0, "compile_threads": 2,
       "seed": 0,
   }
 
 
-SMOKE = {"seq_lens": [256, 512], "d_model": 64, "num_layers": 1, "num_heads": 2, "ffn_dim": 128, "window": 64,
-         "num_features": 32, "repeats": 2, "min_time_s": 0.02}
-
-
-def _chunks(cfg: dict) -> dict[str, int]:
-  """The tile each chunked family cuts T into: the lengths must be multiples of it."""
-  from efficient_attn.attention import linear, softmax
-
-  fam = set(cfg["families"])
-  out = {}
-  if "sparse" in fam:
-    out["block_size"] = cfg["block_size"]
-  if "softmax_chunked" in fam:
-    out["softmax_chunk"] = cfg["softmax_chunk"] or max(softmax.DEFAULT_CHUNK)
-  if fam & {"linear", "performer"}:
-    out["chunk_size"] = cfg["chunk_size"] or linear.DEFAULT_CHUNK_SIZE
-  return out
+SMOKE = {"seq_lens": [256, 512], "d_model": 64, "num_layers": 1, "num_heads": 2, "ffn_dim": 128,
+         "attention_options": {"local": {"window": 64}, "sparse": {"block_size": 64}, "performer": {"num_features": 32}},
+         "repeats": 2, "min_time_s": 0.02}
 
 
 def check(cfg: dict) -> None:
   from efficient_attn.config import validate
 
-  bad = [f for f in cfg["families"] if f not in FAMILIES]
-  if bad or not cfg["families"] or len(set(cfg["families"])) < len(cfg["families"]):
-    raise ConfigError(f"families={cfg['families']!r} must be a non-empty list of distinct names from"
-                      f" {list(FAMILIES)}.")
+  check_attention_variants(cfg, cfg["families"], "attention_scaling", "families", ALIASES)
   lens = cfg["seq_lens"]
   positive = all(isinstance(T, int) and not isinstance(T, bool) and T > 0 for T in lens)
   if not lens or not positive or len(set(lens)) < len(lens):
@@ -90,16 +69,12 @@ def check(cfg: dict) -> None:
   for key in ("min_time_s", "max_step_s", "max_memory_gib"):
     if not cfg[key] > 0:
       raise ConfigError(f"{key}={cfg[key]} must be a positive number.")
-  for key, size in _chunks(cfg).items():
-    odd = [T for T in lens if size < 1 or T % size]
-    if odd:
-      raise ConfigError(f"seq_lens entries {odd} are not multiples of {key}={size}; use lengths divisible by {size}"
-                        " so every family computes whole blocks.")
   for name in cfg["families"]:
-    try:
-      validate(_train_config(cfg, name, max(lens)), 1)
-    except ConfigError as e:
-      raise ConfigError(f"attention_scaling family {name}: {e}") from None
+    for T in lens:  # each family checks its own constraints (e.g. sparse: T a multiple of its block)
+      try:
+        validate(_train_config(cfg, name, T), 1)
+      except ConfigError as e:
+        raise ConfigError(f"attention_scaling family {name}: {e}") from None
 
 
 def variants(cfg: dict) -> list[str]:
@@ -109,15 +84,13 @@ def variants(cfg: dict) -> list[str]:
 def _train_config(cfg: dict, name: str, T: int):
   from efficient_attn.config import Config, MeshConfig, ModelConfig, TrainConfig
 
-  keys = ("d_model", "num_layers", "num_heads", "ffn_dim", "dtype", "window", "block_size", "sparse_window",
-          "sparse_global", "sparse_random", "num_features")
-  attention, impl = FAMILIES[name]
-  chunk = cfg["softmax_chunk"] if attention == "softmax" else cfg["chunk_size"]
-  m = ModelConfig(attention=attention, softmax_impl=impl or "", chunk_size=chunk, **{k: cfg[k] for k in keys})
+  keys = ("d_model", "num_layers", "num_heads", "ffn_dim", "dtype")
+  attention, options = attention_variant(cfg, name, ALIASES)
+  m = ModelConfig(attention=attention, attention_options=options, **{k: cfg[k] for k in keys})
   return Config(model=m, train=TrainConfig(batch_size=cfg["batch_size"], seq_len=T), mesh=MeshConfig(data=1))
 
 
-def _compile(cfg: dict, name: str, T: int, params) -> tuple[dict, object, dict]:
+def _compile(cfg: dict, name: str, T: int, variables) -> tuple[dict, object, dict]:
   """Compiles the training step of family `name` at length T: (row with memory and FLOPs, executable, batch)."""
   import jax
 
@@ -131,10 +104,11 @@ def _compile(cfg: dict, name: str, T: int, params) -> tuple[dict, object, dict]:
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": None,
            "weights": jax.numpy.ones((B, T), jax.numpy.float32)}
   model = TransformerLM(m)
-  step = jax.value_and_grad(lambda p, b: train.loss_fn(p, b, model, config.train), has_aux=True)
+  params, buffers = variables
+  step = jax.value_and_grad(lambda p, b: train.loss_fn(p, b, model, config.train, buffers), has_aux=True)
   compiled = compile_fn(step, params, batch)
-  impl = FAMILIES[name][1]
-  fpt = flops.model_flops_per_token(m, T, implementation=impl)
+  impl = getattr(m.options, "implementation", None)
+  fpt = flops.model_flops_per_token(m, T)
   row = {"family": name, "attention": m.attention, "implementation": impl, "seq_len": T, "batch_size": B,
          "memory_bytes": temp_bytes(compiled), "flops": fpt["train"] * B * T,
          "flops_executed": fpt["executed_train"] * B * T, "xla_flops": xla_flops(compiled) or None,
@@ -180,7 +154,10 @@ def _init_params(cfg: dict, name: str):
   def draw(s):  # matrices ~ N(0, 0.02²); norm scales 1
     return jax.numpy.asarray(0.02 * rng.standard_normal(s.shape) if len(s.shape) > 1 else np.ones(s.shape), s.dtype)
 
-  return jax.tree.map(draw, shapes)
+  # A family's buffers (the Performer's projections) as init draws them; only they are computed.
+  zeros = jax.numpy.zeros(tokens.shape, tokens.dtype)
+  buffers = jax.jit(lambda key: model.init(key, zeros).get("buffers"))(jax.random.PRNGKey(cfg["seed"]))
+  return jax.tree.map(draw, shapes), buffers
 
 
 def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
@@ -197,13 +174,14 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
 
   root = os.path.dirname(os.path.dirname(ctx.workdir))  # the runner's DIR (ctx.workdir = DIR/variants/NAME)
   base = {r["seq_len"]: r for r in (finished_rows(root, BASELINE) or [])}
-  params = _init_params(cfg, name)
+  variables = _init_params(cfg, name)
+  params = variables[0]
   lengths = sorted(cfg["seq_lens"])
   bar = tqdm(total=2 * len(lengths), desc=f"{name} compile+time", unit="step", disable=not ctx.progress,
              leave=False)
 
   def build(T):
-    out = _compile(cfg, name, T, params)
+    out = _compile(cfg, name, T, variables)
     bar.update()
     return out
 
@@ -247,7 +225,8 @@ def _lra_ratios(family: str, T: int) -> tuple[float, float] | None:
 def _measured_table(rows: list[dict]) -> str:
   lines = ["| family | T | step s | tokens/s | speed-up vs softmax | compiled MiB | memory vs softmax |"
            " train GFLOP/step (ideal / executed / XLA) |", "|---|---|---|---|---|---|---|---|"]
-  for r in sorted(rows, key=lambda r: (r["seq_len"], list(FAMILIES).index(r["family"]))):
+  order = {f: i for i, f in enumerate(dict.fromkeys(r["family"] for r in rows))}  # variant order
+  for r in sorted(rows, key=lambda r: (r["seq_len"], order[r["family"]])):
     step = _f(r["step_time_s"], ".4f") if not r["skipped"] else "skipped"
     lines.append(f"| {r['family']} | {r['seq_len']} | {step} | {_f(r['tokens_per_sec'], '.0f')}"
                  f" | {_f(r['speedup'], '.2f')} | {r['memory_bytes'] / 2**20:.1f} | {_f(r['memory_ratio'], '.3f')}"
@@ -285,9 +264,10 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
   skipped = [f"- {r['family']} at T={r['seq_len']}: {r['skipped']} (memory still reported)" for r in rows
              if r["skipped"]]
   model = (f"{cfg['num_layers']}-layer causal TransformerLM, d_model {cfg['d_model']}, {cfg['num_heads']} heads,"
-           f" FFN {cfg['ffn_dim']}, batch {cfg['batch_size']}, {cfg['dtype']}; local window {cfg['window']};"
-           f" sparse = BigBird layout of {cfg['block_size']}-token blocks ({cfg['sparse_window']} window,"
-           f" {cfg['sparse_global']} global, {cfg['sparse_random']} random); Performer M={cfg['num_features']}")
+           f" FFN {cfg['ffn_dim']}, batch {cfg['batch_size']}, {cfg['dtype']}; local window {_opt(cfg, 'local', 'window')};"
+           f" sparse = BigBird layout of {_opt(cfg, 'sparse', 'block_size')}-token blocks"
+           f" ({_opt(cfg, 'sparse', 'window')} window, {_opt(cfg, 'sparse', 'num_global')} global,"
+           f" {_opt(cfg, 'sparse', 'num_random')} random); Performer M={_opt(cfg, 'performer', 'num_features')}")
   intro = (f"One training step (forward + backward of the LM loss) of a {model}. Time: median of >="
            f" {cfg['repeats']} calls after a warm-up (one call where the step was predicted past {LONG_STEP_S:g} s)."
            " Memory: XLA's compiled temporary bytes of the step. Ratios are against `softmax` (exact, XLA,"
@@ -308,8 +288,15 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
   ])
 
 
+def _opt(cfg: dict, family: str, name: str):
+  """A family's option as this experiment runs it (its attention_options, else the family default)."""
+  from efficient_attn.attention import get
+
+  return getattr(get(family).make_options(cfg["attention_options"].get(family)), name)
+
+
 def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:
-  fams = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
+  fams = [f for f in cfg["families"] if any(r["family"] == f for r in rows)]
 
   def series(key, scale=1.0):
     out = {}

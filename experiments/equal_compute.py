@@ -17,24 +17,26 @@ from __future__ import annotations
 import os
 
 from efficient_attn.config import ConfigError
-from efficient_attn.experiment import line_plot
+from efficient_attn.experiment import check_attention_variants, line_plot
 
 from . import _lm
 
-FAMILIES = ("softmax", "local", "sparse", "linear", "performer")
+FAMILIES = ["softmax", "local", "sparse", "linear", "performer"]  # the default variants; any registered family runs
 
 
 def get_config() -> dict:
   return {
       "smoke": False, "variants": list(FAMILIES), "reference_steps": 150, "budget_flops": 0.0,
+      "attention_options": {"local": {"window": 128}, "sparse": {"block_size": 64}, "performer": {"num_features": 64}},
       "batch_size": 8, "seq_len": 512, "d_model": 256, "num_layers": 4, "num_heads": 4, "ffn_dim": 1024,
-      "window": 128, "block_size": 64, "num_features": 64, "learning_rate": 3e-3, "warmup_steps": 15,
+      "learning_rate": 3e-3, "warmup_steps": 15,
       "log_every": 5, "eval_every": 15, "eval_batches": 4, "seed": 0,
   }
 
 
 SMOKE = {"variants": ["softmax", "linear"], "reference_steps": 4, "batch_size": 2, "seq_len": 64, "d_model": 32,
-         "num_layers": 1, "ffn_dim": 64, "window": 16, "block_size": 16, "num_features": 16, "warmup_steps": 1,
+         "num_layers": 1, "ffn_dim": 64, "warmup_steps": 1,
+         "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16}, "performer": {"num_features": 16}},
          "log_every": 2, "eval_every": 2, "eval_batches": 1}
 
 
@@ -61,9 +63,7 @@ def steps_for(cfg: dict, family: str) -> int:
 def check(cfg: dict) -> None:
   from efficient_attn import flops
 
-  bad = [v for v in cfg["variants"] if v not in FAMILIES]
-  if bad:
-    raise ConfigError(f"unknown variants {bad} for experiment equal_compute; valid variants are {list(FAMILIES)}.")
+  check_attention_variants(cfg, cfg["variants"], "equal_compute", "variants")
   if cfg["budget_flops"] < 0 or cfg["reference_steps"] < 1:
     raise ConfigError(f"budget_flops={cfg['budget_flops']} must be >= 0 and reference_steps="
                       f"{cfg['reference_steps']} >= 1.")
@@ -97,11 +97,17 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
                  f" | {f(r['mfu'], '.2f')} | {f(r['memory_bytes'] / 2**20, '.0f')} |")
   return (f"Budget {budget(cfg):.3g} training FLOPs per family (= softmax x {cfg['reference_steps']} steps unless"
           f" budget_flops is set); batch {cfg['batch_size']} x {cfg['seq_len']} bytes, d_model {cfg['d_model']},"
-          f" {cfg['num_layers']} layers, window {cfg['window']}, sparse blocks {cfg['block_size']},"
-          f" Performer M={cfg['num_features']}. FLOPs are the ideal per-family count (forward x 3);"
+          f" {cfg['num_layers']} layers, family options {_options_text(cfg)}."
+          " FLOPs are the ideal per-family count (forward x 3);"
           " '-' = never reached softmax's final validation loss (the same held-out batches evaluated"
           f" every {cfg['eval_every']} steps; with eval_every=0 the train loss, smoothed over {_lm.SMOOTH} logs).\n\n"
           + "\n".join(lines))
+
+
+def _options_text(cfg: dict) -> str:
+  opts = cfg["attention_options"]
+  return "; ".join(f"{f} " + ", ".join(f"{k}={v}" for k, v in opts[f].items()) for f in cfg["variants"]
+                   if opts.get(f)) or "defaults"
 
 
 def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import os
 
 from efficient_attn.config import ConfigError
-from efficient_attn.experiment import line_plot
+from efficient_attn.experiment import check_attention_variants, line_plot
 
 from ._papers import LRA_TABLE1
 
-FAMILIES = ("softmax", "local", "sparse", "linear", "performer")
+FAMILIES = ["softmax", "local", "sparse", "linear", "performer"]  # the default families; any registered one runs
 # Our family -> the LRA Table 1 row it corresponds to (sparse uses BigBird's window + global + random layout).
 LRA_ROW = {"softmax": "Transformer", "local": "Local Attention", "sparse": "BigBird", "linear": "Linear Trans.",
            "performer": "Performer"}
@@ -33,24 +33,32 @@ LRA_ROW = {"softmax": "Transformer", "local": "Local Attention", "sparse": "BigB
 def get_config() -> dict:
   return {
       "smoke": False, "families": list(FAMILIES), "min_length": 50, "max_length": 128, "max_depth": 10,
-      "max_args": 10, "d_model": 64, "num_layers": 2, "num_heads": 4, "ffn_dim": 128, "window": 16,
-      "block_size": 16, "num_features": 64, "batch_size": 32, "steps": 400, "budget_flops": 0.0,
+      "max_args": 10, "d_model": 64, "num_layers": 2, "num_heads": 4, "ffn_dim": 128,
+      "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16}, "performer": {"num_features": 64}},
+      "batch_size": 32, "steps": 400, "budget_flops": 0.0,
       "learning_rate": 2e-3, "warmup_steps": 40, "eval_examples": 512, "eval_points": 6, "seed": 0,
   }
 
 
 SMOKE = {"families": ["softmax", "sparse", "performer"], "min_length": 16, "max_length": 64, "d_model": 32,
-         "num_layers": 1, "num_heads": 2, "ffn_dim": 64, "window": 16, "block_size": 16, "num_features": 16,
+         "num_layers": 1, "num_heads": 2, "ffn_dim": 64,
+         "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16}, "performer": {"num_features": 16}},
          "batch_size": 8, "steps": 4, "warmup_steps": 1, "eval_examples": 16, "eval_points": 1}
+
+
+def _option(cfg: dict, family: str, name: str):
+  """A family's option as this experiment runs it (its attention_options, else the family default)."""
+  from efficient_attn.attention import get
+
+  return getattr(get(family).make_options(cfg["attention_options"].get(family)), name)
 
 
 def model_config(cfg: dict, family: str):
   from efficient_attn.config import ModelConfig
   from efficient_attn.data.listops import VOCAB
 
-  return ModelConfig(attention=family, vocab_size=len(VOCAB),
-                     **{k: cfg[k] for k in ("d_model", "num_layers", "num_heads", "ffn_dim", "window",
-                                            "block_size", "num_features")})
+  return ModelConfig(attention=family, attention_options=cfg["attention_options"].get(family), vocab_size=len(VOCAB),
+                     **{k: cfg[k] for k in ("d_model", "num_layers", "num_heads", "ffn_dim")})
 
 
 def step_flops(cfg: dict, family: str) -> float:
@@ -75,10 +83,7 @@ def check(cfg: dict) -> None:
 
   from ._synthetic import check_counts, check_model
 
-  bad = [f for f in cfg["families"] if f not in FAMILIES]
-  if bad or not cfg["families"]:
-    raise ConfigError(f"families={cfg['families']} for experiment listops: valid families are {list(FAMILIES)}"
-                      " (at least one).")
+  check_attention_variants(cfg, cfg["families"], "listops", "families")
   try:
     generate_listops(0, seed=0, min_length=cfg["min_length"], max_length=cfg["max_length"],
                      max_depth=cfg["max_depth"], max_args=cfg["max_args"])
@@ -131,8 +136,8 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
 
   model = EncoderClassifier(model_config(cfg, name), NUM_CLASSES)
 
-  def loss_fn(params, batch):
-    return task_loss(model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"]), batch)
+  def loss_fn(variables, batch):
+    return task_loss(model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"]), batch)
 
   B, seed = cfg["batch_size"], cfg["seed"]
   held_out = _batch(cfg, step_seed(seed, 1), cfg["eval_examples"])
@@ -143,7 +148,7 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
                        tokens_per_batch=B * cfg["max_length"], eval_every=max(steps // cfg["eval_points"], 1),
                        progress=ctx.progress, desc=name)
   majority = float(np.bincount(held_out["labels"], minlength=NUM_CLASSES).max() / len(held_out["labels"]))
-  return [{"family": name, "lra_row": LRA_ROW[name], "seq_len": cfg["max_length"], "batch_size": B,
+  return [{"family": name, "lra_row": LRA_ROW.get(name), "seq_len": cfg["max_length"], "batch_size": B,
            "flops_per_step": per_step, "flops": per_step * (out["diverged_at_step"] or steps),
            "majority_accuracy": majority, "eval_curve_flops": [per_step * s for s in out["eval_curve_step"]], **out}]
 
@@ -153,7 +158,8 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
            " compiled temp MiB |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     acc = f"NaN at step {r['diverged_at_step']}" if r.get("diverged_at_step") else f"{100 * r['accuracy']:.2f}"
-    lines.append(f"| {r['family']} | {r['lra_row']} | {LRA_TABLE1[r['lra_row']]:.2f} | {acc}"
+    lra = f"{LRA_TABLE1[r['lra_row']]:.2f}" if r["lra_row"] else "-"  # a plugin family has no LRA row
+    lines.append(f"| {r['family']} | {r['lra_row'] or '-'} | {lra} | {acc}"
                  f" | {r['eval_loss']:.3f} | {r['steps']} | {r['flops']:.3g} | {r['tokens_per_sec']:.0f}"
                  f" | {r['memory_bytes'] / 2**20:.1f} |")
   majority = 100 * rows[0]["majority_accuracy"] if rows else float("nan")
@@ -168,8 +174,9 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
       f"Expressions of {cfg['min_length']}-{cfg['max_length']} tokens padded to {cfg['max_length']} (LRA:"
       f" 500-2000), max depth {cfg['max_depth']}, max args {cfg['max_args']}; encoder classifier d_model"
       f" {cfg['d_model']}, {cfg['num_layers']} layers, {cfg['num_heads']} heads, mean pooling over real tokens;"
-      f" batch {cfg['batch_size']}; local window {cfg['window']}, sparse = BigBird block layout (block"
-      f" {cfg['block_size']}: 3-block window, 1 global, 1 random), Performer M = {cfg['num_features']}."
+      f" batch {cfg['batch_size']}; local window {_option(cfg, 'local', 'window')}, sparse = BigBird block layout"
+      f" (block {_option(cfg, 'sparse', 'block_size')}: 3-block window, 1 global, 1 random), Performer M ="
+      f" {_option(cfg, 'performer', 'num_features')}."
       f" Equal compute: every family gets the same training FLOPs (ideal, bidirectional, padding included),"
       f" softmax's {cfg['steps']} steps; cheaper families train more steps. Accuracy on {cfg['eval_examples']}"
       f" held-out expressions; the majority class of that set scores **{majority:.2f}%**.\n\n"
@@ -195,7 +202,8 @@ def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
   ours = [float("nan") if r.get("diverged_at_step") else 100 * r["accuracy"] for r in rows]
   ax.bar(x - 0.2, ours, 0.4, label="ours (CPU scale)")
-  ax.bar(x + 0.2, [LRA_TABLE1[r["lra_row"]] for r in rows], 0.4, label="LRA Table 1")
+  ax.bar(x + 0.2, [LRA_TABLE1[r["lra_row"]] if r["lra_row"] else float("nan") for r in rows], 0.4,
+         label="LRA Table 1")
   if rows:
     ax.axhline(100 * rows[0]["majority_accuracy"], color="gray", linestyle="--", linewidth=1, label="majority class")
   ax.set_xticks(x, [r["family"] for r in rows])

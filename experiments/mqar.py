@@ -18,24 +18,32 @@ from __future__ import annotations
 import os
 
 from efficient_attn.config import ConfigError
-from efficient_attn.experiment import line_plot
+from efficient_attn.experiment import check_attention_variants, line_plot
 
 from ._papers import ZOOLOGY_NOTE
 
-FAMILIES = ("softmax", "local", "sparse", "linear", "performer")
 
 
 def get_config() -> dict:
   return {
       "smoke": False, "families": ["softmax", "linear", "performer"], "widths": [32, 64, 128],
       "seq_len": 64, "num_kv_pairs": 8, "vocab_size": 64, "power_a": 0.01, "num_layers": 2, "num_heads": 1,
-      "ffn_mult": 2, "window": 16, "block_size": 16, "num_features": 64, "batch_size": 64, "steps": 400,
+      "ffn_mult": 2, "batch_size": 64, "steps": 400,
+      "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16}, "performer": {"num_features": 64}},
       "learning_rate": 3e-3, "warmup_steps": 40, "eval_examples": 512, "seed": 0,
   }
 
 
 SMOKE = {"families": ["softmax", "linear"], "widths": [16], "seq_len": 32, "num_kv_pairs": 4, "vocab_size": 32,
-         "num_layers": 1, "num_features": 16, "batch_size": 8, "steps": 4, "warmup_steps": 1, "eval_examples": 16}
+         "num_layers": 1, "batch_size": 8, "steps": 4, "warmup_steps": 1, "eval_examples": 16,
+         "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16}, "performer": {"num_features": 16}}}
+
+
+def _option(cfg: dict, family: str, name: str):
+  """A family's option as this experiment runs it (its attention_options, else the family default)."""
+  from efficient_attn.attention import get
+
+  return getattr(get(family).make_options(cfg["attention_options"].get(family)), name)
 
 
 def _split(name: str) -> tuple[str, int]:
@@ -46,9 +54,8 @@ def _split(name: str) -> tuple[str, int]:
 def model_config(cfg: dict, family: str, width: int):
   from efficient_attn.config import ModelConfig
 
-  return ModelConfig(attention=family, d_model=width, ffn_dim=cfg["ffn_mult"] * width,
-                     **{k: cfg[k] for k in ("num_layers", "num_heads", "vocab_size", "window", "block_size",
-                                            "num_features")})
+  return ModelConfig(attention=family, attention_options=cfg["attention_options"].get(family), d_model=width,
+                     ffn_dim=cfg["ffn_mult"] * width, **{k: cfg[k] for k in ("num_layers", "num_heads", "vocab_size")})
 
 
 def check(cfg: dict) -> None:
@@ -56,10 +63,7 @@ def check(cfg: dict) -> None:
 
   from ._synthetic import check_counts, check_model
 
-  bad = [f for f in cfg["families"] if f not in FAMILIES]
-  if bad or not cfg["families"]:
-    raise ConfigError(f"families={cfg['families']} for experiment mqar: valid families are {list(FAMILIES)}"
-                      " (at least one).")
+  check_attention_variants(cfg, cfg["families"], "mqar", "families")
   if not cfg["widths"] or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in cfg["widths"]):
     raise ConfigError(f"widths={cfg['widths']} for experiment mqar: need a list of positive integers such as [32, 64].")
   check_counts(cfg, "mqar", ("steps", "batch_size", "eval_examples", "ffn_mult"), " (at least one step's worth)")
@@ -106,8 +110,8 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   m = model_config(cfg, family, width)
   model = TransformerLM(m)
 
-  def loss_fn(params, batch):
-    return task_loss(model.apply({"params": params}, batch["inputs"]), batch)
+  def loss_fn(variables, batch):
+    return task_loss(model.apply(variables, batch["inputs"]), batch)
 
   B, T, seed = cfg["batch_size"], cfg["seq_len"], cfg["seed"]
   held_out = _batch(cfg, step_seed(seed, 1), cfg["eval_examples"])
@@ -151,7 +155,7 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
       f" (power_a {cfg['power_a']}), vocabulary {cfg['vocab_size']}; causal LM with {cfg['num_layers']} layers,"
       f" {cfg['num_heads']} head(s), FFN {cfg['ffn_mult']}x width, RoPE; {cfg['steps']} steps of batch"
       f" {cfg['batch_size']} (fresh rows every step), loss on the query positions only; Performer M ="
-      f" {cfg['num_features']}, linear = elu+1 features (M = head dim). Accuracy (%) on"
+      f" {_option(cfg, 'performer', 'num_features')}, linear = elu+1 features (M = head dim). Accuracy (%) on"
       f" {cfg['eval_examples']} held-out rows ({cfg['eval_examples'] * cfg['num_kv_pairs']} queries); guessing"
       f" a value scores {chance:.1f}%.\n\n" + "\n".join(acc)
       + f"\n\n90% accuracy reached by: {'; '.join(verdict)}. Zoology sweeps learning rates and trains to"

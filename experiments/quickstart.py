@@ -30,15 +30,16 @@ VARIANTS = {
 def get_config() -> dict:
   return {
       "smoke": False, "variants": list(VARIANTS), "steps": 150, "batch_size": 8, "seq_len": 256,
-      "d_model": 256, "num_layers": 4, "num_heads": 4, "ffn_dim": 1024, "window": 64, "num_features": 64,
+      "d_model": 256, "num_layers": 4, "num_heads": 4, "ffn_dim": 1024,
+      "attention_options": {"local": {"window": 64}, "performer": {"num_features": 64}},
       "learning_rate": 3e-3, "warmup_steps": 20, "log_every": 10, "eval_batches": 4, "seed": 0,
       "mesh_data": 2, "mesh_model": 4,   # data x (fsdp for dense | expert for MoE)
   }
 
 
 SMOKE = {"variants": ["softmax", "linear", "softmax+moe"], "steps": 6, "d_model": 64, "num_layers": 2,
-         "ffn_dim": 128, "seq_len": 64, "log_every": 2, "warmup_steps": 2, "eval_batches": 1, "window": 32,
-         "num_features": 16}
+         "ffn_dim": 128, "seq_len": 64, "log_every": 2, "warmup_steps": 2, "eval_batches": 1,
+         "attention_options": {"local": {"window": 32}, "performer": {"num_features": 16}}}
 
 
 def _config(cfg: dict, name: str):

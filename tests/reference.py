@@ -106,3 +106,23 @@ def dense_softmax_jnp(q, k, v, vis, bias=None):
   p = jnp.where(vis, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
   p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
   return jnp.einsum("BNTS,BSNH->BTNH", p, v)
+
+
+def decode_sequence(kind, q, k, v, **opts):
+  """Runs `efficient_attn.attention`'s decoding API token by token over [B, T, ...] inputs: [B, T, N, H].
+
+  Not a reference itself: what the tests compare with the parallel forward.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from efficient_attn import attention as A
+
+  B, T, K, H = k.shape
+  state = A.init_decode_state(kind, B, K, H, max_len=T, **opts)
+  step = jax.jit(lambda st, q1, k1, v1: A.decode_step(kind, st, q1, k1, v1, **opts))
+  outs = []
+  for t in range(T):
+    o, state = step(state, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+    outs.append(o)
+  return jnp.concatenate(outs, axis=1)

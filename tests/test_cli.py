@@ -53,8 +53,9 @@ def test_bench_settings_one_parser_for_both_benches():
 
 def test_bench_attention_small_writes_json(tmp_path, capsys):
   out = tmp_path / "rows.json"
-  rc = cli.main(["bench", "attention", "--set", "seq_lens=[128]", "--set", "window=32", "--set",
-                 "block_size=32", "--set", "num_features=16", "--set", "repeats=1", "--json", str(out)])
+  rc = cli.main(["bench", "attention", "--set", "seq_lens=[128]", "--set", "attention_options.local.window=32",
+                 "--set", "attention_options.sparse.block_size=32", "--set",
+                 "attention_options.performer.num_features=16", "--set", "repeats=1", "--json", str(out)])
   assert rc == 0
   rows = json.loads(out.read_text())
   assert {r["variant"] for r in rows} == {"jax_nn", "softmax", "softmax_chunked", "local", "sparse", "linear",
@@ -62,6 +63,8 @@ def test_bench_attention_small_writes_json(tmp_path, capsys):
   base = next(r for r in rows if r["variant"] == "jax_nn")
   assert base["speedup"] == pytest.approx(1.0) and base["memory_ratio"] == pytest.approx(1.0)
   assert all(r["time_s"] > 0 and r["temp_bytes"] >= 0 for r in rows)
+  flops = {r["variant"]: r["gflops_ideal"] for r in rows}  # each family's own count: local < causal softmax
+  assert 0 < flops["local"] < flops["softmax"] == flops["softmax_chunked"] == flops["jax_nn"]
   table = capsys.readouterr().out
   assert "| variant |" in table and "performer" in table
 
@@ -69,7 +72,8 @@ def test_bench_attention_small_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize("args, fragment", [
     (["bench", "attention", "--set", "sequence=3"], "unknown key 'sequence'"),
     (["bench", "attention", "--set", "variants=['flash']"], "unknown variants"),
-    (["bench", "attention", "--set", "seq_lens=[100]"], "multiple of block_size"),
+    (["bench", "attention", "--set", "seq_lens=[100]"], "not divisible by block_size=64"),
+    (["bench", "attention", "--set", "attention_options.local.windw=3"], "no option 'windw'"),
     (["bench", "attention", "--set", "nonsense"], "KEY=VALUE"),
     (["bench", "attention", "--json", "/no/such/dir/x.json"], "does not exist"),
 ])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from efficient_attn.config import Config, ConfigError, flatten, load_config_file, validate, with_overrides
+from efficient_attn.config import Config, ConfigError, ModelConfig, flatten, load_config_file, validate, with_overrides
 
 DESIGN_KEYS = ["model.attention", "model.num_layers", "model.d_model", "model.num_heads", "model.ffn_dim",
                "model.num_experts", "model.top_k", "train.steps", "train.batch_size", "train.seq_len",
@@ -28,14 +28,15 @@ def test_overrides_apply():
     ({"mesh.fsdp": 3}, "does not divide the 8 available devices"),
     ({"mesh.data": 2, "mesh.fsdp": 2}, "4 devices, but 8 are available"),
     ({"train.batch_size": 4}, "batch_size=4 is not divisible by the data-parallel size"),
-    ({"model.attention": "sparse", "train.seq_len": 100}, "seq_len=100 is not divisible by model.block_size=64"),
+    ({"model.attention": "sparse", "train.seq_len": 100}, "query length 100 is not divisible by block_size=64"),
+    ({"model.attention": "local", "model.attention_options.window": 0}, "window"),
     ({"train.learning_rate": float("nan")}, "must be a finite number"),
     ({"train.learning_rate": -1.0}, "learning_rate=-1.0 must be > 0"),
     ({"train.steps": 0}, "train.steps=0 must be a positive integer"),
     ({"model.capacity_factor": 0.0}, "capacity_factor=0.0 must be > 0"),
     ({"data.name": "text"}, "needs data.files"),
     ({"mesh.expert": 2, "mesh.data": 4}, "needs an MoE model"),
-    ({"model.softmax_impl": "flash"}, "model.softmax_impl='flash' is not '' (automatic), xla, chunked or cudnn"),
+    ({"model.attention_options.implementation": "flash"}, "implementation='flash' is not one of"),
     ({"model.expert_dim": -8}, "model.expert_dim=-8 must be >= 0"),
     ({"train.eval_every": 15}, "train.eval_every=15 must be a multiple of train.log_every=10"),
 ])
@@ -62,3 +63,31 @@ def test_config_file(tmp_path):
   (tmp_path / "bad.py").write_text("x = 1\n")
   with pytest.raises(ConfigError, match="no get_config"):
     load_config_file(str(tmp_path / "bad.py"))
+
+
+def test_attention_options_are_typed_and_follow_the_family():
+  """model.attention_options.KEY is checked against the selected family's options before anything compiles."""
+  from efficient_attn.attention.local import LocalOptions
+
+  cfg = with_overrides(Config(), {"model.attention": "local", "model.attention_options.window": 64})
+  assert cfg.model.attention_options == LocalOptions(window=64)
+  assert flatten(cfg)["model.attention_options.window"] == 64 and "model.window" not in flatten(cfg)
+  # A misspelt option is refused with the valid ones, whatever the order of the overrides.
+  with pytest.raises(ConfigError, match="no option 'windw'; its options are window, block_size"):
+    with_overrides(Config(), {"model.attention_options.windw": 3, "model.attention": "local"})
+  with pytest.raises(ConfigError, match="has no option 'window'"):  # softmax has no window
+    with_overrides(Config(), {"model.attention_options.window": 3})
+  with pytest.raises(ConfigError, match="window='big' has type str"):
+    with_overrides(Config(), {"model.attention": "local", "model.attention_options.window": "big"})
+  # Switching family starts from the new family's defaults; the same family keeps its options.
+  assert with_overrides(cfg, {"model.attention": "linear"}).model.options.chunk_size is None
+  assert with_overrides(cfg, {"train.steps": 3}).model.attention_options.window == 64
+  # Mappings become the typed options (hashable: modules hash their config).
+  m = ModelConfig(attention="sparse", attention_options={"block_size": 32})
+  assert m.options.block_size == 32 and hash(m) == hash(ModelConfig(attention="sparse",
+                                                                      attention_options={"block_size": 32}))
+  with pytest.raises(ConfigError, match="no option 'bs'"):
+    ModelConfig(attention="sparse", attention_options={"bs": 32})
+  # The softmax tile and the kernelized chunk are separate options of separate families.
+  assert with_overrides(Config(), {"model.attention_options.chunk_size": [128, 256]}).model.options.chunk_size == (
+      128, 256)

@@ -59,7 +59,7 @@ def test_smoke_memory_scales_as_each_family_should(smoke):
   assert mem("softmax", 512) / mem("softmax", 256) > 2.4
   for f in ("local", "linear", "performer"):
     assert mem(f, 512) / mem(f, 256) < 2.1, f
-  # The two softmax rows really ran different code paths (the registry swap took effect).
+  # The two softmax rows really ran different code paths (their implementation options took effect).
   assert mem("softmax_chunked", 512) < 0.7 * mem("softmax", 512)
   # Ideal training FLOPs: the kernelized families need fewer than causal softmax at 512.
   assert _row(out, "linear", 512)["flops"] < _row(out, "softmax", 512)["flops"]
@@ -81,8 +81,8 @@ def test_rerun_resumes_finished_variants(smoke, monkeypatch):
     ({"families": []}, "families"),
     ({"families": ["linear", "linear"]}, "distinct"),
     ({"seq_lens": [100]}, "block_size=64"),
-    ({"seq_lens": [320]}, "softmax_chunk=256"),
-    ({"families": ["linear"], "seq_lens": [192]}, "chunk_size=128"),
+    ({"attention_options": {"local": {"windw": 3}}}, "no option 'windw'"),
+    ({"attention_options": {"sparse": {"layout": "dense"}}}, "layout='dense'"),
     ({"seq_lens": [0]}, "seq_lens"),
     ({"num_heads": 3}, "num_heads"),
     ({"repeats": 0}, "repeats"),

@@ -147,7 +147,7 @@ def test_training_loop_learns_and_stops_on_divergence():
   model = nn.Dense(1)
 
   def loss_fn(params, b):
-    err = model.apply({"params": params}, b["inputs"])[:, 0] - b["y"]
+    err = model.apply(params, b["inputs"])[:, 0] - b["y"]  # params: the variables {"params": ...}
     return jnp.mean(err ** 2), (jnp.sum(jnp.abs(err) < 0.5), err.shape[0])
 
   kw = dict(steps=60, warmup_steps=1, seed=0, tokens_per_batch=16)
@@ -162,18 +162,19 @@ def test_training_loop_learns_and_stops_on_divergence():
 
 
 @pytest.mark.parametrize("name, overrides, match", [
-    ("listops", {"families": ["softmax", "flash"]}, "valid families are"),
-    ("listops", {"families": []}, "at least one"),
-    ("listops", {"families": ["sparse"], "max_length": 100}, "not divisible by model.block_size=16"),
+    ("listops", {"families": ["softmax", "flash"]}, "use distinct names from"),
+    ("listops", {"families": []}, "use distinct names from"),
+    ("listops", {"families": ["sparse"], "max_length": 100}, "not divisible by block_size=16"),
+    ("listops", {"attention_options.performer.num_features": 0}, "num_features=0 must be a positive integer"),
     ("listops", {"budget_flops": 1e6}, r"below one training step of family softmax \(.* FLOPs"),
     ("listops", {"min_length": 300}, "min_length=300 exceeds max_length=128"),
     ("listops", {"eval_examples": 100}, "not a multiple of batch_size"),
     ("listops", {"num_heads": 3}, "does not divide model.d_model=64"),
-    ("mqar", {"families": ["mamba"]}, "valid families are"),
+    ("mqar", {"families": ["mamba"]}, "use distinct names from"),
     ("mqar", {"widths": [32, 0]}, "positive integers"),
     ("mqar", {"steps": 0}, "steps=0 must be a positive integer"),
     ("mqar", {"seq_len": 20}, "too short for 8 key-value pairs"),
-    ("mqar", {"families": ["sparse"], "seq_len": 72}, "not divisible by model.block_size=16"),
+    ("mqar", {"families": ["sparse"], "seq_len": 72}, "not divisible by block_size=16"),
 ])
 def test_bad_settings(name, overrides, match):
   with pytest.raises(ConfigError, match=match) as e:

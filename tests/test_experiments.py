@@ -67,7 +67,7 @@ def test_killed_variant_is_redone_and_others_kept(tmp_path, monkeypatch):
   assert "s to softmax's loss" in out["summary"]
 
 
-@pytest.mark.parametrize("overrides", [{}, {"smoke": True}, {"seq_len": 1024, "window": 64}])
+@pytest.mark.parametrize("overrides", [{}, {"smoke": True}, {"seq_len": 1024, "attention_options.local.window": 64}])
 def test_equal_compute_budget_is_equal(overrides):
   equal_compute = experiment.load("equal_compute")
   cfg = experiment.resolve_config(equal_compute, overrides)
@@ -165,7 +165,8 @@ def test_experiment_files_load_by_path(tmp_path, capsys):
     (["experiment", "quickstart", "--set", "stepz=3"], "unknown key 'stepz' for experiment quickstart"),
     (["experiment", "quickstart", "--set", "variants=['softmax', 'flash']"], "unknown variants ['flash']"),
     (["experiment", "equal_compute", "--set", "budget_flops=1000.0"], "too small to run one step"),
-    (["experiment", "equal_compute", "--set", "seq_len=100"], "not divisible by model.block_size=64"),
+    (["experiment", "equal_compute", "--set", "seq_len=100"], "not divisible by block_size=64"),
+    (["experiment", "equal_compute", "--set", "variants=['softmax', 'mine']"], "use distinct names from"),
     (["experiment", "moe_scaling", "--set", "moe_every=9"], "moe_every=9 exceeds num_layers=4"),
     (["experiment", "quickstart", "--set", "mesh_data=4"], "the mesh needs 16 devices but 8 are available"),
     (["experiment", "moe_scaling", "--set", "steps=-1"], "train.steps=-1 must be a positive integer"),

@@ -25,11 +25,11 @@ import optax
 import pytest
 
 from efficient_attn import attention as A
-from efficient_attn import flops
+from efficient_attn import flops, measure
 from efficient_attn.attention import masks
 from efficient_attn.attention import softmax as softmax_lib
+from efficient_attn.attention import sparse as sparse_lib
 from efficient_attn.config import ModelConfig
-from efficient_attn.layers import family_kwargs
 from efficient_attn.model import TransformerLM
 
 from reference import visibility
@@ -41,9 +41,7 @@ TRAIN_TOL = (0.90, 1.12)
 
 
 def xla_flops(fn, *args) -> float:
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per device program
-  return float(cost["flops"])
+  return measure.xla_flops(measure.compile_fn(fn, *args))
 
 
 def test_xla_counts_a_loop_body_once():
@@ -62,7 +60,7 @@ FAMILIES = [
     ("softmax", {"implementation": "xla"}, {"implementation": "xla"}),
     ("softmax", {"implementation": "chunked"}, {"implementation": "chunked"}),
     ("local", {"window": 64}, {"window": 64}),
-    ("local", {"window": 100, "block_size": 32}, {"window": 100, "local_block_size": 32}),
+    ("local", {"window": 100, "block_size": 32}, {"window": 100, "block_size": 32}),
     ("sparse", "sparse", {"block_size": 32}),
     ("linear", {}, {}),
     ("linear", {"chunk_size": 64, "feature_map": "relu"}, {"chunk_size": 64, "feature_map": "relu"}),
@@ -71,11 +69,16 @@ FAMILIES = [
 
 
 def _call_options(kind, opts, T):
-  if opts == "sparse":
-    return family_kwargs("sparse", {"block_size": 32}, T, H)
-  if opts == "performer":
-    return family_kwargs("performer", {"num_features": 64}, T, H)
-  return opts
+  """The family's call keywords as the model builds them (prepared options + buffers)."""
+  if isinstance(opts, dict):
+    return opts
+  family = A.get(kind)
+  options = family.make_options({"sparse": {"block_size": 32}, "performer": {"num_features": 64}}[opts])
+  shape = A.Shape(T, T, N, N, H, True)
+  kw = family.call_kwargs(options, shape)
+  if family.buffers is not None:
+    kw.update(family.buffers(jax.random.PRNGKey(0), options, shape))
+  return kw
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -143,11 +146,10 @@ def test_sparse_ideal_counts_the_layout():
   layout = masks.bigbird_layout(T // bs, T // bs, window=3, num_global=1, num_random=2, seed=0)
   for causal in (False, True):
     dense_mask = masks.layout_to_mask(layout, bs) & visibility(1, 1, T, T, is_causal=causal)[0, 0]
-    f = flops.attention_flops("sparse", T, num_heads=N, head_dim=H, causal=causal, block_size=bs, sparse_random=2)
+    f = flops.attention_flops("sparse", T, num_heads=N, head_dim=H, causal=causal, block_size=bs, num_random=2)
     assert f["ideal"] * T == pytest.approx(4 * N * H * dense_mask.sum())
-    given = flops.attention_flops("sparse", T, num_heads=N, head_dim=H, causal=causal, block_size=bs,
-                                  layout=layout)
-    assert given == pytest.approx(f)
+    given = sparse_lib.layout_flops(layout, bs, A.Shape(T, T, N, N, H, causal))
+    assert given == pytest.approx({k: f[k] for k in ("ideal", "executed")})
   # One dense block row (a global query block) costs that row only, not every row: executed < 2 x ideal.
   assert f["ideal"] < f["executed"] < 2 * f["ideal"]
 
@@ -160,7 +162,8 @@ def test_ideal_below_executed_where_work_is_wasted():
   chunked = flops.attention_flops("softmax", T, causal=True, implementation="chunked", **kw)
   assert xla["ideal"] == chunked["ideal"] < chunked["executed"] < xla["executed"]
   for kind in ("softmax", "linear", "performer"):
-    full = flops.attention_flops(kind, T, causal=False, implementation="xla" if kind == "softmax" else None, **kw)
+    full = flops.attention_flops(kind, T, causal=False, **({"implementation": "xla"} if kind == "softmax" else {}),
+                                 **kw)
     assert full["ideal"] == full["executed"]
   for kind in ("linear", "performer"):  # full chunk x chunk products, causal half needed
     causal = flops.attention_flops(kind, T, causal=True, **kw)
@@ -171,16 +174,22 @@ def test_ideal_below_executed_where_work_is_wasted():
   assert perf["ideal"] - lin["ideal"] == 2 * H * H * (N + N)
 
 
-SMALL = ModelConfig(num_layers=2, d_model=64, num_heads=2, ffn_dim=256, vocab_size=256, window=64, block_size=32,
-                    num_features=32)
+SMALL = ModelConfig(num_layers=2, d_model=64, num_heads=2, ffn_dim=256, vocab_size=256)
+SMALL_OPTIONS = {"local": {"window": 64}, "sparse": {"block_size": 32}, "performer": {"num_features": 32}}
+
+
+def family(kind, m=SMALL):
+  return dataclasses.replace(m, attention=kind, attention_options=SMALL_OPTIONS.get(kind))
+
+
 MODELS = {
     "softmax_xla": (SMALL, 128),  # T·S < CHUNKED_MIN_TS: the model runs the xla path
     "softmax_chunked_gqa_swiglu": (dataclasses.replace(SMALL, num_heads=4, num_kv_heads=2,
                                                        ffn_activation="swiglu"), 256),
-    "local": (dataclasses.replace(SMALL, attention="local"), 128),
-    "sparse": (dataclasses.replace(SMALL, attention="sparse"), 128),
-    "linear": (dataclasses.replace(SMALL, attention="linear"), 128),
-    "performer": (dataclasses.replace(SMALL, attention="performer"), 128),
+    "local": (family("local"), 128),
+    "sparse": (family("sparse"), 128),
+    "linear": (family("linear"), 128),
+    "performer": (family("performer"), 128),
     "moe_cf2": (dataclasses.replace(SMALL, num_experts=4, capacity_factor=2.0), 128),
     "moe_dropless_top2": (dataclasses.replace(SMALL, num_experts=4, top_k=2, dropless=True), 128),
 }
@@ -229,7 +238,7 @@ def test_steps_for_budget_equalises_compute():
   T, batch = 512, 8
   budget = 5e13
   spent = {}
-  for kind in flops.KINDS:
+  for kind in A.names():
     m = dataclasses.replace(ModelConfig(), attention=kind)
     per_step = flops.model_flops_per_token(m, T)["train"] * T * batch
     steps = flops.steps_for_budget(budget, m, T, batch)
@@ -243,14 +252,14 @@ def test_steps_for_budget_equalises_compute():
 
 @pytest.mark.parametrize("call,words", [
     (lambda: flops.attention_flops("flash", 256, num_heads=2, head_dim=32), ["'flash'", "softmax"]),
-    (lambda: flops.attention_flops("sparse", 100, num_heads=2, head_dim=32), ["seq_len=100", "block_size=64"]),
+    (lambda: flops.attention_flops("sparse", 100, num_heads=2, head_dim=32), ["length 100", "block_size=64"]),
     (lambda: flops.attention_flops("softmax", 256, num_heads=4, head_dim=32, num_kv_heads=3), ["num_kv_heads=3"]),
     (lambda: flops.attention_flops("softmax", 256, num_heads=2, head_dim=32, implementation="pallas"),
      ["implementation"]),
     (lambda: flops.attention_flops("linear", 256, num_heads=2, head_dim=32, feature_map="tanh"), ["tanh"]),
     (lambda: flops.attention_flops("local", 0, num_heads=2, head_dim=32), ["seq_len"]),
-    (lambda: flops.attention_flops("sparse", 256, num_heads=2, head_dim=32, layout=np.ones((3, 3), bool)),
-     ["layout"]),
+    (lambda: flops.attention_flops("sparse", 256, num_heads=2, head_dim=32, layout="dense"), ["layout"]),
+    (lambda: flops.attention_flops("local", 256, num_heads=2, head_dim=32, windw=3), ["windw", "window"]),
     (lambda: flops.model_flops_per_token(dataclasses.replace(SMALL, attention="nope"), 128), ["'nope'"]),
     (lambda: flops.steps_for_budget(-1.0, SMALL, 128, 8), ["budget_flops"]),
     (lambda: flops.steps_for_budget(1e12, SMALL, 128, 0), ["batch_size"]),

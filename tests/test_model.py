@@ -16,15 +16,21 @@ FAMILIES = ["softmax", "local", "sparse", "linear", "performer"]
 T = 32
 
 
+OPTIONS = {"local": {"window": 8}, "sparse": {"block_size": 8}, "linear": {"chunk_size": 8},
+           "performer": {"num_features": 16, "chunk_size": 8}}
+
+
 def tiny(**kw):
-  base = dict(num_layers=2, d_model=32, num_heads=4, ffn_dim=64, window=8, block_size=8, num_features=16,
-              chunk_size=8)
-  return ModelConfig(**{**base, **kw})
+  base = dict(num_layers=2, d_model=32, num_heads=4, ffn_dim=64)
+  kw = {**base, **kw}
+  kw.setdefault("attention_options", OPTIONS.get(kw.get("attention", "softmax")))
+  return ModelConfig(**kw)
 
 
 def _init(cfg, tokens, cls=TransformerLM):
+  """(model, variables): {"params"} plus {"buffers"} for a family that has them (the Performer)."""
   model = cls(cfg)
-  return model, model.init(jax.random.PRNGKey(0), tokens)["params"]
+  return model, model.init(jax.random.PRNGKey(0), tokens)
 
 
 def _tokens(seed=0, B=2):
@@ -47,7 +53,7 @@ def test_lm_is_causal_and_respects_segments(kind):
   cfg = tiny(attention=kind)
   tokens = _tokens()
   model, params = _init(cfg, tokens)
-  apply = jax.jit(lambda t, s: model.apply({"params": params}, t, segment_ids=s))
+  apply = jax.jit(lambda t, s: model.apply(params, t, segment_ids=s))
   seg = jnp.concatenate([jnp.ones((2, 16), jnp.int32), 2 * jnp.ones((2, 16), jnp.int32)], 1)
   base = apply(tokens, seg)
   assert base.shape == (2, T, 256) and base.dtype == jnp.float32
@@ -73,7 +79,7 @@ def test_generation_matches_parallel_forward(kind, scan):
   tokens, logits = generate(model, params, prompt, 16)
   assert tokens.shape == (2, 24)
   np.testing.assert_array_equal(tokens[:, :8], prompt)
-  parallel = model.apply({"params": params}, tokens)
+  parallel = model.apply(params, tokens)
   np.testing.assert_allclose(logits, parallel[:, :-1], atol=2e-4, rtol=1e-4)
   # Greedy: every generated token is the argmax of the previous position's logits.
   np.testing.assert_array_equal(tokens[:, 8:], jnp.argmax(parallel[:, 7:-1], -1))
@@ -85,19 +91,19 @@ def test_scan_layers_equals_the_loop():
   loop_model, loop_params = _init(cfg, tokens)
   scan_model = TransformerLM(dataclasses.replace(cfg, scan_layers=True))
   scan_params = nn.unbox(scan_model.init(jax.random.PRNGKey(0), tokens)["params"])
-  layers = [nn.unbox(loop_params)["trunk"][f"block_{i}"] for i in range(cfg.num_layers)]
+  layers = [nn.unbox(loop_params["params"])["trunk"][f"block_{i}"] for i in range(cfg.num_layers)]
   scan_params["trunk"]["layers"]["block_0"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
   for k in ("embed", "final_norm", "unembed"):
-    scan_params[k] = nn.unbox(loop_params)[k]
+    scan_params[k] = nn.unbox(loop_params["params"])[k]
   np.testing.assert_allclose(scan_model.apply({"params": scan_params}, tokens),
-                             loop_model.apply({"params": loop_params}, tokens), atol=1e-5)
+                             loop_model.apply(loop_params, tokens), atol=1e-5)
 
 
 def test_moe_model_reports_aux():
   cfg = tiny(num_experts=4, top_k=2, moe_every=2)
   tokens = _tokens()
   model, params = _init(cfg, tokens)
-  _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+  _, state = model.apply(params, tokens, mutable=["intermediates"])
   from efficient_attn.moe import collect_aux
   aux = collect_aux(state["intermediates"])
   assert aux["expert_fraction"].shape == (4,) and float(aux["load_balancing_loss"]) > 0
@@ -124,23 +130,48 @@ def test_encoder_classifier_ignores_padding(kind):
   tokens = _tokens()
   seg = jnp.ones((2, T), jnp.int32).at[:, 24:].set(0)
   model, params = _init(cfg, tokens, cls=lambda c: EncoderClassifier(c, num_classes=10))
-  logits = model.apply({"params": params}, tokens, segment_ids=seg)
+  logits = model.apply(params, tokens, segment_ids=seg)
   assert logits.shape == (2, 10)
-  other = model.apply({"params": params}, tokens.at[:, 24:].set(0), segment_ids=seg)
+  other = model.apply(params, tokens.at[:, 24:].set(0), segment_ids=seg)
   np.testing.assert_allclose(other, logits, atol=1e-5)
 
 
 def test_softmax_impl_and_expert_dim_reach_the_layers():
-  """model.softmax_impl picks the softmax path (same logits, different programs); expert_dim sizes the experts."""
+  """The softmax option `implementation` picks the path (same logits, different programs); expert_dim sizes the experts."""
   tokens = _tokens()
   outs, hlos = [], []
   for impl in ("xla", "chunked"):
-    model, params = _init(tiny(softmax_impl=impl), tokens)
-    outs.append(model.apply({"params": params}, tokens))
-    hlos.append(jax.jit(model.apply).lower({"params": params}, tokens).as_text())
+    model, params = _init(tiny(attention_options={"implementation": impl}), tokens)
+    outs.append(model.apply(params, tokens))
+    hlos.append(jax.jit(model.apply).lower(params, tokens).as_text())
   np.testing.assert_allclose(outs[0], outs[1], atol=2e-5)
   assert ("while" in hlos[1]) and ("while" not in hlos[0])  # chunked = a loop over key tiles
   _, params = _init(tiny(num_experts=4, moe_every=2, expert_dim=24), tokens)
-  params = nn.unbox(params)
+  params = nn.unbox(params["params"])
   assert params["trunk"]["block_1"]["moe"]["w_in"].shape == (4, 32, 24)
   assert params["trunk"]["block_0"]["ffn"]["w_in"]["kernel"].shape == (32, 64)
+
+
+def test_performer_projection_is_a_per_layer_buffer():
+  """Each layer draws its own projection from the init rng, kept in the "buffers" collection (not trained);
+  `redraw_buffers` draws them anew and the model then gives other logits."""
+  from efficient_attn.layers import redraw_buffers
+
+  for scan in (False, True):
+    cfg = tiny(attention="performer", scan_layers=scan)
+    tokens = _tokens()
+    model, variables = _init(cfg, tokens)
+    assert set(variables) == {"params", "buffers"}
+    projections = [x for x in jax.tree.leaves(variables["buffers"])]
+    if scan:  # one stacked [layers, M, H] array
+      projections = list(projections[0])
+    assert len(projections) == cfg.num_layers and projections[0].shape == (16, 8)
+    assert not np.allclose(projections[0], projections[1])  # own draw per layer
+    fresh = redraw_buffers(model, variables, jax.random.PRNGKey(7), tokens)
+    assert jax.tree.structure(fresh) == jax.tree.structure(variables)
+    np.testing.assert_array_equal(jax.tree.leaves(fresh["params"])[0], jax.tree.leaves(variables["params"])[0])
+    new = jax.tree.leaves(fresh["buffers"])[0]
+    assert new.shape == jax.tree.leaves(variables["buffers"])[0].shape
+    assert not np.allclose(new, jax.tree.leaves(variables["buffers"])[0])
+    assert not np.allclose(model.apply(fresh, tokens), model.apply(variables, tokens))
+  assert "buffers" not in _init(tiny(attention="linear"), tokens)[1]  # families without buffers have none

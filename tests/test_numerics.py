@@ -24,7 +24,8 @@ import pytest
 
 from efficient_attn.attention import (block_sparse_attention, linear_attention, local_attention, masks,
                                       performer_attention, performer_projection, softmax_attention)
-from efficient_attn.config import ATTENTION_KINDS, ModelConfig
+from efficient_attn.attention import names as attention_names
+from efficient_attn.config import ModelConfig
 from efficient_attn.model import TransformerLM
 from reference import elu_plus_one, kernel_reference, softmax_reference
 
@@ -163,20 +164,23 @@ def _model_params(model, T, d_model, factors):
   return jax.tree_util.tree_map_with_path(draw, nn.unbox(shapes))
 
 
-@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+@pytest.mark.parametrize("attention", attention_names())
 def test_bf16_model_with_huge_embeddings_and_logits_stays_finite(attention):
   T, D = 1024, 64
-  cfg = ModelConfig(attention=attention, num_layers=1, d_model=D, num_heads=2, ffn_dim=128, dtype="bfloat16",
-                    window=128, block_size=64, num_features=64)
+  options = {"local": {"window": 128}, "sparse": {"block_size": 64}, "performer": {"num_features": 64}}
+  cfg = ModelConfig(attention=attention, attention_options=options.get(attention), num_layers=1, d_model=D,
+                    num_heads=2, ffn_dim=128, dtype="bfloat16")
   model = TransformerLM(cfg)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, T + 1)), jnp.int32)
   # Embeddings ~1e3 (the residual stream); q and k ~30 after the norm, so attention logits ~1e3.
   params = _model_params(model, T, D, {"embed": 1e3, "query": 30.0, "key": 30.0})
+  # The Performer's projections as init draws them (only the buffers are computed: params init is dead code).
+  buffers = jax.jit(lambda: model.init(jax.random.PRNGKey(0), tokens[:, :-1]).get("buffers", {}))()
 
   @jax.jit
   def loss_and_grads(params):
     def loss(params):
-      logits = model.apply({"params": params}, tokens[:, :-1])
+      logits = model.apply({"params": params, **({"buffers": buffers} if buffers else {})}, tokens[:, :-1])
       logp = jax.nn.log_softmax(logits.astype(jnp.float32))
       return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)), logits
     return jax.value_and_grad(loss, has_aux=True)(params)

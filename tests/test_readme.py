@@ -7,7 +7,8 @@ import pytest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 TEXT = open(README, encoding="utf-8").read()
-BLOCKS = re.findall(r"```python\n(.*?)```", TEXT, re.S)
+# A block starting "# FILE.py" is a file for the command line (tests/test_plugins.py runs it there).
+BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", TEXT, re.S) if not re.match(r"# \w+\.py\n", b)]
 
 
 @pytest.mark.parametrize("i", range(len(BLOCKS)))

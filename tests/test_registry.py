@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from efficient_attn import attention as A
-from tests.reference import softmax_reference
+from tests.reference import decode_sequence, softmax_reference
 
 B, T, N, K, H = 2, 32, 4, 2, 8
 
@@ -93,13 +93,7 @@ def test_decode_api_matches_parallel_forward(kind):
   q, k, v = _qkv(2)
   opts = _opts(kind)
   parallel = A.attend(kind, q, k, v, is_causal=True, **opts)
-  state = A.init_decode_state(kind, B, K, H, max_len=T, **opts)
-  step = jax.jit(lambda st, q1, k1, v1: A.decode_step(kind, st, q1, k1, v1, **opts))
-  outs = []
-  for t in range(T):
-    o, state = step(state, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
-    outs.append(o)
-  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), parallel, atol=5e-5, rtol=1e-4)
+  np.testing.assert_allclose(decode_sequence(kind, q, k, v, **opts), parallel, atol=5e-5, rtol=1e-4)
 
 
 def test_decode_api_errors():

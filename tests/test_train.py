@@ -17,9 +17,13 @@ from efficient_attn.train import NonFiniteError, train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+OPTIONS = {"local": {"window": 16}, "sparse": {"block_size": 16}, "linear": {"chunk_size": 16},
+           "performer": {"num_features": 32, "chunk_size": 16}}
+
+
 def tiny(attention="softmax", steps=30, mesh=MeshConfig(data=1), **model_kw):
-  model = ModelConfig(attention=attention, num_layers=2, d_model=64, num_heads=4, ffn_dim=128, window=16,
-                      block_size=16, num_features=32, chunk_size=16, **model_kw)
+  model = ModelConfig(attention=attention, attention_options=OPTIONS.get(attention), num_layers=2, d_model=64,
+                      num_heads=4, ffn_dim=128, **model_kw)
   tr = TrainConfig(steps=steps, batch_size=8, seq_len=64, learning_rate=3e-3, warmup_steps=5, log_every=5,
                    checkpoint_every=10, eval_batches=1)
   return Config(model=model, train=tr, data=DataConfig(), mesh=mesh)
@@ -53,6 +57,39 @@ def test_interrupted_run_logs_the_same_losses(tmp_path):
   full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
   assert [r["step"] for r in cut] == [r["step"] for r in full]
   np.testing.assert_allclose([r["loss"] for r in cut], [r["loss"] for r in full], atol=1e-5)
+
+
+def test_performer_buffers_are_checkpointed_and_redrawn(tmp_path):
+  """The Performer's per-layer projections live in the train state: saved, restored (an interrupted run
+  logs the losses of an uninterrupted one, redraws included) and redrawn every train.redraw_every steps."""
+  import orbax.checkpoint as ocp
+
+  cfg = tiny("performer", steps=12)
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, redraw_every=4, log_every=2,
+                                                           checkpoint_every=6))
+  train(cfg, str(tmp_path / "full"), devices=jax.devices()[:1])
+  train(cfg, str(tmp_path / "cut"), devices=jax.devices()[:1], stop_after=7)
+  train(cfg, str(tmp_path / "cut"), devices=jax.devices()[:1])
+  full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+  np.testing.assert_allclose([r["loss"] for r in cut], [r["loss"] for r in full], atol=1e-5)
+  saved = {}
+  for step in (6, 12):
+    with ocp.CheckpointManager(str(tmp_path / "full" / "checkpoints")) as mngr:
+      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    saved[step] = np.asarray(jax.tree.leaves(restored["buffers"])[0])
+  assert saved[6].shape == (32, 16)
+  assert not np.allclose(saved[6], saved[12])  # redrawn at steps 8 (and 4)
+  # Without redraw_every the projection stays what init drew.
+  still = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, redraw_every=0, steps=6))
+  train(still, str(tmp_path / "still"), devices=jax.devices()[:1])
+  with ocp.CheckpointManager(str(tmp_path / "still" / "checkpoints")) as mngr:
+    kept = mngr.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  first = np.asarray(jax.tree.leaves(kept["buffers"])[0])
+  train(dataclasses.replace(still, train=dataclasses.replace(still.train, steps=1, checkpoint_every=1)),
+        str(tmp_path / "init"), devices=jax.devices()[:1])
+  with ocp.CheckpointManager(str(tmp_path / "init" / "checkpoints")) as mngr:
+    init = mngr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  np.testing.assert_array_equal(first, np.asarray(jax.tree.leaves(init["buffers"])[0]))
 
 
 @pytest.mark.parametrize("mesh, moe", [(MeshConfig(data=2, fsdp=2, tensor=2), {}),

@@ -4,6 +4,10 @@ The CPU counterpart of the Long Range Arena efficiency table (Tay et al. 2020,
 Table 2), for the attention core alone (the LM around it: `experiment
 attention_scaling`). Speed is measured side by side in one process after a
 warm-up call, memory is XLA's compiled temporary bytes (`efficient_attn.measure`).
+Variants: the `jax_nn` baseline, the aliases `softmax` (materialised logits) and
+`softmax_chunked`, and every registered family by name (a --plugin's too), each
+built from its record with `attention_options[family]`; rows carry the family's own
+forward FLOPs count beside the time and memory.
 """
 
 from __future__ import annotations
@@ -23,63 +27,89 @@ ATTENTION_DEFAULTS = {
     "head_dim": 64,
     "causal": True,
     "dtype": "float32",
-    "window": 256,
-    "block_size": 64,
-    "sparse_window": 3,
-    "sparse_global": 1,
-    "sparse_random": 2,
-    "num_features": 256,
+    # Each family's options ({family: {option: value}}; `--set attention_options.local.window=128`).
+    "attention_options": {"local": {"window": 256}, "sparse": {"block_size": 64, "num_random": 2},
+                          "performer": {"num_features": 256}},
     "repeats": 3,
     "seed": 0,
 }
 
-ATTENTION_VARIANTS = ("jax_nn", "softmax", "softmax_chunked", "local", "sparse", "linear", "performer")
+BASELINE = "jax_nn"  # jax.nn.dot_product_attention (XLA): not a family, the reference every ratio is taken to
+# Named variants besides the registered families: (family, options over attention_options[family]).
+# "softmax" materialises its logits like the baseline; "softmax_chunked" is its flash-style path.
+ALIASES = {"softmax": ("softmax", {"implementation": "xla"}),
+           "softmax_chunked": ("softmax", {"implementation": "chunked"})}
+
+
+def variant_names() -> list[str]:
+  """Every variant the bench can run: the baseline, the aliases and every registered family."""
+  from efficient_attn import attention
+
+  return [BASELINE, *ALIASES] + [n for n in attention.names() if n not in ALIASES]
+
+
+def _variant(name: str, s: dict) -> tuple[Any, Any]:
+  """(family record, its options) of a variant (not the baseline)."""
+  from efficient_attn import attention
+
+  family, extra = ALIASES.get(name, (name, {}))
+  family = attention.get(family)
+  return family, family.make_options({**s["attention_options"].get(family.name, {}), **extra})
 
 
 def _attention_variant(name: str, s: dict, T: int) -> Callable[..., Any]:
-  """The attention call `f(q, k, v)` that variant `name` benchmarks at length T."""
-  import numpy as np
-
-  from efficient_attn import attention as A
+  """The attention call `f(q, k, v)` that variant `name` benchmarks at length T, derived from its family
+  record: the prepared options (e.g. sparse's layout, built once) and its buffers (the Performer's projection)."""
+  from efficient_attn import attention
 
   causal = s["causal"]
-  if name == "jax_nn":
+  if name == BASELINE:
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
-  if name == "softmax":
-    return lambda q, k, v: A.softmax_attention(q, k, v, is_causal=causal, implementation="xla")
-  if name == "softmax_chunked":
-    return lambda q, k, v: A.softmax_attention(q, k, v, is_causal=causal, implementation="chunked")
-  if name == "local":
-    return lambda q, k, v: A.local_attention(q, k, v, is_causal=causal, window=s["window"])
-  if name == "sparse":
-    nb = T // s["block_size"]
-    layout = A.masks.bigbird_layout(nb, nb, window=s["sparse_window"], num_global=s["sparse_global"],
-                                    num_random=s["sparse_random"], seed=s["seed"])
-    layout = np.asarray(layout)
-    return lambda q, k, v: A.block_sparse_attention(q, k, v, is_causal=causal, layout=layout,
-                                                    block_size=s["block_size"])
-  if name == "linear":
-    return lambda q, k, v: A.linear_attention(q, k, v, is_causal=causal)
-  if name == "performer":
-    proj = A.performer_projection(jax.random.PRNGKey(s["seed"]), s["num_features"], s["head_dim"])
-    return lambda q, k, v: A.performer_attention(q, k, v, is_causal=causal, projection=proj)
-  raise ValueError(f"unknown attention variant {name!r}; valid variants are {list(ATTENTION_VARIANTS)}.")
+  family, options = _variant(name, s)
+  shape = attention.Shape(T, T, s["num_heads"], s["num_kv_heads"], s["head_dim"], causal)
+  kw = family.call_kwargs(options, shape)
+  if family.buffers is not None:
+    kw.update(family.buffers(jax.random.PRNGKey(s["seed"]), options, shape))
+  return lambda q, k, v: family.fn(q, k, v, is_causal=causal, **kw)
+
+
+def _flops(name: str, s: dict, T: int) -> dict:
+  """The variant's own forward FLOPs count of one call (its family record; the baseline counts as xla softmax)."""
+  from efficient_attn import attention
+
+  family, options = (attention.get("softmax"), {"implementation": "xla"}) if name == BASELINE else _variant(name, s)
+  f = family.flops_per_token(options, attention.Shape(T, T, s["num_heads"], s["num_kv_heads"], s["head_dim"],
+                                                      s["causal"]))
+  tokens = s["batch"] * T
+  return {"gflops_ideal": f["ideal"] * tokens / 1e9, "gflops_executed": f["executed"] * tokens / 1e9}
 
 
 def _check_attention_settings(s: dict) -> None:
   """ConfigError (one sentence) on a setting no variant can run with, before anything compiles."""
+  from efficient_attn import attention
   from efficient_attn.config import ConfigError
 
-  bad = [v for v in s["variants"] if v not in ATTENTION_VARIANTS]
+  valid = variant_names()
+  bad = [v for v in s["variants"] if v not in valid]
   if bad:
-    raise ConfigError(f"unknown variants {bad} in bench attention; valid variants are {list(ATTENTION_VARIANTS)}.")
+    raise ConfigError(f"unknown variants {bad} in bench attention; valid variants are {valid}"
+                      " (a plugin's family needs --plugin FILE.py).")
   if s["dtype"] not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"dtype={s['dtype']!r} is not supported; use float32, bfloat16 or float16.")
   if s["num_heads"] % s["num_kv_heads"]:
     raise ConfigError(f"num_heads={s['num_heads']} must be a multiple of num_kv_heads={s['num_kv_heads']}.")
-  for T in s["seq_lens"]:
-    if not isinstance(T, int) or T <= 0 or T % s["block_size"]:
-      raise ConfigError(f"seq_lens entry {T!r} must be a positive multiple of block_size={s['block_size']}.")
+  if any(not isinstance(T, int) or isinstance(T, bool) or T <= 0 for T in s["seq_lens"]):
+    raise ConfigError(f"seq_lens={s['seq_lens']!r} must be positive integers.")
+  for name in s["variants"]:
+    if name == BASELINE:
+      continue
+    try:
+      family, options = _variant(name, s)
+      for T in s["seq_lens"]:
+        family.validate(options, attention.Shape(T, T, s["num_heads"], s["num_kv_heads"], s["head_dim"],
+                                                 s["causal"]))
+    except ValueError as e:
+      raise ConfigError(f"bench attention, variant {name}: {e}") from None
 
 
 def bench_attention(settings: dict | None = None, progress: bool = True) -> list[dict]:
@@ -114,7 +144,7 @@ def bench_attention(settings: dict | None = None, progress: bool = True) -> list
     compiled = compile_fn(step, q, k, v, ct)
     rows.append({"variant": name, "seq_len": T, "time_s": time_compiled(compiled, q, k, v, ct,
                                                                         repeats=s["repeats"]),
-                 "temp_bytes": temp_bytes(compiled)})
+                 "temp_bytes": temp_bytes(compiled), **_flops(name, s, T)})
   for r in rows:
     base = next((b for b in rows if b["variant"] == "jax_nn" and b["seq_len"] == r["seq_len"]), None)
     r["speedup"] = base["time_s"] / r["time_s"] if base else None
@@ -124,7 +154,8 @@ def bench_attention(settings: dict | None = None, progress: bool = True) -> list
 
 ATTENTION_COLUMNS = [("variant", "variant", "s"), ("seq_len", "T", "d"), ("time_s", "fwd+bwd s", ".4f"),
                      ("speedup", "speed vs jax.nn", ".2f"), ("temp_mib", "temp MiB", ".1f"),
-                     ("memory_ratio", "memory vs jax.nn", ".3f")]
+                     ("memory_ratio", "memory vs jax.nn", ".3f"), ("gflops_ideal", "fwd GFLOP ideal", ".3f"),
+                     ("gflops_executed", "fwd GFLOP executed", ".3f")]
 
 
 def attention_table(rows: list[dict]) -> str:

@@ -24,6 +24,7 @@ starts"). Non-contiguous ids (A B A) are not supported and give wrong results.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Callable, NamedTuple
 
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn.attention._common import Dims, check_mask, check_qkv, split_segment_ids
+from efficient_attn.attention.registry import Family, Shape
 
 # Tuned on CPU for causal fwd+bwd at T=8192, H=64 (64 and 128 tie; 128 keeps fewer carried
 # states and suits matrix units better).
@@ -98,46 +100,81 @@ def _normalise(num, den):
   return jnp.where(ok[..., None], num / jnp.where(ok, den, 1.0)[..., None], 0.0)
 
 
-def _carry_in(phi_k_BCSKM, v_BCSKH, kv_ids_BCS):
+def _carry_in(phi_k_BCSKM, v_BCSKH, kv_ids_BCS, m_BCSK=None):
   """State (Σφ(k)vᵀ, Σφ(k)) of the keys before each chunk that a query of the chunk may see.
 
   Without segments: all keys of earlier chunks. With segments: only the run of
   equal id that reaches the chunk's start; a chunk whose last id differs from the
   previous chunk's restarts the running state. Per-chunk sums are one parallel
   einsum; only the tiny [B, K, M, H] state goes through `lax.scan` over chunks.
-  Returns kv_in [B, C, K, M, H], z_in [B, C, K, M] and the id of that run [B, C] (or None).
+  With a running key stabiliser m (see `kernelized_attention`), key s enters the state
+  of a chunk ending at e weighted by exp(m_s − m_e) ≤ 1, and a carried state is rescaled
+  by exp(m_e − m_e') when it moves on to the next chunk end e'.
+  Returns kv_in [B, C, K, M, H], z_in [B, C, K, M], the id of that run [B, C] (or None)
+  and the stabiliser the carried state is relative to [B, C, K] (or None).
   """
   carry_id_BC = None
   keep_BC = jnp.ones(phi_k_BCSKM.shape[:2], jnp.float32)
+  in_run_BCS = None
   if kv_ids_BCS is not None:
     last_BC = kv_ids_BCS[:, :, -1]
     carry_id_BC = jnp.concatenate([last_BC[:, :1], last_BC[:, :-1]], axis=1)
     keep_BC = (last_BC == carry_id_BC).astype(jnp.float32)
-    phi_k_BCSKM = jnp.where((kv_ids_BCS == last_BC[:, :, None])[..., None, None], phi_k_BCSKM, 0.0)
+    in_run_BCS = kv_ids_BCS == last_BC[:, :, None]
+    phi_k_BCSKM = jnp.where(in_run_BCS[..., None, None], phi_k_BCSKM, 0.0)
+  if m_BCSK is None:
+    kv_BCKMH = jnp.einsum("bcskm,bcskh->bckmh", phi_k_BCSKM, v_BCSKH)
+    z_BCKM = phi_k_BCSKM.sum(axis=2)
+
+    def step(state, chunk):
+      kv_BKMH, z_BKM = state
+      keep_B, local_kv_BKMH, local_z_BKM = chunk
+      new = (kv_BKMH * keep_B[:, None, None, None] + local_kv_BKMH, z_BKM * keep_B[:, None, None] + local_z_BKM)
+      return new, state
+
+    first = lambda x: jnp.moveaxis(x, 1, 0)
+    init = (jnp.zeros_like(kv_BCKMH[:, 0]), jnp.zeros_like(z_BCKM[:, 0]))
+    _, (kv_in, z_in) = jax.lax.scan(step, init, (first(keep_BC), first(kv_BCKMH), first(z_BCKM)))
+    return jnp.moveaxis(kv_in, 0, 1), jnp.moveaxis(z_in, 0, 1), carry_id_BC, None
+
+  m_end_BCK = m_BCSK[:, :, -1]
+  rel_BCSK = m_BCSK - m_end_BCK[:, :, None]
+  if in_run_BCS is not None:  # keys outside the run reaching the chunk end are zero: no exp of a reset max
+    rel_BCSK = jnp.where(in_run_BCS[..., None], rel_BCSK, -jnp.inf)
+  phi_k_BCSKM = phi_k_BCSKM * jnp.exp(rel_BCSK)[..., None]
   kv_BCKMH = jnp.einsum("bcskm,bcskh->bckmh", phi_k_BCSKM, v_BCSKH)
   z_BCKM = phi_k_BCSKM.sum(axis=2)
 
-  def step(state, chunk):
-    kv_BKMH, z_BKM = state
-    keep_B, local_kv_BKMH, local_z_BKM = chunk
-    new = (kv_BKMH * keep_B[:, None, None, None] + local_kv_BKMH, z_BKM * keep_B[:, None, None] + local_z_BKM)
+  def step_stab(state, chunk):
+    kv_BKMH, z_BKM, m_BK = state
+    keep_B, m_end_BK, local_kv_BKMH, local_z_BKM = chunk
+    # keep = 0 (a new run) drops the state before exp can see a reset max; else m_end >= m.
+    decay_BK = jnp.where(keep_B[:, None] > 0, jnp.exp(jnp.minimum(m_BK - m_end_BK, 0.0)), 0.0)
+    new = (kv_BKMH * decay_BK[..., None, None] + local_kv_BKMH, z_BKM * decay_BK[..., None] + local_z_BKM,
+           m_end_BK)
     return new, state
 
   first = lambda x: jnp.moveaxis(x, 1, 0)
-  init = (jnp.zeros_like(kv_BCKMH[:, 0]), jnp.zeros_like(z_BCKM[:, 0]))
-  _, (kv_in, z_in) = jax.lax.scan(step, init, (first(keep_BC), first(kv_BCKMH), first(z_BCKM)))
-  return jnp.moveaxis(kv_in, 0, 1), jnp.moveaxis(z_in, 0, 1), carry_id_BC
+  init = (jnp.zeros_like(kv_BCKMH[:, 0]), jnp.zeros_like(z_BCKM[:, 0]), jnp.full_like(m_end_BCK[:, 0], NO_KEY_MAX))
+  _, (kv_in, z_in, m_in) = jax.lax.scan(step_stab, init, (first(keep_BC), first(m_end_BCK), first(kv_BCKMH),
+                                                          first(z_BCKM)))
+  return jnp.moveaxis(kv_in, 0, 1), jnp.moveaxis(z_in, 0, 1), carry_id_BC, jnp.moveaxis(m_in, 0, 1)
 
 
-def _add_carry(num, den, phi_q_BCTKGM, kv_BCKMH, z_BCKM, use_BCT):
-  if use_BCT is not None:
+def _add_carry(num, den, phi_q_BCTKGM, kv_BCKMH, z_BCKM, use_BCT, m_in_BCK=None, m_BCTK=None):
+  if m_in_BCK is not None:  # the carried state is relative to m_in; query t reads it at exp(m_in − m_t) <= 1
+    rel_BCTK = m_in_BCK[:, :, None] - m_BCTK
+    if use_BCT is not None:
+      rel_BCTK = jnp.where(use_BCT[..., None], rel_BCTK, -jnp.inf)
+    phi_q_BCTKGM = phi_q_BCTKGM * jnp.exp(jnp.minimum(rel_BCTK, 0.0))[..., None, None]
+  elif use_BCT is not None:
     phi_q_BCTKGM = phi_q_BCTKGM * use_BCT[..., None, None, None].astype(jnp.float32)
   num = num + jnp.einsum("bctkgm,bckmh->bctkgh", phi_q_BCTKGM, kv_BCKMH)
   den = den + jnp.einsum("bctkgm,bckm->bctkg", phi_q_BCTKGM, z_BCKM)
   return num, den
 
 
-def _chunked(phi_q_BCTKGM, phi_k_BCSKM, v_BCSKH, ids, is_causal):
+def _chunked(phi_q_BCTKGM, phi_k_BCSKM, v_BCSKH, ids, is_causal, m_BCSK=None):
   """Numerator [B,C,T,K,G,H] and denominator [B,C,T,K,G] of chunked kernelized attention."""
   L = phi_q_BCTKGM.shape[2]
   vis_BCTS = jnp.ones((1, 1, L, L), bool)
@@ -148,24 +185,28 @@ def _chunked(phi_q_BCTKGM, phi_k_BCSKM, v_BCSKH, ids, is_causal):
     vis_BCTS = vis_BCTS & (q_ids_BCT[:, :, :, None] == kv_ids_BCS[:, :, None, :])
   # Exact quadratic form inside each chunk.
   a_BCKGTS = jnp.einsum("bctkgm,bcskm->bckgts", phi_q_BCTKGM, phi_k_BCSKM)
+  if m_BCSK is not None:  # weight exp(m_s − m_t) <= 1 for visible pairs; masked before exp (no inf · 0)
+    rel_BCKTS = jnp.moveaxis(m_BCSK, -1, 2)[:, :, :, None, :] - jnp.moveaxis(m_BCSK, -1, 2)[:, :, :, :, None]
+    rel_BCKTS = jnp.where(vis_BCTS[:, :, None], rel_BCKTS, -jnp.inf)
+    a_BCKGTS = a_BCKGTS * jnp.exp(jnp.minimum(rel_BCKTS, 0.0))[:, :, :, None]
   a_BCKGTS = jnp.where(vis_BCTS[:, :, None, None], a_BCKGTS, 0.0)
   num = jnp.einsum("bckgts,bcskh->bctkgh", a_BCKGTS, v_BCSKH)
   den = jnp.moveaxis(a_BCKGTS.sum(-1), -1, 2)
   # Keys of earlier chunks (and, non-causal, of later chunks) through carried states.
   kv_ids_BCS = None if ids is None else ids[1]
-  kv, z, carry_id = _carry_in(phi_k_BCSKM, v_BCSKH, kv_ids_BCS)
+  kv, z, carry_id, m_in = _carry_in(phi_k_BCSKM, v_BCSKH, kv_ids_BCS, m_BCSK)
   use = None if ids is None else ids[0] == carry_id[:, :, None]
-  num, den = _add_carry(num, den, phi_q_BCTKGM, kv, z, use)
+  num, den = _add_carry(num, den, phi_q_BCTKGM, kv, z, use, m_in, m_BCSK)
   if not is_causal:  # only reached with segments: the same pass from the right
     flip = lambda x: None if x is None else jnp.flip(x, axis=(1, 2))
-    kv, z, carry_id = _carry_in(flip(phi_k_BCSKM), flip(v_BCSKH), flip(kv_ids_BCS))
+    kv, z, carry_id, _ = _carry_in(flip(phi_k_BCSKM), flip(v_BCSKH), flip(kv_ids_BCS))
     kv, z, carry_id = jnp.flip(kv, 1), jnp.flip(z, 1), jnp.flip(carry_id, 1)
     num, den = _add_carry(num, den, phi_q_BCTKGM, kv, z, ids[0] == carry_id[:, :, None])
   return num, den
 
 
 def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False, key_mask_BSK=None,
-                         segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE):
+                         segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE, key_max_BSK=None):
   """Masked kernel attention from features: Σ vis·(φq·φk) v / Σ vis·(φq·φk), float32 [B, T, N, H].
 
   The shared core of linear and Performer attention. `key_mask_BSK` (bool
@@ -174,12 +215,20 @@ def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False,
   segments: O(T·M·H) via the global state Σφ(k)vᵀ. Otherwise chunkwise parallel
   (see the module docstring); T and S are padded to a multiple of `chunk_size`
   with masked keys. Rows that see nothing (zero denominator) are 0.
+
+  key_max_BSK (causal only): a running key stabiliser m_s [B, S, K], non-decreasing along
+  each segment, already divided out of φk_s (φk_s ∝ exp(· − m_s)). Query t then weights
+  key s <= t by exp(m_s − m_t) <= 1, so every feature is relative to the keys t has seen:
+  output t depends on keys <= t only (the Performer's causal stabiliser; decoding
+  rescales its state the same way).
   """
   B, T, N, M = phi_q_BTNM.shape
   _, S, K, _ = phi_k_BSKM.shape
   H = value_BSKH.shape[-1]
   phi_q = phi_q_BTNM.astype(jnp.float32).reshape(B, T, K, N // K, M)
   phi_k, v = phi_k_BSKM.astype(jnp.float32), value_BSKH.astype(jnp.float32)
+  if key_max_BSK is not None and not is_causal:
+    raise ValueError("kernelized_attention: `key_max_BSK` (a running stabiliser) is only meaningful with is_causal.")
   if key_mask_BSK is not None:
     phi_k = jnp.where(key_mask_BSK[..., None], phi_k, 0.0)
   if not is_causal and segment_ids is None:
@@ -195,7 +244,12 @@ def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False,
   ids = None
   if segment_ids is not None:
     ids = tuple(chunks(pad(x, T, mode="edge")) for x in segment_ids)
-  num, den = _chunked(chunks(pad(phi_q, T)), chunks(pad(phi_k, S)), chunks(pad(v, S)), ids, is_causal)
+  m = None
+  if key_max_BSK is not None:
+    m = chunks(pad(jax.lax.stop_gradient(key_max_BSK.astype(jnp.float32)), S, mode="edge"))
+    if m.shape[-1] != K:
+      m = jnp.broadcast_to(m, (*m.shape[:-1], K))
+  num, den = _chunked(chunks(pad(phi_q, T)), chunks(pad(phi_k, S)), chunks(pad(v, S)), ids, is_causal, m)
   return _normalise(num, den).reshape(B, P, N, H)[:, :T]
 
 
@@ -290,3 +344,53 @@ def linear_step(state, query_B1NH, key_B1KH, value_B1KH, *, feature_map="elu", s
   phi_k = phi(jnp.asarray(key_B1KH[:, 0], jnp.float32))
   out, state = recurrent_step(state, phi_q, phi_k, value_B1KH[:, 0])
   return out[:, None].astype(query_B1NH.dtype), state
+
+
+# ----------------------------------------------------------------------------- the family record
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOptions:
+  """feature_map: "elu" (elu + 1, the paper's) | "relu". chunk_size: the causal / segmented chunk
+  (None = DEFAULT_CHUNK_SIZE)."""
+  feature_map: str = "elu"
+  chunk_size: int | None = None
+
+  def __post_init__(self):
+    if self.feature_map not in FEATURE_MAPS:
+      raise ValueError(f"feature_map={self.feature_map!r} is not one of {sorted(FEATURE_MAPS)}.")
+    if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+      raise ValueError(f"chunk_size={self.chunk_size!r} must be a positive integer or None.")
+
+
+def kernelized_flops(shape: Shape, M: int, chunk_size: int | None, features: float) -> dict:
+  """FLOPs per token of the kernelized core with M features (+ `features` for computing them).
+
+  A state update 2·K·M·H (+ K·M for Σφ(k)) and a read-out 2·N·M·(H+1) per token; causal is
+  chunkwise: the exact L x L form inside a chunk, its causal half ideal, all of it executed.
+  """
+  T, _, N, K, H, causal = shape
+  update = K * M * (2 * H + 1)   # Σφ(k)vᵀ and Σφ(k)
+  readout = 2 * N * M * (H + 1)  # φ(q)ᵀ(Σφ(k)vᵀ) and φ(q)ᵀΣφ(k)
+  if not causal:
+    return {"ideal": features + update + readout, "executed": features + update + readout}
+  L = min(chunk_size or DEFAULT_CHUNK_SIZE, T)
+  padded = -(-T // L) * L
+  intra = N * (2 * M + 2 * H + 1)  # per (query, key) pair inside a chunk: φq·φk, a·v, Σa
+  r = T % L
+  pairs = ((T // L) * L * (L + 1) / 2 + r * (r + 1) / 2) / T  # causal half, per real token
+  return {"ideal": features + update + readout + intra * pairs,
+          "executed": features + (update + readout + intra * L) * padded / T}
+
+
+def _flops(o: LinearOptions, shape: Shape) -> dict:
+  return kernelized_flops(shape, shape.head_dim, o.chunk_size, 0)  # elementwise φ keeps M = H and is free
+
+
+def _init_state(batch, num_kv_heads, head_dim, **_):
+  return linear_init_state(batch, num_kv_heads, head_dim, head_dim)
+
+
+FAMILY = Family(
+    name="linear", fn=linear_attention, options=LinearOptions, init_state=_init_state, step=linear_step,
+    flops=_flops, description="linear (kernelized) attention, chunkwise parallel (Katharopoulos et al. 2020)")

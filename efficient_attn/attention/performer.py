@@ -11,23 +11,26 @@ unbiased-kernel estimate of softmax attention, in O(T·M·H) time. Causal, key
 masks and segments behave exactly as in `linear_attention` (same core).
 
 Stabilisers (they cancel in the ratio num / den): each query row subtracts its
-own max over M; keys subtract one max per (batch, kv head) over all *valid* keys,
-under `stop_gradient` so no gradient flows from future keys (causality holds
-through gradients), and get a 1e-12 floor (`FEATURE_EPS`) so that keys whose
-features underflow float32 (large norms) cannot zero the denominator. Decoding keeps a running key max and rescales its state when
-the max grows, like online softmax.
+own max over M; keys subtract a max per (batch, kv head) under `stop_gradient` —
+non-causal: over all *valid* keys; causal: a running max over the keys seen so far
+(per segment), with the weight of key s at query t rescaled by exp(m_s − m_t), so no
+future key changes an output — and get a 1e-12 floor (`FEATURE_EPS`) so that keys whose
+features underflow float32 (large norms) cannot zero the denominator. Decoding keeps the
+same running key max and rescales its state when the max grows, like online softmax.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from efficient_attn.attention._common import resolve_scale
-from efficient_attn.attention.linear import (check_step, kernelized_attention, prepare_kernelized,
-                                             recurrent_step)
+from efficient_attn.attention.linear import (NO_KEY_MAX, check_step, kernelized_attention, linear_init_state,
+                                             prepare_kernelized, recurrent_step)
+from efficient_attn.attention.registry import Family, Shape
 
 KERNELS = ("softmax", "relu")
 RELU_EPS = 1e-3  # keeps the relu-kernel denominator positive (as in the reference FAVOR implementation)
@@ -112,27 +115,54 @@ def performer_attention(query, key, value, bias=None, mask=None, *, is_causal=Fa
   H^-½) or "relu" (φ(x) = relu(W x')/√M + eps). `mask` must be a key mask
   (broadcastable to [B, N, 1, S]); `bias` is refused. Cost O(T·M·H) time;
   causal / segmented chunkwise parallel with memory O(T·L·N + T·M·H·K/L).
+
+  Causal: the key stabiliser is a running max over the keys each query has seen (reset at
+  segment starts), so output t depends on keys <= t only — exactly what token-by-token
+  decoding computes. Non-causal: one max over all valid keys.
   """
   fn = "performer_attention"
   p = prepare_kernelized(query, key, value, bias, mask, segment_ids, chunk_size, fn)
   projection, scale = _check_options(projection, kernel, scale, p.dims.H, fn)
   M = projection.shape[0]
   phi_q = _query_features(query, projection, scale, kernel)
+  key_max = None
   if kernel == "relu":
     phi_k = _relu_features(p.key_BSKH, projection, scale)
   else:
     logits_BSKM = _logits(p.key_BSKH, projection, scale)
     valid_BSK1 = True if p.key_mask_BSK is None else p.key_mask_BSK[..., None]
     masked = jnp.where(valid_BSK1, logits_BSKM, -jnp.inf)
-    stab_B1K1 = jnp.max(masked, axis=(1, 3), keepdims=True)
-    stab_B1K1 = jax.lax.stop_gradient(jnp.where(jnp.isfinite(stab_B1K1), stab_B1K1, 0.0))
+    if is_causal:
+      key_max = _running_max(masked.max(axis=-1), None if p.segment_ids is None else p.segment_ids[1])
+      stab = key_max[..., None]
+    else:
+      stab = jnp.max(masked, axis=(1, 3), keepdims=True)
+      stab = jax.lax.stop_gradient(jnp.where(jnp.isfinite(stab), stab, 0.0))
     # Invalid keys get exp(-inf) = 0 before the exponential, so no inf·0 in the gradient; only valid keys get
     # the FEATURE_EPS floor.
     floor = FEATURE_EPS if p.key_mask_BSK is None else jnp.where(valid_BSK1, FEATURE_EPS, 0.0)
-    phi_k = (jnp.exp(masked - stab_B1K1) + floor) / jnp.sqrt(jnp.float32(M))
+    phi_k = (jnp.exp(masked - stab) + floor) / jnp.sqrt(jnp.float32(M))
   out = kernelized_attention(phi_q, phi_k, p.value_BSKH, is_causal=is_causal, key_mask_BSK=p.key_mask_BSK,
-                             segment_ids=p.segment_ids, chunk_size=p.chunk_size)
+                             segment_ids=p.segment_ids, chunk_size=p.chunk_size, key_max_BSK=key_max)
   return out.astype(query.dtype)
+
+
+def _running_max(x_BSK, kv_ids_BS=None):
+  """m_s = max of x over keys <= s (of s's segment when ids are given), >= NO_KEY_MAX; no gradient.
+
+  The causal key stabiliser: like decoding's running max, it never looks ahead.
+  """
+  x = jax.lax.stop_gradient(jnp.maximum(x_BSK, NO_KEY_MAX))
+  if kv_ids_BS is None:
+    return jax.lax.cummax(x, axis=1)
+  start_BS = jnp.concatenate([jnp.ones_like(kv_ids_BS[:, :1], bool), kv_ids_BS[:, 1:] != kv_ids_BS[:, :-1]], 1)
+
+  def combine(a, b):  # segmented max: a reset in b discards everything before it
+    (reset_a, max_a), (reset_b, max_b) = a, b
+    return reset_a | reset_b, jnp.where(reset_b, max_b, jnp.maximum(max_a, max_b))
+
+  start = jnp.broadcast_to(start_BS[..., None], x.shape)
+  return jax.lax.associative_scan(combine, (start, x), axis=1)[1]
 
 
 def performer_step(state, query_B1NH, key_B1KH, value_B1KH, *, projection=None, kernel="softmax", scale=None,
@@ -160,3 +190,55 @@ def performer_step(state, query_B1NH, key_B1KH, value_B1KH, *, projection=None, 
   phi_k = (jnp.exp(logits_BKM - m_new[..., None]) + FEATURE_EPS) / jnp.sqrt(jnp.float32(M))
   out, state = recurrent_step(state, phi_q, phi_k, value_B1KH[:, 0], m_BK=m_new)
   return out[:, None].astype(query_B1NH.dtype), state
+
+
+# ----------------------------------------------------------------------------- the family record
+
+
+@dataclasses.dataclass(frozen=True)
+class PerformerOptions:
+  """num_features: M random features. kernel: "softmax" (FAVOR+) | "relu". orthogonal: block-orthogonal
+  projection rows. chunk_size: the causal / segmented chunk (None = the linear core's default)."""
+  num_features: int = 128
+  kernel: str = "softmax"
+  orthogonal: bool = True
+  chunk_size: int | None = None
+
+  def __post_init__(self):
+    if self.num_features < 1:
+      raise ValueError(f"num_features={self.num_features} must be a positive integer.")
+    if self.kernel not in KERNELS:
+      raise ValueError(f"kernel={self.kernel!r} is not one of {list(KERNELS)}.")
+    if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+      raise ValueError(f"chunk_size={self.chunk_size!r} must be a positive integer or None.")
+
+
+def _prepare(o: PerformerOptions, shape: Shape) -> dict:
+  return {"kernel": o.kernel, "chunk_size": o.chunk_size}
+
+
+def _buffers(rng, o: PerformerOptions, shape: Shape) -> dict:
+  """The projection W [M, H]: a per-layer buffer, redrawn by drawing again with a new rng."""
+  return {"projection": performer_projection(rng, o.num_features, shape.head_dim, o.orthogonal)}
+
+
+def _flops(o: PerformerOptions, shape: Shape) -> dict:
+  from efficient_attn.attention.linear import kernelized_flops
+
+  T, _, N, K, H, causal = shape
+  features = 2 * o.num_features * H * (N + K)  # W·x for queries and keys
+  return kernelized_flops(shape, o.num_features, o.chunk_size, features)
+
+
+def _init_state(batch, num_kv_heads, head_dim, *, projection=None, num_features=None, **_):
+  """Recurrent state sized by the projection's M (or `num_features`)."""
+  if projection is None and num_features is None:
+    raise ValueError("init_decode_state('performer'): pass `projection=` (from performer_projection).")
+  M = projection.shape[0] if projection is not None else num_features
+  return linear_init_state(batch, num_kv_heads, M, head_dim)
+
+
+FAMILY = Family(
+    name="performer", fn=performer_attention, options=PerformerOptions, prepare=_prepare, buffers=_buffers,
+    init_state=_init_state, step=performer_step, flops=_flops,
+    description="FAVOR+ random-feature attention (Choromanski et al. 2021); recurrent decoding")

@@ -18,6 +18,7 @@ never computed (about half the tiles for T == S).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from efficient_attn.attention import _common
+from efficient_attn.attention.registry import Family, Shape
 
 _FN = "softmax_attention"
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
@@ -90,12 +92,20 @@ def _resolve_chunk(chunk_size):
 
 
 def _pick_implementation(dims, dtype, bias) -> str:
+  return pick_implementation(dims.T, dims.S, dims.H, dtype, has_bias=bias is not None)
+
+
+def pick_implementation(T: int, S: int, H: int, dtype, *, has_bias: bool = False, backend: str | None = None) -> str:
+  """What `implementation=None` runs: cudnn on GPU where supported, else chunked at T·S >= CHUNKED_MIN_TS, else xla.
+
+  The one rule, used by the function and by its FLOPs count (`backend` defaults to JAX's default backend).
+  """
   # The shapes cuDNN's flash kernel takes on every GPU generation (jax checks the rest and raises).
-  cudnn_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dims.H % 8 == 0 and dims.H <= 128
-              and (bias is None or (dims.T % 2 == 0 and dims.S % 2 == 0)))
-  if jax.default_backend() == "gpu" and cudnn_ok:
+  cudnn_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and H % 8 == 0 and H <= 128
+              and (not has_bias or (T % 2 == 0 and S % 2 == 0)))
+  if (backend or jax.default_backend()) == "gpu" and cudnn_ok:
     return "cudnn"
-  return "chunked" if dims.T * dims.S >= CHUNKED_MIN_TS else "xla"
+  return "chunked" if T * S >= CHUNKED_MIN_TS else "xla"
 
 
 def _group_heads(x, dims):
@@ -414,3 +424,59 @@ def softmax_step(state, query_B1NH, key_B1KH, value_B1KH, *, scale=None, window=
   out = jnp.einsum("BKGL,BLKH->BKGH", p.astype(cache_v.dtype), cache_v, preferred_element_type=jnp.float32)
   new_state = {"k": cache_k, "v": cache_v, "pos": pos + 1}
   return out.reshape(query_B1NH.shape).astype(query_B1NH.dtype), new_state
+
+
+# ----------------------------------------------------------------------------- the family record
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxOptions:
+  """implementation: None (best for the platform) | "xla" | "chunked" | "cudnn".
+  chunk_size: the chunked path's tile, an int or (query_chunk, key_chunk); None = DEFAULT_CHUNK."""
+  implementation: str | None = None
+  chunk_size: int | tuple[int, int] | None = None
+
+  def __post_init__(self):
+    if self.implementation not in (None, *IMPLEMENTATIONS):
+      raise ValueError(f"implementation={self.implementation!r} is not one of {[None, *IMPLEMENTATIONS]}.")
+    if self.chunk_size is not None:
+      object.__setattr__(self, "chunk_size", _resolve_chunk(self.chunk_size))
+
+
+def _mean_visible(T: int, window: int, causal: bool) -> float:
+  """Mean number of keys a query sees (T == S, top-left causal, keys within `window` positions)."""
+  W = min(window, T)
+  if causal:
+    return (W * (W + 1) / 2 + (T - W) * W) / T
+  return (T + 2 * ((W - 1) * T - (W - 1) * W / 2)) / T
+
+
+def _flops(o: SoftmaxOptions, shape: Shape) -> dict:
+  """4·N·H per visible (query, key) pair; xla computes all T·S pairs, chunked whole [Cq, Ck] tiles
+  (and its backward recomputes the logits: 5 tile matmuls against 2 forward, FlashAttention-2)."""
+  T, S, N, _, H, causal = shape
+  per_pair = 4 * N * H  # q·k (2H) and p·v (2H) per head
+  ideal = per_pair * (_mean_visible(T, T, causal) if T == S else (S + 1) / 2 if causal else S)
+  impl = o.implementation or pick_implementation(T, S, H, jnp.float32)
+  if impl == "xla":
+    return {"ideal": ideal, "executed": per_pair * S}
+  if impl == "cudnn":  # fused kernel; its tile skipping is not modelled here
+    return {"ideal": ideal, "executed": ideal}
+  cq, ck = o.chunk_size or DEFAULT_CHUNK
+  cq, ck = min(cq, T), min(ck, S)
+  nq, ns = -(-T // cq), -(-S // ck)
+  # As _Tiling.key_range: query chunk i stops at the key chunk holding its last query's diagonal.
+  tiles = sum(min(ns, ((i + 1) * cq - 1) // ck + 1) for i in range(nq)) if causal else nq * ns
+  executed = per_pair * tiles * cq * ck / T
+  return {"ideal": ideal, "executed": executed, "backward": 2.5 * executed}
+
+
+def _init_state(batch, num_kv_heads, head_dim, *, max_len=None, dtype=None, **_):
+  if max_len is None:
+    raise ValueError("init_decode_state('softmax'): `max_len` (cache length) is required for a KV cache.")
+  return softmax_init_state(batch, max_len, num_kv_heads, head_dim, dtype or jnp.float32)
+
+
+FAMILY = Family(
+    name="softmax", fn=softmax_attention, options=SoftmaxOptions, init_state=_init_state, step=softmax_step,
+    flops=_flops, description="exact softmax attention (xla / chunked online softmax / cudnn); KV-cache decoding")

@@ -8,10 +8,15 @@ blocks are bucketed by the power of two above their count, so BigBird's few dens
 global rows do not make every row dense). The marked K/V blocks are gathered and each
 bucket's logits are [B, K, G, u, bs, M, bs], so time and memory are O(marked blocks · bs²),
 within 2x, and no [T, S] tensor is formed. The builders of layouts are in
-`efficient_attn.attention.masks`.
+`efficient_attn.attention.masks`. As in splash attention, the description becomes a static
+plan once: the model's layout once per (options, shape) (`build_layout`), its block plan
+once per layout (`block_plan`), both cached, never rebuilt on a retrace.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +25,8 @@ import numpy as np
 from efficient_attn.attention._common import (
     check_bias, check_divisible, check_mask, check_qkv, gather_block_pairs, masked_softmax, resolve_scale,
     split_segment_ids)
+from efficient_attn.attention import masks
+from efficient_attn.attention.registry import Family, Shape
 
 _FN = "block_sparse_attention"
 
@@ -41,6 +48,22 @@ def _static_layout(layout, dims, nq: int, nk: int, is_causal: bool) -> np.ndarra
   if is_causal:  # Top-left causal: key block j holds a visible key for query block i iff j <= i.
     layout = layout & np.tri(nq, nk, dtype=bool)
   return layout
+
+
+def block_plan(layout: np.ndarray) -> tuple:
+  """The static block plan of a (checked, causal-trimmed) bool layout [h, nq, nk]: `_row_groups`,
+  cached by the layout's contents, so retracing the same layout (every layer, every step) reuses it."""
+  layout = np.ascontiguousarray(layout, bool)
+  return _cached_plan(layout.shape, layout.tobytes())
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_plan(shape: tuple, data: bytes) -> tuple:
+  groups = _row_groups(np.frombuffer(data, bool).reshape(shape))
+  for arrays in groups:
+    for a in arrays:
+      a.setflags(write=False)
+  return tuple(groups)
 
 
 def _row_groups(layout: np.ndarray):
@@ -113,7 +136,7 @@ def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal
   scale = resolve_scale(scale, H)
 
   q_BiqKGH = query.reshape(B, nq, bs, K, N // K, H)
-  groups = _row_groups(layout)
+  groups = block_plan(layout)
   parts, rows = [], []
   for rows_u, kv_blocks, valid in groups:
     q_u = q_BiqKGH if len(groups) == 1 else q_BiqKGH[:, rows_u]
@@ -158,3 +181,84 @@ def _attend_rows(q_BuqKGH, key, value, bias, mask, ids, is_causal, scale, rows, 
   probs = masked_softmax(logits, visible, axis=(-2, -1))
   return jnp.einsum(f"BKGuqmk,{kv_spec}->BuqKGH", probs.astype(value.dtype), v_blocks,
                     preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- the family record
+
+LAYOUTS = ("bigbird", "local", "strided", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseOptions:
+  """block_size: positions per block. layout: which `masks` builder makes the static layout —
+  "bigbird" (window + num_global + num_random blocks, drawn with `seed`), "local" (a band of
+  `window` blocks), "strided" / "fixed" (Sparse Transformer patterns with `stride`)."""
+  block_size: int = 64
+  layout: str = "bigbird"
+  window: int = 3
+  num_global: int = 1
+  num_random: int = 1
+  stride: int = 4
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"layout={self.layout!r} is not one of {list(LAYOUTS)}.")
+    for name in ("block_size", "window", "stride"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+    for name in ("num_global", "num_random"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+
+
+@functools.lru_cache(maxsize=64)
+def build_layout(o: SparseOptions, num_q_blocks: int, num_k_blocks: int) -> np.ndarray:
+  """The static bool [T/bs, S/bs] layout the options describe (cached per shape; never traced)."""
+  if o.layout == "bigbird":
+    layout = masks.bigbird_layout(num_q_blocks, num_k_blocks, window=o.window, num_global=o.num_global,
+                                  num_random=o.num_random, seed=o.seed)
+  elif o.layout == "local":
+    layout = masks.local_layout(num_q_blocks, num_k_blocks, window=o.window)
+  else:
+    layout = masks.strided_layout(num_q_blocks, num_k_blocks, stride=o.stride, mode=o.layout, causal=False)
+  layout = np.asarray(layout)
+  layout.setflags(write=False)
+  return layout
+
+
+def _check(o: SparseOptions, shape: Shape) -> None:
+  for what, n in (("query length", shape.seq_len), ("key length", shape.kv_len)):
+    if n % o.block_size:
+      raise ValueError(f"block-sparse attention: {what} {n} is not divisible by block_size={o.block_size};"
+                       f" pick a length that is a multiple of {o.block_size}.")
+
+
+def _prepare(o: SparseOptions, shape: Shape) -> dict:
+  _check(o, shape)
+  return {"layout": build_layout(o, shape.seq_len // o.block_size, shape.kv_len // o.block_size),
+          "block_size": o.block_size}
+
+
+def layout_flops(layout, block_size: int, shape: Shape) -> dict:
+  """FLOPs per token of a given layout: visible pairs of the marked blocks (ideal) and the padded
+  rows `block_sparse_attention` computes (executed)."""
+  T, _, N, _, H, causal = shape
+  bs = block_size
+  layout = np.asarray(layout).astype(bool)
+  layout = layout[None] if layout.ndim == 2 else layout
+  if causal:
+    layout = layout & np.tri(*layout.shape[1:], dtype=bool)
+  diagonal = np.trace(layout, axis1=1, axis2=2).sum() if causal else 0  # half-visible blocks
+  pairs = (layout.sum() * bs * bs - diagonal * bs * (bs - 1) / 2) / layout.shape[0]
+  slots = sum(len(rows) * valid.shape[-1] for rows, _, valid in block_plan(layout))
+  return {"ideal": 4 * N * H * pairs / T, "executed": 4 * N * H * slots * bs * bs / T}
+
+
+def _flops(o: SparseOptions, shape: Shape) -> dict:
+  return layout_flops(_prepare(o, shape)["layout"], o.block_size, shape)
+
+
+FAMILY = Family(
+    name="sparse", fn=block_sparse_attention, options=SparseOptions, prepare=_prepare, flops=_flops, check=_check,
+    description="block-sparse softmax attention on a static layout (BigBird / Sparse Transformer)")
