@@ -323,8 +323,8 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
   kv = m.num_kv_heads or m.num_heads
   _need(m.num_heads % kv == 0, f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}.")
   _need(m.ffn_activation in ("gelu", "swiglu"), f"model.ffn_activation={m.ffn_activation!r} is not gelu or swiglu.")
-  _need(m.router in ("tokens_choose", "experts_choose"),
-        f"model.router={m.router!r} is not tokens_choose or experts_choose.")
+  from efficient_attn.moe import ROUTERS  # the registered routers (moe/router.py ROUTES)
+  _need(m.router in ROUTERS, f"model.router={m.router!r} is not one of {list(ROUTERS)}.")
   _need(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r} is not float32 or bfloat16.")
   _need(m.capacity_factor > 0, f"model.capacity_factor={m.capacity_factor} must be > 0.")
   if m.num_experts:

@@ -287,8 +287,27 @@ class _quiet_abandoned_reads:
     return False
 
 
+def _from_orbax(record: logging.LogRecord) -> bool:
+  """True for an asyncio log record about an exception raised inside orbax (an abandoned read's
+  "_GatheringFuture exception was never retrieved", collected after the restore block ended)."""
+  tb = record.exc_info[2] if record.exc_info else None
+  while tb is not None:
+    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
 def _hide_orbax_coroutines_for_good() -> None:
-  """Wraps sys.unraisablehook once so that only unraisable errors of orbax's own coroutines are dropped."""
+  """Once: drops unraisable errors of orbax's own coroutines and asyncio's log records of
+  exceptions raised inside orbax; everything else still gets through."""
+  log = logging.getLogger("asyncio")
+  if not any(getattr(f, "_efficient_attn_orbax_filter", False) for f in log.filters):
+    def keep(record: logging.LogRecord) -> bool:
+      return not _from_orbax(record)
+
+    keep._efficient_attn_orbax_filter = True
+    log.addFilter(keep)
   previous = sys.unraisablehook
   if getattr(previous, "_efficient_attn_orbax_filter", False):
     return

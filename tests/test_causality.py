@@ -22,7 +22,7 @@ CUT = 19  # positions <= CUT keep their keys / values; later ones change
 
 def _family_kwargs(kind):
   family = A.get(kind)
-  options = {"local": {"window": 8}, "sparse": {"block_size": 8, "layout": "local", "window": 2},
+  options = {"local": {"window": 8}, "sparse": {"block_size": 8, "pattern": "local", "window": 2},
              "linear": {"chunk_size": 8}, "performer": {"num_features": 16, "chunk_size": 8},
              "softmax": {"implementation": "chunked", "chunk_size": 8}}.get(kind, {})
   options = family.make_options(options)

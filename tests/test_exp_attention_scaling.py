@@ -82,7 +82,7 @@ def test_rerun_resumes_finished_variants(smoke, monkeypatch):
     ({"families": ["linear", "linear"]}, "distinct"),
     ({"seq_lens": [100]}, "block_size=64"),
     ({"attention_options": {"local": {"windw": 3}}}, "no option 'windw'"),
-    ({"attention_options": {"sparse": {"layout": "dense"}}}, "layout='dense'"),
+    ({"attention_options": {"sparse": {"pattern": "dense"}}}, "pattern='dense'"),
     ({"seq_lens": [0]}, "seq_lens"),
     ({"num_heads": 3}, "num_heads"),
     ({"repeats": 0}, "repeats"),

@@ -258,7 +258,7 @@ def test_steps_for_budget_equalises_compute():
      ["implementation"]),
     (lambda: flops.attention_flops("linear", 256, num_heads=2, head_dim=32, feature_map="tanh"), ["tanh"]),
     (lambda: flops.attention_flops("local", 0, num_heads=2, head_dim=32), ["seq_len"]),
-    (lambda: flops.attention_flops("sparse", 256, num_heads=2, head_dim=32, layout="dense"), ["layout"]),
+    (lambda: flops.attention_flops("sparse", 256, num_heads=2, head_dim=32, pattern="dense"), ["pattern"]),
     (lambda: flops.attention_flops("local", 256, num_heads=2, head_dim=32, windw=3), ["windw", "window"]),
     (lambda: flops.model_flops_per_token(dataclasses.replace(SMALL, attention="nope"), 128), ["'nope'"]),
     (lambda: flops.steps_for_budget(-1.0, SMALL, 128, 8), ["budget_flops"]),

@@ -103,3 +103,16 @@ def test_decode_api_errors():
     A.init_decode_state("performer", B, K, H)
   with pytest.raises(ValueError, match="sparse"):
     A.init_decode_state("sparse", B, K, H, max_len=T)
+
+
+def test_flax_attention_fn_prepares_typed_options_per_shape():
+  """Options are checked when the function is made and prepared for the length it is called with."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, N * H))
+  mha = nn.MultiHeadDotProductAttention(num_heads=N, qkv_features=N * H,
+                                        attention_fn=A.flax_attention_fn("sparse", block_size=8, pattern="local",
+                                                                         window=T // 8))
+  params = mha.init(jax.random.PRNGKey(1), x)
+  ref = nn.MultiHeadDotProductAttention(num_heads=N, qkv_features=N * H).apply(params, x)  # all blocks: full
+  np.testing.assert_allclose(mha.apply(params, x), ref, atol=2e-5)
+  with pytest.raises(ValueError, match="no option 'windw'"):
+    A.flax_attention_fn("local", windw=4)

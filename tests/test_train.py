@@ -79,17 +79,17 @@ def test_performer_buffers_are_checkpointed_and_redrawn(tmp_path):
     saved[step] = np.asarray(jax.tree.leaves(restored["buffers"])[0])
   assert saved[6].shape == (32, 16)
   assert not np.allclose(saved[6], saved[12])  # redrawn at steps 8 (and 4)
-  # Without redraw_every the projection stays what init drew.
-  still = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, redraw_every=0, steps=6))
+  # Without redraw_every the projection stays what init drew (from PRNGKey(train.seed)).
+  from efficient_attn.model import TransformerLM
+
+  still = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, redraw_every=0, steps=2, checkpoint_every=2))
   train(still, str(tmp_path / "still"), devices=jax.devices()[:1])
   with ocp.CheckpointManager(str(tmp_path / "still" / "checkpoints")) as mngr:
-    kept = mngr.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  first = np.asarray(jax.tree.leaves(kept["buffers"])[0])
-  train(dataclasses.replace(still, train=dataclasses.replace(still.train, steps=1, checkpoint_every=1)),
-        str(tmp_path / "init"), devices=jax.devices()[:1])
-  with ocp.CheckpointManager(str(tmp_path / "init" / "checkpoints")) as mngr:
-    init = mngr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  np.testing.assert_array_equal(first, np.asarray(jax.tree.leaves(init["buffers"])[0]))
+    kept = mngr.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  dummy = jax.numpy.zeros((cfg.train.batch_size, cfg.train.seq_len), jax.numpy.int32)
+  drawn = jax.jit(lambda: TransformerLM(cfg.model).init(jax.random.PRNGKey(cfg.train.seed), dummy)["buffers"])()
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(kept["buffers"])[0]), np.asarray(jax.tree.leaves(drawn)[0]))
+  assert not np.allclose(saved[6], np.asarray(jax.tree.leaves(drawn)[0]))  # the redraw at step 4 replaced it
 
 
 @pytest.mark.parametrize("mesh, moe", [(MeshConfig(data=2, fsdp=2, tensor=2), {}),

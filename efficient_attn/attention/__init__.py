@@ -61,13 +61,17 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
   BTNH inputs (Flax says [batch..., length, heads, head_dim]). The Flax-only
   arguments are accepted and ignored (attention dropout is not applied; the
   returned function refuses a non-zero rate in non-deterministic mode rather
-  than silently skipping it). `opts` are the family's own keyword arguments, e.g.
-  `flax_attention_fn("local", window=128, is_causal=True)`; `is_causal=True`
-  from either the options or the caller (NNX passes it) makes it causal.
-  Kernelized families (linear, performer) refuse a general [T, S] mask, so pass
-  causality through `is_causal`, not a Flax causal mask.
+  than silently skipping it). `opts` are the family's typed options (checked now,
+  prepared for the shape of each call, e.g. `flax_attention_fn("sparse", block_size=16)`
+  builds its layout for the length it is called with) and any other keyword of its
+  function, e.g. `projection=` for the Performer or `is_causal=True`; `is_causal=True`
+  from either the options or the caller (NNX passes it) makes it causal. Kernelized
+  families (linear, performer) refuse a general [T, S] mask, so pass causality through
+  `is_causal`, not a Flax causal mask.
   """
-  fn = get(kind).fn
+  family = get(kind)
+  options = family.make_options({k: v for k, v in opts.items() if k in family.option_names})
+  passthrough = {k: v for k, v in opts.items() if k not in family.option_names and k != "is_causal"}
 
   def attention_fn(query, key, value, bias=None, mask=None, *, dropout_rng=None, dropout_rate=0.0,
                    broadcast_dropout=True, deterministic=True, dtype=None, precision=None, module=None,
@@ -77,8 +81,10 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
       raise ValueError(
           f"flax_attention_fn({kind!r}): attention dropout is not supported (got dropout_rate={dropout_rate});"
           " set dropout_rate=0.0 or deterministic=True.")
-    kw = {**opts, "is_causal": bool(opts.get("is_causal", False) or is_causal)}
-    out = fn(query, key, value, bias, mask, **kw)
+    causal = bool(opts.get("is_causal", False) or is_causal)
+    shape = Shape(query.shape[-3], key.shape[-3], query.shape[-2], key.shape[-2], query.shape[-1], causal)
+    kw = {**family.call_kwargs(options, shape), **passthrough}
+    out = family.fn(query, key, value, bias, mask, is_causal=causal, **kw)
     return out if dtype is None else out.astype(dtype)
 
   return attention_fn

@@ -185,16 +185,16 @@ def _attend_rows(q_BuqKGH, key, value, bias, mask, ids, is_causal, scale, rows, 
 
 # ----------------------------------------------------------------------------- the family record
 
-LAYOUTS = ("bigbird", "local", "strided", "fixed")
+PATTERNS = ("bigbird", "local", "strided", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
 class SparseOptions:
-  """block_size: positions per block. layout: which `masks` builder makes the static layout —
+  """block_size: positions per block. pattern: which `masks` builder makes the static layout —
   "bigbird" (window + num_global + num_random blocks, drawn with `seed`), "local" (a band of
   `window` blocks), "strided" / "fixed" (Sparse Transformer patterns with `stride`)."""
   block_size: int = 64
-  layout: str = "bigbird"
+  pattern: str = "bigbird"
   window: int = 3
   num_global: int = 1
   num_random: int = 1
@@ -202,8 +202,8 @@ class SparseOptions:
   seed: int = 0
 
   def __post_init__(self):
-    if self.layout not in LAYOUTS:
-      raise ValueError(f"layout={self.layout!r} is not one of {list(LAYOUTS)}.")
+    if self.pattern not in PATTERNS:
+      raise ValueError(f"pattern={self.pattern!r} is not one of {list(PATTERNS)}.")
     for name in ("block_size", "window", "stride"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
@@ -215,13 +215,13 @@ class SparseOptions:
 @functools.lru_cache(maxsize=64)
 def build_layout(o: SparseOptions, num_q_blocks: int, num_k_blocks: int) -> np.ndarray:
   """The static bool [T/bs, S/bs] layout the options describe (cached per shape; never traced)."""
-  if o.layout == "bigbird":
+  if o.pattern == "bigbird":
     layout = masks.bigbird_layout(num_q_blocks, num_k_blocks, window=o.window, num_global=o.num_global,
                                   num_random=o.num_random, seed=o.seed)
-  elif o.layout == "local":
+  elif o.pattern == "local":
     layout = masks.local_layout(num_q_blocks, num_k_blocks, window=o.window)
   else:
-    layout = masks.strided_layout(num_q_blocks, num_k_blocks, stride=o.stride, mode=o.layout, causal=False)
+    layout = masks.strided_layout(num_q_blocks, num_k_blocks, stride=o.stride, mode=o.pattern, causal=False)
   layout = np.asarray(layout)
   layout.setflags(write=False)
   return layout
