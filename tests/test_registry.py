@@ -114,5 +114,7 @@ def test_flax_attention_fn_prepares_typed_options_per_shape():
   params = mha.init(jax.random.PRNGKey(1), x)
   ref = nn.MultiHeadDotProductAttention(num_heads=N, qkv_features=N * H).apply(params, x)  # all blocks: full
   np.testing.assert_allclose(mha.apply(params, x), ref, atol=2e-5)
-  with pytest.raises(ValueError, match="no option 'windw'"):
+  with pytest.raises(ValueError, match=r"unknown keyword\(s\) \['windw'\].*'window'"):
     A.flax_attention_fn("local", windw=4)
+  with pytest.raises(ValueError, match="`window` must be a positive integer"):
+    A.flax_attention_fn("local", window=0)

@@ -19,6 +19,7 @@ Performer.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from typing import Any, Callable
 
@@ -72,6 +73,13 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
   family = get(kind)
   options = family.make_options({k: v for k, v in opts.items() if k in family.option_names})
   passthrough = {k: v for k, v in opts.items() if k not in family.option_names and k != "is_causal"}
+  params = inspect.signature(family.fn).parameters
+  if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    unknown = sorted(set(passthrough) - set(params))
+    if unknown:
+      valid = sorted(set(family.option_names) | {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY})
+      raise ValueError(f"flax_attention_fn({kind!r}): unknown keyword(s) {unknown}; the family's options and"
+                       f" keywords are {valid}.")
 
   def attention_fn(query, key, value, bias=None, mask=None, *, dropout_rng=None, dropout_rate=0.0,
                    broadcast_dropout=True, deterministic=True, dtype=None, precision=None, module=None,
