@@ -232,17 +232,16 @@ def with_overrides(cfg: Config, overrides: dict) -> Config:
   `model.attention` is applied first: a new family starts from its own default options,
   which `model.attention_options.KEY` overrides then update (checked against that family).
   """
-  overrides = dict(overrides)
-  options = {k[len(OPTIONS_PREFIX):]: overrides.pop(k) for k in list(overrides) if k.startswith(OPTIONS_PREFIX)}
-  flat = flatten(cfg)
-  base = {k: v for k, v in flat.items() if not k.startswith(OPTIONS_PREFIX)}
+  def split(flat: dict) -> tuple[dict, dict]:  # (the family's options, everything else)
+    opts = {k[len(OPTIONS_PREFIX):]: v for k, v in flat.items() if k.startswith(OPTIONS_PREFIX)}
+    return opts, {k: v for k, v in flat.items() if not k.startswith(OPTIONS_PREFIX)}
+
+  options, overrides = split(overrides)
+  old_opts, base = split(flatten(cfg))
   flat = apply_overrides(base, overrides, "the training config")
-  m = cfg.model
-  old_opts = {k[len(OPTIONS_PREFIX):]: v for k, v in flatten(cfg).items() if k.startswith(OPTIONS_PREFIX)}
-  new_opts = old_opts if flat["model.attention"] == m.attention else {}
-  family = _registered_family(flat["model.attention"])
-  if family is None and options:
-    m.__class__(attention=flat["model.attention"]).family  # raises: unknown family
+  if options and _registered_family(flat["model.attention"]) is None:
+    _ = ModelConfig(attention=flat["model.attention"]).family  # the ConfigError naming the registered families
+  new_opts = old_opts if flat["model.attention"] == cfg.model.attention else {}
   sections = {}
   for sec in dataclasses.fields(cfg):
     sub = getattr(cfg, sec.name)

@@ -209,6 +209,13 @@ def attention_variant(cfg: dict, name: str, aliases: dict | None = None) -> tupl
   return family, {**cfg.get("attention_options", {}).get(family, {}), **extra}
 
 
+def attention_option(cfg: dict, family: str, name: str):
+  """Option `name` of `family` as the experiment runs it: cfg["attention_options"][family], else the default."""
+  from efficient_attn import attention
+
+  return getattr(attention.get(family).make_options(cfg.get("attention_options", {}).get(family)), name)
+
+
 def check_attention_variants(cfg: dict, names: list[str], experiment: str, key: str,
                              aliases: dict | None = None) -> None:
   """ConfigError (one sentence) unless every name is a registered family or an alias, all distinct,

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from efficient_attn import flops, reliability, sharding
 from efficient_attn.config import Config, ConfigError, validate
 from efficient_attn.data.text import PackedStream, lm_example, load_documents, split_documents
+from efficient_attn.layers import redraw_buffers
 from efficient_attn.measure import temp_bytes, xla_flops
 from efficient_attn.model import TransformerLM
 from efficient_attn.moe import collect_aux
@@ -127,8 +128,8 @@ def make_redraw(model, t, state_sh, dummy):
 
   def redraw(state, step):
     rng = jax.random.fold_in(jax.random.PRNGKey(t.seed + 1), step)
-    _, fresh = model.apply({"params": state["params"]}, dummy, rngs={"params": rng}, mutable=["buffers"])
-    return {**state, "buffers": fresh["buffers"]}
+    variables = {"params": state["params"], "buffers": state["buffers"]}
+    return {**state, "buffers": redraw_buffers(model, variables, rng, dummy)["buffers"]}
 
   return jax.jit(redraw, in_shardings=(state_sh, None), out_shardings=state_sh, donate_argnums=0)
 

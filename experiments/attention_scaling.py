@@ -25,7 +25,7 @@ import math
 import os
 
 from efficient_attn.config import ConfigError
-from efficient_attn.experiment import attention_variant, check_attention_variants, line_plot
+from efficient_attn.experiment import attention_option, attention_variant, check_attention_variants, line_plot
 
 from ._papers import LRA_LENGTHS, LRA_TABLE2, LRA_TABLE2_NOTE
 
@@ -33,7 +33,8 @@ from ._papers import LRA_LENGTHS, LRA_TABLE2, LRA_TABLE2_NOTE
 # "softmax" (the baseline, run first) materialises its logits; "softmax_chunked" is an alias:
 # the same family with its flash-style implementation.
 FAMILIES = ["softmax", "softmax_chunked", "local", "sparse", "linear", "performer"]
-ALIASES = {"softmax": ("softmax", {"implementation": "xla"}), "softmax_chunked": ("softmax", {"implementation": "chunked"})}
+ALIASES = {"softmax": ("softmax", {"implementation": "xla"}),
+           "softmax_chunked": ("softmax", {"implementation": "chunked"})}
 BASELINE = "softmax"
 LONG_STEP_S = 10.0
 
@@ -51,7 +52,8 @@ def get_config() -> dict:
 
 
 SMOKE = {"seq_lens": [256, 512], "d_model": 64, "num_layers": 1, "num_heads": 2, "ffn_dim": 128,
-         "attention_options": {"local": {"window": 64}, "sparse": {"block_size": 64}, "performer": {"num_features": 32}},
+         "attention_options": {"local": {"window": 64}, "sparse": {"block_size": 64},
+                               "performer": {"num_features": 32}},
          "repeats": 2, "min_time_s": 0.02}
 
 
@@ -263,11 +265,12 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
   load = f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores" if loads else "not recorded"
   skipped = [f"- {r['family']} at T={r['seq_len']}: {r['skipped']} (memory still reported)" for r in rows
              if r["skipped"]]
+  opt = lambda family, name: attention_option(cfg, family, name)  # noqa: E731
   model = (f"{cfg['num_layers']}-layer causal TransformerLM, d_model {cfg['d_model']}, {cfg['num_heads']} heads,"
-           f" FFN {cfg['ffn_dim']}, batch {cfg['batch_size']}, {cfg['dtype']}; local window {_opt(cfg, 'local', 'window')};"
-           f" sparse = BigBird layout of {_opt(cfg, 'sparse', 'block_size')}-token blocks"
-           f" ({_opt(cfg, 'sparse', 'window')} window, {_opt(cfg, 'sparse', 'num_global')} global,"
-           f" {_opt(cfg, 'sparse', 'num_random')} random); Performer M={_opt(cfg, 'performer', 'num_features')}")
+           f" FFN {cfg['ffn_dim']}, batch {cfg['batch_size']}, {cfg['dtype']}; local window {opt('local', 'window')};"
+           f" sparse = BigBird layout of {opt('sparse', 'block_size')}-token blocks ({opt('sparse', 'window')} window,"
+           f" {opt('sparse', 'num_global')} global, {opt('sparse', 'num_random')} random); Performer"
+           f" M={opt('performer', 'num_features')}")
   intro = (f"One training step (forward + backward of the LM loss) of a {model}. Time: median of >="
            f" {cfg['repeats']} calls after a warm-up (one call where the step was predicted past {LONG_STEP_S:g} s)."
            " Memory: XLA's compiled temporary bytes of the step. Ratios are against `softmax` (exact, XLA,"
@@ -286,13 +289,6 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
       LRA_TABLE2_NOTE + "\n\n" + "\n".join(lra_abs), differs,
       "Skipped:\n" + ("\n".join(skipped) if skipped else "- nothing"),
   ])
-
-
-def _opt(cfg: dict, family: str, name: str):
-  """A family's option as this experiment runs it (its attention_options, else the family default)."""
-  from efficient_attn.attention import get
-
-  return getattr(get(family).make_options(cfg["attention_options"].get(family)), name)
 
 
 def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:

@@ -36,7 +36,8 @@ def get_config() -> dict:
 
 SMOKE = {"variants": ["softmax", "linear"], "reference_steps": 4, "batch_size": 2, "seq_len": 64, "d_model": 32,
          "num_layers": 1, "ffn_dim": 64, "warmup_steps": 1,
-         "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16}, "performer": {"num_features": 16}},
+         "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16},
+                               "performer": {"num_features": 16}},
          "log_every": 2, "eval_every": 2, "eval_batches": 1}
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 from efficient_attn.config import ConfigError
-from efficient_attn.experiment import check_attention_variants, line_plot
+from efficient_attn.experiment import attention_option, check_attention_variants, line_plot
 
 from ._papers import LRA_TABLE1
 
@@ -42,15 +42,9 @@ def get_config() -> dict:
 
 SMOKE = {"families": ["softmax", "sparse", "performer"], "min_length": 16, "max_length": 64, "d_model": 32,
          "num_layers": 1, "num_heads": 2, "ffn_dim": 64,
-         "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16}, "performer": {"num_features": 16}},
+         "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16},
+                               "performer": {"num_features": 16}},
          "batch_size": 8, "steps": 4, "warmup_steps": 1, "eval_examples": 16, "eval_points": 1}
-
-
-def _option(cfg: dict, family: str, name: str):
-  """A family's option as this experiment runs it (its attention_options, else the family default)."""
-  from efficient_attn.attention import get
-
-  return getattr(get(family).make_options(cfg["attention_options"].get(family)), name)
 
 
 def model_config(cfg: dict, family: str):
@@ -170,13 +164,14 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
              " points are noise. " + (f"Within two standard errors of the majority baseline: {', '.join(near)}."
                                       if near else "Every family is more than two standard errors above the"
                                       " majority baseline."))
+  opt = lambda family, name: attention_option(cfg, family, name)  # noqa: E731
   return (
       f"Expressions of {cfg['min_length']}-{cfg['max_length']} tokens padded to {cfg['max_length']} (LRA:"
       f" 500-2000), max depth {cfg['max_depth']}, max args {cfg['max_args']}; encoder classifier d_model"
       f" {cfg['d_model']}, {cfg['num_layers']} layers, {cfg['num_heads']} heads, mean pooling over real tokens;"
-      f" batch {cfg['batch_size']}; local window {_option(cfg, 'local', 'window')}, sparse = BigBird block layout"
-      f" (block {_option(cfg, 'sparse', 'block_size')}: 3-block window, 1 global, 1 random), Performer M ="
-      f" {_option(cfg, 'performer', 'num_features')}."
+      f" batch {cfg['batch_size']}; local window {opt('local', 'window')}, sparse = BigBird block layout"
+      f" (block {opt('sparse', 'block_size')}: 3-block window, 1 global, 1 random), Performer M ="
+      f" {opt('performer', 'num_features')}."
       f" Equal compute: every family gets the same training FLOPs (ideal, bidirectional, padding included),"
       f" softmax's {cfg['steps']} steps; cheaper families train more steps. Accuracy on {cfg['eval_examples']}"
       f" held-out expressions; the majority class of that set scores **{majority:.2f}%**.\n\n"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from efficient_attn.config import ConfigError
-from efficient_attn.experiment import check_attention_variants, line_plot
+from efficient_attn.experiment import attention_option, check_attention_variants, line_plot
 
 from ._papers import ZOOLOGY_NOTE
 
@@ -36,14 +36,8 @@ def get_config() -> dict:
 
 SMOKE = {"families": ["softmax", "linear"], "widths": [16], "seq_len": 32, "num_kv_pairs": 4, "vocab_size": 32,
          "num_layers": 1, "batch_size": 8, "steps": 4, "warmup_steps": 1, "eval_examples": 16,
-         "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16}, "performer": {"num_features": 16}}}
-
-
-def _option(cfg: dict, family: str, name: str):
-  """A family's option as this experiment runs it (its attention_options, else the family default)."""
-  from efficient_attn.attention import get
-
-  return getattr(get(family).make_options(cfg["attention_options"].get(family)), name)
+         "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16},
+                               "performer": {"num_features": 16}}}
 
 
 def _split(name: str) -> tuple[str, int]:
@@ -155,7 +149,7 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
       f" (power_a {cfg['power_a']}), vocabulary {cfg['vocab_size']}; causal LM with {cfg['num_layers']} layers,"
       f" {cfg['num_heads']} head(s), FFN {cfg['ffn_mult']}x width, RoPE; {cfg['steps']} steps of batch"
       f" {cfg['batch_size']} (fresh rows every step), loss on the query positions only; Performer M ="
-      f" {_option(cfg, 'performer', 'num_features')}, linear = elu+1 features (M = head dim). Accuracy (%) on"
+      f" {attention_option(cfg, 'performer', 'num_features')}, linear = elu+1 features (M = head dim). Accuracy (%) on"
       f" {cfg['eval_examples']} held-out rows ({cfg['eval_examples'] * cfg['num_kv_pairs']} queries); guessing"
       f" a value scores {chance:.1f}%.\n\n" + "\n".join(acc)
       + f"\n\n90% accuracy reached by: {'; '.join(verdict)}. Zoology sweeps learning rates and trains to"
