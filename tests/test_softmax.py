@@ -198,9 +198,9 @@ def test_cudnn_glue_with_a_stand_in_kernel(monkeypatch):
   """The cuDNN path's own logic (segments -> mask, bias broadcast, empty rows -> 0), with the XLA kernel standing in."""
   calls, real = [], jax.nn.dot_product_attention
 
-  def stand_in(q, k, v, bias, mask, *, scale, is_causal, implementation):
+  def stand_in(q, k, v, bias, mask, *, implementation, **kw):
     calls.append(implementation)
-    return real(q, k, v, bias, mask, scale=scale, is_causal=is_causal, implementation="xla")
+    return real(q, k, v, bias, mask, implementation="xla", **kw)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -224,7 +224,7 @@ def test_cudnn_glue_with_a_stand_in_kernel(monkeypatch):
 def test_bad_inputs_raise_value_errors():
   q, k, v = _arrays(T=8, S=8)
   bad = [
-      (lambda: softmax_attention(q[0], k, v), "rank 4"),
+      (lambda: softmax_attention(q[0], k, v), "same rank"),
       (lambda: softmax_attention(q[:, :, :3], k, v), "multiple of key/value heads"),
       (lambda: softmax_attention(q, k, v, implementation="flash"), "implementation"),
       (lambda: softmax_attention(q, k, v, implementation="chunked", chunk_size=0), "chunk_size"),

@@ -23,12 +23,16 @@ import inspect
 import pkgutil
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
+from jax import lax
+
 from efficient_attn.attention import masks
 from efficient_attn.attention.linear import linear_attention, linear_init_state, linear_step
 from efficient_attn.attention.local import local_attention
 from efficient_attn.attention.performer import performer_attention, performer_projection, performer_step
 from efficient_attn.attention.registry import ATTENTION, FAMILIES, Family, NoOptions, Shape, get, names, register
-from efficient_attn.attention.softmax import softmax_attention, softmax_init_state, softmax_step
+from efficient_attn.attention.softmax import softmax_attention, softmax_init_state, softmax_step, softmax_weights
 from efficient_attn.attention.sparse import block_sparse_attention
 
 _NOT_FAMILIES = ("masks", "registry", "bench")
@@ -57,18 +61,38 @@ def attend(kind: str, query, key, value, bias=None, mask=None, **kw):
 def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
   """An `attention_fn` for `flax.linen.MultiHeadDotProductAttention` / `flax.nnx.MultiHeadAttention`.
 
-  Flax calls `attention_fn(query, key, value, bias=None, mask=None, *, dropout_rng,
-  dropout_rate, broadcast_dropout, deterministic, dtype, precision, module)` with
-  BTNH inputs (Flax says [batch..., length, heads, head_dim]). The Flax-only
-  arguments are accepted and ignored (attention dropout is not applied; the
-  returned function refuses a non-zero rate in non-deterministic mode rather
-  than silently skipping it). `opts` are the family's typed options (checked now,
-  prepared for the shape of each call, e.g. `flax_attention_fn("sparse", block_size=16)`
-  builds its layout for the length it is called with) and any other keyword of its
-  function, e.g. `projection=` for the Performer or `is_causal=True`; `is_causal=True`
-  from either the options or the caller (NNX passes it) makes it causal. Kernelized
-  families (linear, performer) refuse a general [T, S] mask, so pass causality through
-  `is_causal`, not a Flax causal mask.
+  The returned function takes what Flax's own `dot_product_attention` takes, in its order:
+  `(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
+  dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None)` plus
+  the keywords Linen / NNX pass (`is_causal`, `force_fp32_for_softmax`, `promote_dtype`,
+  `einsum_dot_general`, `qk_attn_weights_einsum`, `attn_weights_value_einsum`), with
+  Flax's semantics:
+  - shapes [batch..., length, heads, features] with any number of batch dims (none too);
+  - `mask` may be bool, int or float (Flax's `make_attention_mask` / `make_causal_mask` /
+    `combine_masks` return float32): nonzero = may attend;
+  - dropout on the attention weights when `not deterministic and dropout_rate > 0`
+    (`deterministic` defaults to False, as Flax's); softmax family only (xla and chunked
+    paths draw the same mask for the same rng), other families refuse it when it is
+    actually requested;
+  - inputs are cast to `dtype` (else promoted to their common type, or by `promote_dtype`);
+  - `precision` applies to every matmul of the call (`jax.default_matmul_precision`);
+  - `module` (Flax passes it when `sow_weights=True`): the softmax family sows its weights
+    [batch..., heads, T, S] as 'attention_weights' in 'intermediates' (Linen) or
+    `nnx.Intermediate` (NNX), before dropout, as Flax does;
+  - `force_fp32_for_softmax` is always honoured (softmax statistics are float32); a custom
+    einsum / dot_general is refused with one sentence (this function owns its matmuls).
+  - Flax's `decode=True` cache: one query (T == 1) facing the S cached keys under a mask is
+    a decoding step; the query sits at the last key the mask lets it see, causality is that
+    mask, and the local family applies its window back from that position, so generation
+    equals the parallel causal forward for softmax, local, linear and performer.
+  A query that sees no key outputs 0 (Flax's own function averages all values there).
+
+  `opts` are the family's typed options (checked now, prepared for the shape of each call,
+  e.g. `flax_attention_fn("sparse", block_size=16)` builds its layout for the length it is
+  called with) and any other keyword of its function, e.g. `projection=` for the Performer
+  or `is_causal=True`; `is_causal=True` from either the options or the caller (NNX passes
+  it) makes it causal. Kernelized families (linear, performer) refuse a general [T, S] mask,
+  so pass causality through `is_causal`, not a Flax causal mask.
   """
   family = get(kind)
   options = family.make_options({k: v for k, v in opts.items() if k in family.option_names})
@@ -80,22 +104,103 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
       valid = sorted(set(family.option_names) | {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY})
       raise ValueError(f"flax_attention_fn({kind!r}): unknown keyword(s) {unknown}; the family's options and"
                        f" keywords are {valid}.")
+  drops_out = "dropout_rate" in params
+  what = f"flax_attention_fn({kind!r})"
 
-  def attention_fn(query, key, value, bias=None, mask=None, *, dropout_rng=None, dropout_rate=0.0,
-                   broadcast_dropout=True, deterministic=True, dtype=None, precision=None, module=None,
-                   is_causal=False):
-    del dropout_rng, broadcast_dropout, precision, module
-    if dropout_rate > 0.0 and not deterministic:
-      raise ValueError(
-          f"flax_attention_fn({kind!r}): attention dropout is not supported (got dropout_rate={dropout_rate});"
-          " set dropout_rate=0.0 or deterministic=True.")
+  def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
+                   dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None, *,
+                   force_fp32_for_softmax=False, einsum_dot_general=None, qk_attn_weights_einsum=None,
+                   attn_weights_value_einsum=None, promote_dtype=None, is_causal=False):
+    del force_fp32_for_softmax  # softmax statistics are always float32 (float64 for float64 inputs)
+    custom = [n for n, f in (("einsum_dot_general", einsum_dot_general), ("qk_attn_weights_einsum",
+              qk_attn_weights_einsum), ("attn_weights_value_einsum", attn_weights_value_einsum)) if f is not None]
+    if custom:
+      raise ValueError(f"{what}: a custom {custom[0]} is not supported (the attention family computes its own"
+                       " matmuls); use Flax's dot_product_attention for quantized einsums.")
+    query, key, value = _promote(query, key, value, dtype, promote_dtype, what)
+    if mask is not None:
+      mask = jnp.asarray(mask)
+      mask = mask if mask.dtype == jnp.bool_ else mask != 0
     causal = bool(opts.get("is_causal", False) or is_causal)
     shape = Shape(query.shape[-3], key.shape[-3], query.shape[-2], key.shape[-2], query.shape[-1], causal)
     kw = {**family.call_kwargs(options, shape), **passthrough}
-    out = family.fn(query, key, value, bias, mask, is_causal=causal, **kw)
-    return out if dtype is None else out.astype(dtype)
+    fn = family.fn
+    if query.shape[-3] == 1 and key.shape[-3] > 1 and mask is not None:  # Flax's decode=True step
+      window = getattr(options, "window", None) if family.decodes else None
+      if causal or window is not None:
+        mask, causal = _decode_mask(mask, key.shape[-3], window), False
+        if window is not None:  # the window is in the mask now: exact softmax over it
+          fn, kw = softmax_attention, {}
+    if not deterministic and dropout_rate > 0.0:
+      if not drops_out:
+        raise ValueError(f"{what}: attention family {kind!r} has no dropout (dropout_rate={dropout_rate},"
+                         " deterministic=False); set dropout_rate=0.0 or deterministic=True, or use 'softmax'.")
+      kw.update(dropout_rate=dropout_rate, dropout_rng=dropout_rng, broadcast_dropout=broadcast_dropout)
+    with _matmul_precision(precision, what):
+      if module is not None:
+        _sow_weights(module, family, fn, query, key, bias, mask, causal, kw, what)
+      out = fn(query, key, value, bias, mask, is_causal=causal, **kw)
+    return out.astype(query.dtype)
 
   return attention_fn
+
+
+def _promote(query, key, value, dtype, promote_dtype, what):
+  """Flax's promotion: all three cast to `dtype`, else to their common type (or by `promote_dtype`)."""
+  if promote_dtype is not None:
+    return promote_dtype((query, key, value), dtype=dtype)
+  dtype = dtype or jnp.result_type(query, key, value)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise ValueError(f"{what}: complex inputs ({jnp.dtype(dtype).name}) are not supported; attention takes real"
+                     " floating point inputs.")
+  return tuple(jnp.asarray(x, dtype) for x in (query, key, value))
+
+
+def _decode_mask(mask, S: int, window):
+  """The mask of a decoding step: the query sits at the last visible key; a window keeps
+  the `window` keys ending there."""
+  mask = mask.reshape((1,) * max(0, 3 - mask.ndim) + mask.shape)
+  if window is None:
+    return mask
+  s_pos = lax.broadcasted_iota(jnp.int32, mask.shape[:-1] + (S,), mask.ndim - 1)
+  full = jnp.broadcast_to(mask, mask.shape[:-1] + (S,))
+  pos = jnp.max(jnp.where(full, s_pos, -1), axis=-1, keepdims=True)
+  return full & (s_pos > pos - window)
+
+
+class _matmul_precision:
+  """Context: Flax's `precision` (None, a lax.Precision, its name, or an equal pair) for every matmul."""
+
+  def __init__(self, precision, what):
+    if isinstance(precision, (tuple, list)):
+      if len(set(precision)) != 1:
+        raise ValueError(f"{what}: `precision`={precision!r}: one precision for both operands is supported.")
+      precision = precision[0]
+    if isinstance(precision, lax.Precision):
+      precision = precision.name.lower()
+    self.ctx = None if precision is None else jax.default_matmul_precision(str(precision).lower())
+
+  def __enter__(self):
+    if self.ctx is not None:
+      self.ctx.__enter__()
+
+  def __exit__(self, *exc):
+    return None if self.ctx is None else self.ctx.__exit__(*exc)
+
+
+def _sow_weights(module, family, fn, query, key, bias, mask, causal, kw, what):
+  """Sows the softmax weights [batch..., N, T, S] into `module` as Flax's dot_product_attention does."""
+  if fn is not softmax_attention:
+    raise ValueError(f"{what}: sow_weights needs materialised attention weights, which attention family"
+                     f" {family.name!r} never forms; use 'softmax' to inspect weights.")
+  weights = softmax_weights(query, key, bias, mask, is_causal=causal, segment_ids=kw.get("segment_ids"),
+                            scale=kw.get("scale"), local_window_size=kw.get("local_window_size"))
+  weights = weights.astype(query.dtype)
+  from flax import nnx  # a Linen module passes the collection by name, an NNX one by type
+  if isinstance(module, nnx.Module):
+    module.sow(nnx.Intermediate, "attention_weights", weights)
+  else:
+    module.sow("intermediates", "attention_weights", weights)
 
 
 def _decoding_family(kind: str, what: str) -> Family:
@@ -132,7 +237,7 @@ def decode_step(kind: str, state, query_B1NH, key_B1KH, value_B1KH, **opts):
 __all__ = [
     "ATTENTION", "FAMILIES", "Family", "NoOptions", "Shape", "register", "get", "names",
     "attend", "flax_attention_fn", "init_decode_state", "decode_step", "masks",
-    "softmax_attention", "local_attention", "block_sparse_attention", "linear_attention",
+    "softmax_attention", "softmax_weights", "local_attention", "block_sparse_attention", "linear_attention",
     "performer_attention", "performer_projection",
     # each family's own decoding functions (the shared API above dispatches to them)
     "softmax_init_state", "softmax_step", "linear_init_state", "linear_step", "performer_step",

@@ -7,11 +7,15 @@ B batch, T query length, S key length, N query heads, K key/value heads, H head 
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 class Dims(NamedTuple):
@@ -28,8 +32,11 @@ class Dims(NamedTuple):
     return self.N // self.K
 
 
-def check_qkv(query, key, value, fn: str) -> Dims:
-  """Validates BTNH / BSKH / BSKH shapes and returns the dimensions."""
+def check_qkv(query, key, value, fn: str, *, value_head_dim: bool = False) -> Dims:
+  """Validates BTNH / BSKH / BSKH shapes and returns the dimensions.
+
+  value_head_dim=True lets the value's head dim Hv differ from H (value [B, S, K, Hv]).
+  """
   for name, x in (("query", query), ("key", key), ("value", value)):
     if getattr(x, "ndim", None) != 4:
       raise ValueError(
@@ -37,9 +44,9 @@ def check_qkv(query, key, value, fn: str) -> Dims:
           f" got shape {getattr(x, 'shape', None)}.")
   B, T, N, H = query.shape
   Bk, S, K, Hk = key.shape
-  if key.shape != value.shape:
-    raise ValueError(
-        f"{fn}: `key` and `value` must have the same shape [B, S, K, H], got {key.shape} and {value.shape}.")
+  if key.shape[:3] != value.shape[:3] or (key.shape != value.shape and not value_head_dim):
+    what = "[B, S, K] dims" if value_head_dim else "shape [B, S, K, H]"
+    raise ValueError(f"{fn}: `key` and `value` must have the same {what}, got {key.shape} and {value.shape}.")
   if Bk != B:
     raise ValueError(f"{fn}: batch sizes differ: query has B={B}, key/value have B={Bk}.")
   if Hk != H:
@@ -48,6 +55,120 @@ def check_qkv(query, key, value, fn: str) -> Dims:
     raise ValueError(
         f"{fn}: query heads N={N} must be a multiple of key/value heads K={K} (MHA: K=N, GQA: K divides N, MQA: K=1).")
   return Dims(B, T, S, N, K, H)
+
+
+def stats_dtype(dtype):
+  """The dtype of softmax statistics and accumulators: float32, or float64 for float64 inputs (x64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _flatten_leading(x, batch: tuple, rank: int, name: str, target: str, fn: str):
+  """x broadcastable to batch + (rest of `rank` - len(batch) dims) -> [prod(batch) | 1, *rest]."""
+  x = jnp.asarray(x)
+  if x.ndim > rank:
+    raise ValueError(f"{fn}: `{name}` of shape {list(x.shape)} has more dims than {target} ({rank}).")
+  x = x.reshape((1,) * (rank - x.ndim) + x.shape)
+  lead, rest = x.shape[:len(batch)], x.shape[len(batch):]
+  if any(m not in (1, b) for m, b in zip(lead, batch)):
+    raise ValueError(f"{fn}: `{name}` of shape {list(x.shape)} does not broadcast over the batch dims {list(batch)}"
+                     f" of {target}.")
+  if all(m == 1 for m in lead):
+    return x.reshape((1,) + rest)
+  return jnp.broadcast_to(x, batch + rest).reshape((math.prod(batch),) + rest)
+
+
+def _lengths(lengths, batch: tuple, name: str, fn: str):
+  lengths = jnp.asarray(lengths)
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"{fn}: `{name}` must be an integer array, got dtype {lengths.dtype}.")
+  if lengths.shape != batch:
+    raise ValueError(f"{fn}: `{name}` must have the batch shape {list(batch)}, got {list(lengths.shape)}.")
+  return lengths.reshape(-1).astype(jnp.int32)
+
+
+def check_dtypes(query, key, value, fn: str):
+  """Refuses non-floating inputs (complex ones would silently lose their imaginary part)."""
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else "non-floating"
+      raise ValueError(f"{fn}: `{name}` has {kind} dtype {jnp.dtype(dtype).name}; attention takes real floating"
+                       " point inputs (for complex data, attend over real and imaginary parts as features).")
+
+
+def leading_batch_dims(*, query_mask: bool = True):
+  """Decorator: a family function written for [B, T, N, H] takes any number of leading batch dims.
+
+  The decorated function accepts query [..., T, N, H], key [..., S, K, H], value
+  [..., S, K, Hv] with the same leading dims `...` (none, one or several: what
+  `jax.vmap` and Flax's [batch..., length, heads, features] produce); mask / bias
+  broadcastable to [..., N, T, S]; segment_ids [..., T] (or a pair); and jax.nn's
+  `query_seq_lengths` / `key_value_seq_lengths` (int [...]). Leading dims are
+  flattened into one batch dim for `fn` and restored on the output (and on a
+  (output, residual) pair). The lengths become masks: keys at s >= kv_len are
+  invisible; queries at t >= q_len see no key (`query_mask=True`, the function
+  then outputs 0 for them) or, for families that take key masks only, have their
+  output zeroed afterwards. Four-dim calls without lengths go straight to `fn`.
+  """
+  def decorate(fn):
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(query, key, value, bias=None, mask=None, *, segment_ids=None, query_seq_lengths=None,
+                key_value_seq_lengths=None, **kw):
+      check_dtypes(query, key, value, name)
+      query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+      if query.ndim == 4 and query_seq_lengths is None and key_value_seq_lengths is None:
+        return fn(query, key, value, bias, mask, segment_ids=segment_ids, **kw)
+      if query.ndim < 3 or key.ndim != query.ndim or value.ndim != query.ndim:
+        raise ValueError(
+            f"{name}: query, key and value must have the same rank >= 3 ([..., T, N, H], [..., S, K, H],"
+            f" [..., S, K, Hv]), got shapes {query.shape}, {key.shape} and {value.shape}.")
+      batch = query.shape[:-3]
+      if key.shape[:-3] != batch or value.shape[:-3] != batch:
+        raise ValueError(f"{name}: leading batch dims differ: query {list(batch)}, key {list(key.shape[:-3])},"
+                         f" value {list(value.shape[:-3])}.")
+      B, (T, N, _), S = math.prod(batch), query.shape[-3:], key.shape[-3]
+      query, key, value = (x.reshape((B,) + x.shape[-3:]) for x in (query, key, value))
+      target = f"[..., N, T, S] (= {list(batch) + [N, T, S]})"
+      bias = None if bias is None else _flatten_leading(bias, batch, len(batch) + 3, "bias", target, name)
+      mask = None if mask is None else _flatten_leading(mask, batch, len(batch) + 3, "mask", target, name)
+      if mask is not None and mask.dtype != jnp.bool_:
+        raise ValueError(f"{name}: `mask` must be boolean (True = may attend), got dtype {mask.dtype}.")
+      if segment_ids is not None:
+        seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids,)
+        seg = tuple(jnp.asarray(ids).reshape((B,) + jnp.shape(ids)[len(batch):]) for ids in seg)
+        segment_ids = seg if isinstance(segment_ids, (tuple, list)) else seg[0]
+      keep_rows = None
+      if key_value_seq_lengths is not None:
+        kv_len = _lengths(key_value_seq_lengths, batch, "key_value_seq_lengths", name)
+        key_ok = (lax.broadcasted_iota(jnp.int32, (B, S), 1) < kv_len[:, None]).reshape(B, 1, 1, S)
+        mask = key_ok if mask is None else mask & key_ok
+      if query_seq_lengths is not None:
+        q_len = _lengths(query_seq_lengths, batch, "query_seq_lengths", name)
+        rows = lax.broadcasted_iota(jnp.int32, (B, T), 1) < q_len[:, None]
+        if query_mask:
+          mask = rows.reshape(B, 1, T, 1) if mask is None else mask & rows.reshape(B, 1, T, 1)
+        else:
+          keep_rows = rows.reshape(B, T, 1, 1)
+      out = fn(query, key, value, bias, mask, segment_ids=segment_ids, **kw)
+      res = None
+      if isinstance(out, tuple):
+        out, res = out
+      if keep_rows is not None:
+        out = jnp.where(keep_rows, out, jnp.zeros((), out.dtype))
+      out = out.reshape(batch + out.shape[1:])
+      return out if res is None else (out, res.reshape(batch + res.shape[1:]))
+
+    params = list(inspect.signature(fn).parameters.values())
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+             for n in ("query_seq_lengths", "key_value_seq_lengths") if n not in {p.name for p in params}]
+    var_kw = [p for p in params if p.kind is p.VAR_KEYWORD]
+    params = [p for p in params if p.kind is not p.VAR_KEYWORD] + extra + var_kw
+    wrapper.__signature__ = inspect.Signature(params)
+    return wrapper
+
+  return decorate
 
 
 def resolve_scale(scale, head_dim: int) -> float:

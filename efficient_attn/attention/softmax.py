@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from efficient_attn.attention import _common
@@ -39,47 +40,103 @@ CHUNKED_MIN_TS = 256 * 256
 _TILE_HOOK = None
 
 
+@_common.leading_batch_dims(query_mask=True)
 def softmax_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None,
-                      scale=None, implementation=None, chunk_size=None):
-  """Exact scaled dot-product attention softmax(q kᵀ · scale + bias) v.
+                      scale=None, implementation=None, chunk_size=None, local_window_size=None,
+                      return_residual=False, dropout_rate=0.0, dropout_rng=None, broadcast_dropout=True):
+  """Exact scaled dot-product attention softmax(q kᵀ · scale + bias) v; a drop-in for
+  `jax.nn.dot_product_attention` (same arguments, same numbers) with GQA, packing and dropout.
 
   Args:
-    query: [B, T, N, H]; key, value: [B, S, K, H] with N % K == 0 (MHA, GQA, MQA).
-    bias: additive, broadcastable to [B, N, T, S]; differentiable.
-    mask: bool, broadcastable to [B, N, T, S]; True = may attend.
-    is_causal: query t sees keys s <= t (top-left alignment).
-    segment_ids: int [B, T] (T == S) or a pair (q_ids [B, T], kv_ids [B, S]).
+    query: [..., T, N, H]; key: [..., S, K, H]; value: [..., S, K, Hv] with N % K == 0
+      (MHA, GQA, MQA). `...` is any number of batch dims, none included (`jax.vmap` works).
+    bias: additive, broadcastable to [..., N, T, S]; differentiable.
+    mask: bool, broadcastable to [..., N, T, S]; True = may attend.
+    is_causal: query t sees keys s <= t (top-left alignment, as jax.nn).
+    segment_ids: int [..., T] (T == S) or a pair (q_ids [..., T], kv_ids [..., S]): packed
+      sequences, a query sees keys of its own segment only.
     scale: logit scale, default H ** -0.5.
+    query_seq_lengths, key_value_seq_lengths: int [...] (jax.nn's padding): keys at
+      s >= kv_len are invisible and queries at t >= q_len output 0.
+    local_window_size: int w or (left, right) (jax.nn's sliding window): query t sees keys
+      t - left <= s <= t + right; w means (w, w). Chunked skips the key chunks outside it.
+    return_residual: also return the logsumexp of each row's visible logits, [..., T, N] in
+      the key's dtype, gradient-stopped (as jax.nn; -inf for a row that sees no key).
     implementation: "xla" (materialised [B, N, T, S] logits), "chunked" (online softmax,
-      O(T·chunk) memory, causal skips masked chunks), "cudnn" (fused kernel, GPU only) or
-      None: cudnn when on GPU and supported, else chunked when T·S >= CHUNKED_MIN_TS, else xla.
+      O(T·chunk) memory, causal / windowed calls skip invisible chunks), "cudnn" (fused
+      kernel, GPU only) or None: cudnn when on GPU and supported, else chunked when
+      T·S >= CHUNKED_MIN_TS, else xla.
     chunk_size: int or (query_chunk, key_chunk) for "chunked"; lengths that are not
       multiples are padded internally. Default DEFAULT_CHUNK.
+    dropout_rate, dropout_rng, broadcast_dropout: attention dropout as Flax applies it (on
+      the softmax weights, kept ones scaled by 1 / (1 - rate)); broadcast_dropout shares one
+      [T, S] mask across batch and heads. Each element's keep bit is a hash of `dropout_rng`
+      and its (batch, head, query, key) position, so "xla" and "chunked" (any chunk size)
+      drop exactly the same weights for the same rng. Not with "cudnn".
 
-  Returns [B, T, N, H] in query's dtype; softmax statistics are float32. A query that
-  sees no key outputs 0 and passes no gradient.
-  Cost: O(B·N·T·S·H) FLOPs (about half when causal, except "xla"); memory O(B·N·T·S)
-  for "xla", O(B·N·T·chunk) for "chunked" and "cudnn".
+  Returns [..., T, N, Hv] in query's dtype (and the residual when asked); softmax statistics
+  are float32 (float64 for float64 inputs). A query that sees no key outputs 0 and passes no
+  gradient; jax.nn's "xla" path instead returns the mean of the values for such a row
+  (its masked logits are a large finite negative). Cost: O(B·N·T·S·H) FLOPs (about half when
+  causal, except "xla"); memory O(B·N·T·S) for "xla", O(B·N·T·chunk) for "chunked" and "cudnn".
   """
-  dims = _common.check_qkv(query, key, value, _FN)
+  dims = _common.check_qkv(query, key, value, _FN, value_head_dim=True)
   if implementation not in (None, *IMPLEMENTATIONS):
     raise ValueError(f"{_FN}: `implementation`={implementation!r} is not one of {[None, *IMPLEMENTATIONS]}.")
   chunk = _resolve_chunk(chunk_size)
+  window = _resolve_window(local_window_size)
+  drop = _resolve_dropout(dropout_rate, dropout_rng, broadcast_dropout)
   bias = _common.check_bias(bias, dims, _FN)
   mask = _common.check_mask(mask, dims, _FN)
   seg = _common.split_segment_ids(segment_ids, dims, _FN)
   scale = _common.resolve_scale(scale, dims.H)
-  impl = implementation or _pick_implementation(dims, query.dtype, bias)
+  Hv = value.shape[-1]
+  impl = implementation or _pick_implementation(dims, query.dtype, bias, fused_ok=drop is None and Hv == dims.H)
   if impl == "cudnn":
-    return _cudnn_attention(query, key, value, bias, mask, seg, is_causal, scale, dims)
+    if drop is not None or Hv != dims.H:
+      raise ValueError(f"{_FN}: implementation='cudnn' takes no dropout and needs value's head dim == key's"
+                       f" (got dropout_rate={dropout_rate}, Hv={Hv}, H={dims.H}); use 'chunked' or 'xla'.")
+    return _cudnn_attention(query, key, value, bias, mask, seg, is_causal, scale, dims, local_window_size,
+                            return_residual)
   q_BKGTH = jnp.moveaxis(query.reshape(dims.B, dims.T, dims.K, dims.G, dims.H), 1, 3)
   k_BKSH, v_BKSH = (jnp.moveaxis(x, 1, 2) for x in (key, value))
   bias, mask = (None if x is None else _group_heads(x, dims) for x in (bias, mask))
   if impl == "xla":
-    out_BKGTH = _xla_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, is_causal, scale)
+    out_BKGTH, lse_BKGT = _xla_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, is_causal, window, scale, drop)
   else:
-    out_BKGTH = _chunked_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, is_causal, scale, chunk)
-  return jnp.moveaxis(out_BKGTH, 3, 1).reshape(query.shape).astype(query.dtype)
+    out_BKGTH, lse_BKGT = _chunked_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, is_causal, window, scale,
+                                             chunk, drop, return_residual)
+  out = jnp.moveaxis(out_BKGTH, 3, 1).reshape(dims.B, dims.T, dims.N, Hv).astype(query.dtype)
+  if not return_residual:
+    return out
+  lse_BTN = jnp.moveaxis(lse_BKGT, 3, 1).reshape(dims.B, dims.T, dims.N)
+  return out, lax.stop_gradient(lse_BTN).astype(key.dtype)
+
+
+def softmax_weights(query, key, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
+                    local_window_size=None):
+  """The attention weights softmax(q kᵀ · scale + bias) under the masks, [..., N, T, S] float32
+  (float64 for float64 inputs); a row that sees no key is all zeros. Materialises T·S per head:
+  for inspection (Flax's `sow_weights`), not for long sequences."""
+  value = jnp.zeros(key.shape[:-1] + (1,), key.dtype)
+  return _weights_fn(query, key, value, bias, mask, is_causal=is_causal, segment_ids=segment_ids, scale=scale,
+                     local_window_size=local_window_size)[1]
+
+
+@_common.leading_batch_dims(query_mask=True)
+def _weights_fn(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
+                local_window_size=None):
+  """softmax_weights on 4-D inputs, returned as an (output-shaped dummy, weights) pair so the
+  batch-dims decorator restores the leading dims of the weights."""
+  dims = _common.check_qkv(query, key, value, "softmax_weights", value_head_dim=True)
+  bias = _common.check_bias(bias, dims, "softmax_weights")
+  mask = _common.check_mask(mask, dims, "softmax_weights")
+  seg = _common.split_segment_ids(segment_ids, dims, "softmax_weights")
+  q_BKGTH = jnp.moveaxis(query.reshape(dims.B, dims.T, dims.K, dims.G, dims.H), 1, 3)
+  bias, mask = (None if x is None else _group_heads(x, dims) for x in (bias, mask))
+  p_BKGTS, _ = _xla_probs(q_BKGTH, jnp.moveaxis(key, 1, 2), bias, mask, seg, is_causal,
+                          _resolve_window(local_window_size), _common.resolve_scale(scale, dims.H))
+  return jnp.zeros((dims.B, 1)), p_BKGTS.reshape(dims.B, dims.N, dims.T, dims.S)
 
 
 def _resolve_chunk(chunk_size):
@@ -91,7 +148,80 @@ def _resolve_chunk(chunk_size):
   return pair
 
 
-def _pick_implementation(dims, dtype, bias) -> str:
+def _resolve_window(local_window_size):
+  """None, or (left, right) with query t seeing keys t - left <= s <= t + right."""
+  if local_window_size is None:
+    return None
+  pair = (tuple(local_window_size) if isinstance(local_window_size, (tuple, list))
+          else (local_window_size, local_window_size))
+  if len(pair) != 2 or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 0
+                               for w in pair):
+    raise ValueError(f"{_FN}: `local_window_size`={local_window_size!r} must be a non-negative int or a pair"
+                     " (left, right) of them.")
+  return int(pair[0]), int(pair[1])
+
+
+class _Dropout(NamedTuple):
+  rate: float
+  broadcast: bool
+  seed: jax.Array  # uint32 [2], drawn from the rng
+
+
+def _resolve_dropout(rate, rng, broadcast):
+  if isinstance(rate, jax.core.Tracer):
+    raise ValueError(f"{_FN}: `dropout_rate` must be a Python float (it is static), got a traced value.")
+  rate = float(rate)
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"{_FN}: `dropout_rate` must be in [0, 1), got {rate}.")
+  if rate == 0.0:
+    return None
+  if rng is None:
+    raise ValueError(f"{_FN}: dropout_rate={rate} needs a `dropout_rng` (a jax.random key); pass one, or"
+                     " dropout_rate=0.0 (Flax: deterministic=True) for no dropout.")
+  return _Dropout(rate, bool(broadcast), jax.random.bits(rng, (2,), jnp.uint32))
+
+
+def _mix(h):
+  """A 32-bit integer finaliser (xor-shift-multiply): every input bit flips about half the output bits."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def _dropout_keep(drop: _Dropout, shape, t0, s0):
+  """bool keep mask for the [B, K, G, T, S] block of logits at query / key offsets (t0, s0).
+
+  A pure function of the seed and each element's absolute (batch, head, query, key)
+  position, so any tiling of the same logits draws the same mask; with `broadcast`
+  the batch and head are left out (one [T, S] mask for all), as Flax's broadcast_dropout.
+  """
+  B, K, G, T, S = shape
+  shape = (1, 1, 1, T, S) if drop.broadcast else shape
+  iota = functools.partial(lax.broadcasted_iota, jnp.uint32, shape)
+  t = iota(3) + jnp.asarray(t0).astype(jnp.uint32)
+  s = iota(4) + jnp.asarray(s0).astype(jnp.uint32)
+  h = _mix(t ^ drop.seed[0])
+  h = _mix(h ^ (s * jnp.uint32(0x9E3779B1) + drop.seed[1]))
+  if not drop.broadcast:
+    head = iota(1) * jnp.uint32(G) + iota(2)
+    h = _mix(h ^ (head * jnp.uint32(0x85EBCA77) + iota(0) * jnp.uint32(0xC2B2AE3D)))
+  threshold = jnp.uint32(min(int(round(drop.rate * (1 << 24))), (1 << 24) - 1))
+  return (h >> 8) >= threshold  # P(keep) = 1 - rate (to 2^-24)
+
+
+def _apply_dropout(p, drop, t0, s0):
+  """Weights p [B, K, G, T, S] with dropped entries zeroed and kept ones scaled by 1 / (1 - rate)."""
+  if drop is None:
+    return p
+  keep = _dropout_keep(drop, p.shape, t0, s0)
+  return jnp.where(keep, p * (1.0 / (1.0 - drop.rate)), jnp.zeros((), p.dtype))
+
+
+def _pick_implementation(dims, dtype, bias, fused_ok=True) -> str:
+  if not fused_ok:
+    return "chunked" if dims.T * dims.S >= CHUNKED_MIN_TS else "xla"
   return pick_implementation(dims.T, dims.S, dims.H, dtype, has_bias=bias is not None)
 
 
@@ -115,17 +245,21 @@ def _group_heads(x, dims):
   return x.reshape(b, dims.K, dims.G, t, s) if n == dims.N else x.reshape(b, 1, 1, t, s)
 
 
-def _visibility(T, S, t0, s0, mask, seg, causal, kv_len=None):
-  """bool, broadcastable to [B, K, G, T, S], for queries t0 + [0, T) and keys s0 + [0, S); None if all visible."""
+def _visibility(T, S, t0, s0, mask, seg, causal, kv_len=None, window=None):
+  """bool, broadcastable to [B, K, G, T, S] (always rank 5), for queries t0 + [0, T) and keys
+  s0 + [0, S); None if all visible."""
   vis = None
 
   def conj(a, b):
     return b if a is None else a & b
 
-  if causal or kv_len is not None:
-    s_pos = s0 + lax.broadcasted_iota(jnp.int32, (T, S), 1)
+  if causal or kv_len is not None or window is not None:
+    t_pos = t0 + lax.broadcasted_iota(jnp.int32, (1, 1, 1, T, S), 3)
+    s_pos = s0 + lax.broadcasted_iota(jnp.int32, (1, 1, 1, T, S), 4)
     if causal:
-      vis = conj(vis, t0 + lax.broadcasted_iota(jnp.int32, (T, S), 0) >= s_pos)
+      vis = conj(vis, t_pos >= s_pos)
+    if window is not None:
+      vis = conj(vis, (s_pos >= t_pos - window[0]) & (s_pos <= t_pos + window[1]))
     if kv_len is not None:
       vis = conj(vis, s_pos < kv_len)
   if seg is not None:
@@ -139,26 +273,33 @@ def _visibility(T, S, t0, s0, mask, seg, causal, kv_len=None):
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def _xla_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, causal, scale):
-  """Materialised logits [B, K, G, T, S]; float32 softmax; rows with no visible key -> 0."""
+def _xla_probs(q_BKGTH, k_BKSH, bias, mask, seg, causal, window, scale):
+  """Materialised softmax weights [B, K, G, T, S] (stats dtype) and the rows' logsumexp [B, K, G, T]."""
   T, S = q_BKGTH.shape[3], k_BKSH.shape[2]
-  q_BKGTH = (q_BKGTH.astype(jnp.float32) * scale).astype(q_BKGTH.dtype)  # scale T·H values, not T·S
-  logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
+  sd = _common.stats_dtype(q_BKGTH.dtype)
+  logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=sd) * jnp.asarray(scale, sd)
   if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  vis = _visibility(T, S, 0, 0, mask, seg, causal)
+    logits = logits + bias.astype(sd)
+  vis = _visibility(T, S, 0, 0, mask, seg, causal, window=window)
   if vis is None:
-    p = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32)
+    return jax.nn.softmax(logits, axis=-1), jax.nn.logsumexp(logits, axis=-1)
   # A finite mask value keeps exp and its gradient NaN-free; a row whose max is the
-  # mask value sees no key, and its (uniform) output is zeroed by `seen`.
-  logits = jnp.where(vis, logits, _MASKED)
+  # mask value sees no key, and its (uniform) weights are zeroed by `seen`.
+  logits = jnp.where(vis, logits, jnp.asarray(_MASKED, sd))
   m = lax.stop_gradient(logits.max(-1, keepdims=True))
   p = jnp.exp(logits - m)
-  p = p / p.sum(-1, keepdims=True)
-  out = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32)
+  total = p.sum(-1, keepdims=True)
   seen = m > _MASKED / 2
-  return jnp.where(seen, out, 0.0)
+  lse = jnp.where(seen, m + jnp.log(total), -jnp.inf)[..., 0]
+  return jnp.where(seen, p / total, jnp.zeros((), sd)), lse
+
+
+def _xla_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, causal, window, scale, drop):
+  """Materialised logits [B, K, G, T, S]; softmax in stats dtype; rows with no visible key -> 0."""
+  p, lse = _xla_probs(q_BKGTH, k_BKSH, bias, mask, seg, causal, window, scale)
+  p = _apply_dropout(p, drop, 0, 0)
+  out = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=p.dtype)
+  return out, lse
 
 
 # ----------------------------------------------------------------------------- chunked
@@ -173,9 +314,12 @@ class _Tiling(NamedTuple):
   nq: int
   ns: int
   kv_len: int | None  # true S when keys were padded, else None
+  window: tuple[int, int] | None = None  # (left, right) sliding window
+  dropout: tuple[float, bool] | None = None  # (rate, broadcast)
 
   def key_range(self, i):
-    """(first key chunk needing a position mask, end) for query chunk i; chunks >= end are never visible."""
+    """(start, full, end) key chunks for query chunk i: chunks outside [start, end) are never
+    visible; [start, full) need no position mask, [full, end) do."""
     if not self.causal:
       end = self.ns
       full = end - 1 if self.kv_len is not None else end
@@ -184,7 +328,15 @@ class _Tiling(NamedTuple):
       full = jnp.minimum(end, (i * self.cq + 1) // self.ck)
       if self.kv_len is not None:
         full = jnp.minimum(full, self.ns - 1)
-    return full, end
+    if self.window is None:
+      return 0, full, end
+    left, right = self.window
+    start = jnp.maximum(0, (i * self.cq - left) // self.ck)
+    end = jnp.minimum(end, ((i + 1) * self.cq - 1 + right) // self.ck + 1)
+    return start, start, end  # every tile of a window is position-masked
+
+  def drop(self, seed):
+    return None if self.dropout is None else _Dropout(*self.dropout, seed)
 
 
 def _pad_to(x, axis, length, value=0):
@@ -195,19 +347,24 @@ def _pad_to(x, axis, length, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _chunked_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, causal, scale, chunk):
-  """Pads T and S to chunk multiples, runs the custom-VJP kernel, crops."""
+def _chunked_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, causal, window, scale, chunk, drop, want_lse):
+  """Pads T and S to chunk multiples, runs the custom-VJP kernel, crops. Returns (out, lse or None)."""
   T, S = q_BKGTH.shape[3], k_BKSH.shape[2]
   cq, ck = min(chunk[0], T), min(chunk[1], S)
   nq, ns = -(-T // cq), -(-S // ck)
   Tp, Sp = nq * cq, ns * ck
-  tiling = _Tiling(bool(causal), float(scale), cq, ck, nq, ns, S if Sp != S else None)
+  tiling = _Tiling(bool(causal), float(scale), cq, ck, nq, ns, S if Sp != S else None, window,
+                   None if drop is None else (drop.rate, drop.broadcast))
   q = _pad_to(q_BKGTH, 3, Tp)
   k, v = (_pad_to(x, 2, Sp) for x in (k_BKSH, v_BKSH))
   bias, mask = (None if x is None else _pad_tiles(x, Tp, Sp) for x in (bias, mask))
   if seg is not None:
     seg = (_pad_to(seg[0], 1, Tp, -1), _pad_to(seg[1], 1, Sp, -2))
-  return _flash(tiling, q, k, v, bias, mask, seg)[:, :, :, :T]
+  seed = None if drop is None else drop.seed
+  if want_lse:
+    out, lse = _flash_with_lse(tiling, q, k, v, bias, mask, seg, seed)
+    return out[:, :, :, :T], jnp.where(jnp.isinf(lse), -jnp.inf, lse)[:, :, :, :T]
+  return _flash(tiling, q, k, v, bias, mask, seg, seed)[:, :, :, :T], None
 
 
 def _pad_tiles(x, Tp, Sp):
@@ -224,32 +381,38 @@ def _tile(x, t_axis_start, s_axis_start, cq, ck):
 
 
 def _logit_tile(tiling, i, j, q_i, k, bias, mask, seg, position_masked: bool, pass_name: str):
-  """Scaled, biased, masked float32 logits [B, K, G, Cq, Ck] of query chunk i against key chunk j."""
+  """Scaled, biased, masked logits [B, K, G, Cq, Ck] (stats dtype) of query chunk i against key chunk j."""
   cq, ck = tiling.cq, tiling.ck
   if _TILE_HOOK is not None:
     jax.debug.callback(_TILE_HOOK, pass_name, i, j)
+  sd = _common.stats_dtype(q_i.dtype)
   k_j = lax.dynamic_slice_in_dim(k, j * ck, ck, axis=2)
-  s = jnp.einsum("BKGTH,BKSH->BKGTS", q_i, k_j, preferred_element_type=jnp.float32) * tiling.scale
+  s = jnp.einsum("BKGTH,BKSH->BKGTS", q_i, k_j, preferred_element_type=sd) * jnp.asarray(tiling.scale, sd)
   if bias is not None:
-    s = s + _tile(bias, i * cq, j * ck, cq, ck).astype(jnp.float32)
+    s = s + _tile(bias, i * cq, j * ck, cq, ck).astype(sd)
   seg_tile = None if seg is None else (lax.dynamic_slice_in_dim(seg[0], i * cq, cq, axis=1),
                                        lax.dynamic_slice_in_dim(seg[1], j * ck, ck, axis=1))
   vis = _visibility(cq, ck, i * cq, j * ck, None if mask is None else _tile(mask, i * cq, j * ck, cq, ck),
-                    seg_tile, tiling.causal and position_masked, tiling.kv_len if position_masked else None)
+                    seg_tile, tiling.causal and position_masked, tiling.kv_len if position_masked else None,
+                    tiling.window if position_masked else None)
   return s if vis is None else jnp.where(vis, s, -jnp.inf)
 
 
 def _two_loops(tiling, i, body, carry):
   """Runs body(j, carry, position_masked) over the visible key chunks of query chunk i."""
-  full, end = tiling.key_range(i)
-  carry = lax.fori_loop(0, full, lambda j, c: body(j, c, False), carry)
+  start, full, end = tiling.key_range(i)
+  carry = lax.fori_loop(start, full, lambda j, c: body(j, c, False), carry)
   return lax.fori_loop(full, end, lambda j, c: body(j, c, True), carry)
 
 
-def _flash_forward(tiling, q, k, v, bias, mask, seg):
-  """Online softmax. Returns out [B, K, G, Tp, H] (float32) and logsumexp [B, K, G, Tp] (+inf if nothing visible)."""
-  B, K, G, _, H = q.shape
+def _flash_forward(tiling, q, k, v, bias, mask, seg, seed):
+  """Online softmax. Returns out [B, K, G, Tp, Hv] and logsumexp [B, K, G, Tp] (+inf if nothing
+  visible), both in the stats dtype."""
+  B, K, G, _, _ = q.shape
+  Hv = v.shape[-1]
   cq = tiling.cq
+  sd = _common.stats_dtype(q.dtype)
+  drop = tiling.drop(seed)
 
   def q_chunk(i):
     q_i = lax.dynamic_slice_in_dim(q, i * cq, cq, axis=3)
@@ -258,21 +421,22 @@ def _flash_forward(tiling, q, k, v, bias, mask, seg):
       m, l, acc = carry
       s = _logit_tile(tiling, i, j, q_i, k, bias, mask, seg, position_masked, "fwd")
       m_new = jnp.maximum(m, s.max(-1))
-      m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)  # no -inf - -inf for rows that saw nothing yet
+      m_safe = jnp.where(m_new > -jnp.inf, m_new, jnp.zeros((), sd))  # no -inf - -inf for rows that saw nothing yet
       p = jnp.exp(s - m_safe[..., None])
       alpha = jnp.exp(m - m_safe)
       v_j = lax.dynamic_slice_in_dim(v, j * tiling.ck, tiling.ck, axis=2)
-      pv = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+      p_v = _apply_dropout(p, drop, i * cq, j * tiling.ck)
+      pv = jnp.einsum("BKGTS,BKSH->BKGTH", p_v.astype(v.dtype), v_j, preferred_element_type=sd)
       return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-    init = (jnp.full((B, K, G, cq), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, cq), jnp.float32),
-            jnp.zeros((B, K, G, cq, H), jnp.float32))
+    init = (jnp.full((B, K, G, cq), -jnp.inf, sd), jnp.zeros((B, K, G, cq), sd), jnp.zeros((B, K, G, cq, Hv), sd))
     m, l, acc = _two_loops(tiling, i, body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    return out, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+    seen = l > 0
+    safe_l = jnp.where(seen, l, jnp.ones((), sd))
+    return acc / safe_l[..., None], jnp.where(seen, m + jnp.log(safe_l), jnp.inf)
 
-  out, lse = lax.map(q_chunk, jnp.arange(tiling.nq))  # [nq, B, K, G, Cq, (H)]
-  return jnp.moveaxis(out, 0, 3).reshape(B, K, G, -1, H), jnp.moveaxis(lse, 0, 3).reshape(B, K, G, -1)
+  out, lse = lax.map(q_chunk, jnp.arange(tiling.nq))  # [nq, B, K, G, Cq, (Hv)]
+  return jnp.moveaxis(out, 0, 3).reshape(B, K, G, -1, Hv), jnp.moveaxis(lse, 0, 3).reshape(B, K, G, -1)
 
 
 def _reduce_to(x, shape):
@@ -286,10 +450,15 @@ def _add_at(acc, x, starts):
 
 
 def _flash_backward(tiling, res, d_out):
-  """FlashAttention-2 backward: recomputes each visible tile; dK, dV (and dbias) accumulate across query chunks."""
-  q, k, v, bias, mask, seg, out, lse = res
+  """FlashAttention-2 backward: recomputes each visible tile (and its dropout mask); dK, dV
+  (and dbias) accumulate across query chunks."""
+  q, k, v, bias, mask, seg, seed, out, lse = res
+  if isinstance(d_out, tuple):  # _flash_with_lse: the logsumexp output is gradient-stopped
+    d_out = d_out[0]
   cq, ck = tiling.cq, tiling.ck
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # rowsum(dO * O) [B, K, G, Tp]
+  sd = _common.stats_dtype(q.dtype)
+  drop = tiling.drop(seed)
+  delta = jnp.sum(d_out.astype(sd) * out.astype(sd), -1)  # rowsum(dO * O) [B, K, G, Tp]
 
   def q_chunk(carry, i):
     q_i, do_i = (lax.dynamic_slice_in_dim(x, i * cq, cq, axis=3) for x in (q, d_out))
@@ -300,48 +469,68 @@ def _flash_backward(tiling, res, d_out):
       s = _logit_tile(tiling, i, j, q_i, k, bias, mask, seg, position_masked, "bwd")
       p = jnp.exp(s - lse_i)  # lse is +inf for rows that saw nothing: p = 0, never NaN
       k_j, v_j = (lax.dynamic_slice_in_dim(x, j * ck, ck, axis=2) for x in (k, v))
-      dp = jnp.einsum("BKGTH,BKSH->BKGTS", do_i, v_j, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("BKGTH,BKSH->BKGTS", do_i, v_j, preferred_element_type=sd)
+      p_v = p
+      if drop is not None:  # out = Σ D∘p v: dV sees D∘p, dp picks up D
+        keep = _dropout_keep(drop, p.shape, i * cq, j * ck)
+        factor = jnp.where(keep, jnp.asarray(1.0 / (1.0 - drop.rate), sd), jnp.zeros((), sd))
+        p_v, dp = p * factor, dp * factor
       ds = p * (dp - delta_i)  # d loss / d logits
-      dv = _add_at(dv, jnp.einsum("BKGTS,BKGTH->BKSH", p.astype(do_i.dtype), do_i,
-                                  preferred_element_type=jnp.float32), (0, 0, j * ck, 0))
+      dv = _add_at(dv, jnp.einsum("BKGTS,BKGTH->BKSH", p_v.astype(do_i.dtype), do_i,
+                                  preferred_element_type=sd), (0, 0, j * ck, 0))
       dk = _add_at(dk, jnp.einsum("BKGTS,BKGTH->BKSH", ds.astype(q.dtype), q_i,
-                                  preferred_element_type=jnp.float32), (0, 0, j * ck, 0))
-      dq_i = dq_i + jnp.einsum("BKGTS,BKSH->BKGTH", ds.astype(k.dtype), k_j, preferred_element_type=jnp.float32)
+                                  preferred_element_type=sd), (0, 0, j * ck, 0))
+      dq_i = dq_i + jnp.einsum("BKGTS,BKSH->BKGTH", ds.astype(k.dtype), k_j, preferred_element_type=sd)
       if db is not None:
         t, s_len = db.shape[3:]
         db = _add_at(db, _reduce_to(ds, db.shape[:3] + (cq if t > 1 else 1, ck if s_len > 1 else 1)),
                      (0, 0, 0, i * cq if t > 1 else 0, j * ck if s_len > 1 else 0))
       return dq_i, dk, dv, db
 
-    dq_i, *carry = _two_loops(tiling, i, body, (jnp.zeros(q_i.shape, jnp.float32), *carry))
+    dq_i, *carry = _two_loops(tiling, i, body, (jnp.zeros(q_i.shape, sd), *carry))
     return tuple(carry), dq_i
 
-  init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32),
-          None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+  init = (jnp.zeros(k.shape, sd), jnp.zeros(v.shape, sd), None if bias is None else jnp.zeros(bias.shape, sd))
   (dk, dv, db), dq = lax.scan(q_chunk, init, jnp.arange(tiling.nq))
   dq = jnp.moveaxis(dq, 0, 3).reshape(q.shape) * tiling.scale
   return ((dq.astype(q.dtype), (dk * tiling.scale).astype(k.dtype), dv.astype(v.dtype),
-           None if bias is None else db.astype(bias.dtype), None, None))
+           None if bias is None else db.astype(bias.dtype), None, None, None))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(tiling, q, k, v, bias, mask, seg):
-  return _flash_forward(tiling, q, k, v, bias, mask, seg)[0].astype(q.dtype)
+def _flash(tiling, q, k, v, bias, mask, seg, seed):
+  return _flash_forward(tiling, q, k, v, bias, mask, seg, seed)[0].astype(q.dtype)
 
 
-def _flash_fwd(tiling, q, k, v, bias, mask, seg):
-  out, lse = _flash_forward(tiling, q, k, v, bias, mask, seg)
+def _flash_fwd(tiling, q, k, v, bias, mask, seg, seed):
+  out, lse = _flash_forward(tiling, q, k, v, bias, mask, seg, seed)
   out = out.astype(q.dtype)
-  return out, (q, k, v, bias, mask, seg, out, lse)
+  return out, (q, k, v, bias, mask, seg, seed, out, lse)
 
 
 _flash.defvjp(_flash_fwd, _flash_backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_with_lse(tiling, q, k, v, bias, mask, seg, seed):
+  """_flash that also returns the rows' logsumexp (+inf where nothing is visible; no gradient)."""
+  out, lse = _flash_forward(tiling, q, k, v, bias, mask, seg, seed)
+  return out.astype(q.dtype), lse
+
+
+def _flash_with_lse_fwd(tiling, q, k, v, bias, mask, seg, seed):
+  out, lse = _flash_forward(tiling, q, k, v, bias, mask, seg, seed)
+  out = out.astype(q.dtype)
+  return (out, lse), (q, k, v, bias, mask, seg, seed, out, lse)
+
+
+_flash_with_lse.defvjp(_flash_with_lse_fwd, _flash_backward)
+
+
 # ----------------------------------------------------------------------------- cuDNN
 
 
-def _cudnn_attention(query, key, value, bias, mask, seg, causal, scale, dims):
+def _cudnn_attention(query, key, value, bias, mask, seg, causal, scale, dims, window, return_residual):
   """jax.nn.dot_product_attention(implementation="cudnn") with segments folded into the mask.
 
   cuDNN turns a mask into a large negative bias, so a row that sees no key would
@@ -355,19 +544,25 @@ def _cudnn_attention(query, key, value, bias, mask, seg, causal, scale, dims):
                      f" got {jnp.dtype(query.dtype).name} with H={dims.H}; use 'chunked' or None.")
   if seg is not None:
     seg_mask = (seg[0][:, None, :, None] == seg[1][:, None, None, :])
-    mask = seg_mask if mask is None else mask & seg_mask
+    mask = seg_mask if mask is None else mask & seg_mask.reshape((1,) * (mask.ndim - 4) + seg_mask.shape)
   if bias is not None:  # cuDNN wants full [.., T, S] bias in the query dtype
     bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
     bias = jnp.broadcast_to(bias, bias.shape[:2] + (dims.T, dims.S)).astype(query.dtype)
   if mask is not None:
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
   out = jax.nn.dot_product_attention(query, key, value, bias, mask, scale=scale, is_causal=causal,
-                                     implementation="cudnn")
-  if mask is None:
-    return out
-  seen = mask & jnp.tril(jnp.ones((dims.T, dims.S), bool)) if causal else mask
-  seen_BTN = jnp.broadcast_to(seen.any(-1), (dims.B, dims.N, dims.T)).transpose(0, 2, 1)
-  return jnp.where(seen_BTN[..., None], out, 0).astype(query.dtype)
+                                     local_window_size=window, implementation="cudnn",
+                                     return_residual=return_residual)
+  res = None
+  if return_residual:
+    out, res = out
+  if mask is not None:
+    seen = mask & jnp.tril(jnp.ones((1, 1, dims.T, dims.S), bool)) if causal else mask
+    seen_BTN = jnp.broadcast_to(seen.any(-1), (dims.B, dims.N, dims.T)).transpose(0, 2, 1)
+    out = jnp.where(seen_BTN[..., None], out, jnp.zeros((), out.dtype)).astype(query.dtype)
+    if res is not None:
+      res = jnp.where(seen_BTN, res, jnp.asarray(-jnp.inf, res.dtype))
+  return out if res is None else (out, res)
 
 
 # ----------------------------------------------------------------------------- decoding
