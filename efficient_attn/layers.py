@@ -111,7 +111,7 @@ def rope(x_BTNH, positions_BT, base: float):
   H = x_BTNH.shape[-1]
   half = H // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
   x1, x2 = x_BTNH[..., :half].astype(jnp.float32), x_BTNH[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
@@ -168,7 +168,7 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale).astype(self.dtype)
+    return (y * scale.reshape((1,) * (x.ndim - 1) + scale.shape)).astype(self.dtype)
 
 
 class MultiHeadAttention(nn.Module):

@@ -27,3 +27,22 @@ def pytest_sessionfinish(session, exitstatus):
     import shutil
 
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+# Attention code must never rely on implicit rank promotion (users run with
+# jax_numpy_rank_promotion="raise"): every attention test module runs under it.
+_STRICT_MODULES = {"test_softmax", "test_local", "test_sparse", "test_linear", "test_performer", "test_masks",
+                   "test_causality", "test_registry", "test_dropin", "test_dropin_families"}
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(autouse=True)
+def _attention_rank_promotion_raise(request):
+  if request.module.__name__.rsplit(".", 1)[-1] not in _STRICT_MODULES:
+    yield
+    return
+  import jax
+
+  with jax.numpy_rank_promotion("raise"):
+    yield

@@ -99,8 +99,10 @@ def dense_softmax_jnp(q, k, v, vis, bias=None):
   N = q.shape[2]
   k, v = (jnp.repeat(x, N // x.shape[2], axis=2) for x in (k, v))
   logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) * q.shape[-1] ** -0.5
+  as4 = lambda x: jnp.asarray(x).reshape((1,) * (4 - jnp.ndim(x)) + jnp.shape(x))  # no implicit rank promotion
   if bias is not None:
-    logits = logits + bias
+    logits = logits + as4(bias)
+  vis = as4(vis)
   logits = jnp.where(vis, logits, -jnp.inf)
   m = jnp.max(logits, -1, keepdims=True)
   p = jnp.where(vis, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)

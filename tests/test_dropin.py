@@ -1,7 +1,7 @@
 """softmax_attention as a drop-in for jax.nn.dot_product_attention, flax_attention_fn for Flax's attention_fn.
 
 References are jax.nn.dot_product_attention and Flax's own dot_product_attention on the
-same inputs; every test in this module runs under jax_numpy_rank_promotion="raise".
+same inputs; every test in this module runs under jax_numpy_rank_promotion="raise" (conftest.py).
 """
 
 import functools
@@ -15,12 +15,6 @@ from flax import nnx
 from flax.core import pop
 
 from efficient_attn.attention import flax_attention_fn, performer_projection, softmax_attention, softmax_weights
-
-
-@pytest.fixture(autouse=True)
-def _strict_rank_promotion():
-  with jax.numpy_rank_promotion("raise"):
-    yield
 
 
 def _qkv(B=2, T=16, S=16, N=4, K=2, H=8, Hv=None, dtype=jnp.float32, seed=0):
@@ -171,6 +165,16 @@ def test_complex_and_bad_keywords_are_one_sentence():
       fn()
 
 
+def test_softmax_weights_are_jax_nn_weights():
+  """Weights [..., N, T, S] times values give jax.nn's output (5-D, window, padding)."""
+  q, k, v = _qkv(B=4)
+  kw = dict(is_causal=True, local_window_size=(4, 0))
+  w = softmax_weights(q.reshape((2, 2) + q.shape[1:]), k.reshape((2, 2) + k.shape[1:]), **kw)
+  assert w.shape == (2, 2, 4, T, S)
+  out = jnp.einsum("bnts,bsnh->btnh", w.reshape(4, 4, T, S), jnp.repeat(v, 2, -2))
+  np.testing.assert_allclose(out, _jax_nn(q, k, v, **kw), atol=2e-6)
+
+
 # ----------------------------------------------------------------------------- dropout
 
 
@@ -275,6 +279,15 @@ def test_flax_sowed_weights_equal_flax_own():
   model(x, sow_weights=True)
   sowed = nnx.pop(model, nnx.Intermediate)["attention_weights"].value[0]
   np.testing.assert_allclose(sowed.sum(-1), np.ones((3, 2, 5)), atol=1e-6)
+  class Recorder:  # what Flax's module.sow receives
+    def sow(self, collection, name, value):
+      self.got = (collection, name, value.dtype)
+
+  xb = x.reshape(3, 5, 2, 4).astype(jnp.bfloat16)
+  for force, dtype in ((True, jnp.float32), (False, jnp.bfloat16)):  # Flax's force_fp32_for_softmax
+    recorder = Recorder()
+    flax_attention_fn("softmax")(xb, xb, xb, module=recorder, force_fp32_for_softmax=force)
+    assert recorder.got == ("intermediates", "attention_weights", dtype)
   with pytest.raises(ValueError, match="materialised"):
     flax_attention_fn("linear")(x.reshape(3, 5, 2, 4), x.reshape(3, 5, 2, 4), x.reshape(3, 5, 2, 4),
                                 module=object())

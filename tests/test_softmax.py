@@ -39,7 +39,7 @@ def _dense(q, k, v, bias, vis, scale=None):
   k, v = (jnp.repeat(x, N // x.shape[2], axis=2) for x in (k, v))
   logits = jnp.einsum("btnh,bsnh->bnts", q, k) * (H ** -0.5 if scale is None else scale)
   if bias is not None:
-    logits = logits + bias
+    logits = logits + bias.reshape((1,) * (4 - bias.ndim) + bias.shape)  # explicit: tests run rank-strict
   p = jax.nn.softmax(jnp.where(vis, logits, -1e30), axis=-1) * vis  # all-masked rows -> 0
   return jnp.einsum("bnts,bsnh->btnh", p, v)
 

@@ -79,8 +79,9 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
   - `module` (Flax passes it when `sow_weights=True`): the softmax family sows its weights
     [batch..., heads, T, S] as 'attention_weights' in 'intermediates' (Linen) or
     `nnx.Intermediate` (NNX), before dropout, as Flax does;
-  - `force_fp32_for_softmax` is always honoured (softmax statistics are float32); a custom
-    einsum / dot_general is refused with one sentence (this function owns its matmuls).
+  - `force_fp32_for_softmax`: softmax statistics are always float32 (float64 for float64
+    inputs); with it, sowed weights are float32 as in Flax. A custom einsum / dot_general is
+    refused with one sentence (this function owns its matmuls).
   - Flax's `decode=True` cache: one query (T == 1) facing the S cached keys under a mask is
     a decoding step; the query sits at the last key the mask lets it see, causality is that
     mask, and the local family applies its window back from that position, so generation
@@ -111,7 +112,6 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
                    dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None, *,
                    force_fp32_for_softmax=False, einsum_dot_general=None, qk_attn_weights_einsum=None,
                    attn_weights_value_einsum=None, promote_dtype=None, is_causal=False):
-    del force_fp32_for_softmax  # softmax statistics are always float32 (float64 for float64 inputs)
     custom = [n for n, f in (("einsum_dot_general", einsum_dot_general), ("qk_attn_weights_einsum",
               qk_attn_weights_einsum), ("attn_weights_value_einsum", attn_weights_value_einsum)) if f is not None]
     if custom:
@@ -138,7 +138,7 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
       kw.update(dropout_rate=dropout_rate, dropout_rng=dropout_rng, broadcast_dropout=broadcast_dropout)
     with _matmul_precision(precision, what):
       if module is not None:
-        _sow_weights(module, family, fn, query, key, bias, mask, causal, kw, what)
+        _sow_weights(module, family, fn, query, key, bias, mask, causal, kw, what, force_fp32_for_softmax)
       out = fn(query, key, value, bias, mask, is_causal=causal, **kw)
     return out.astype(query.dtype)
 
@@ -188,14 +188,15 @@ class _matmul_precision:
     return None if self.ctx is None else self.ctx.__exit__(*exc)
 
 
-def _sow_weights(module, family, fn, query, key, bias, mask, causal, kw, what):
-  """Sows the softmax weights [batch..., N, T, S] into `module` as Flax's dot_product_attention does."""
+def _sow_weights(module, family, fn, query, key, bias, mask, causal, kw, what, force_fp32):
+  """Sows the softmax weights [batch..., N, T, S] into `module` as Flax's dot_product_attention does
+  (in the inputs' dtype, or float32 with `force_fp32_for_softmax`)."""
   if fn is not softmax_attention:
     raise ValueError(f"{what}: sow_weights needs materialised attention weights, which attention family"
                      f" {family.name!r} never forms; use 'softmax' to inspect weights.")
   weights = softmax_weights(query, key, bias, mask, is_causal=causal, segment_ids=kw.get("segment_ids"),
                             scale=kw.get("scale"), local_window_size=kw.get("local_window_size"))
-  weights = weights.astype(query.dtype)
+  weights = weights.astype(jnp.float32 if force_fp32 else query.dtype)
   from flax import nnx  # a Linen module passes the collection by name, an NNX one by type
   if isinstance(module, nnx.Module):
     module.sow(nnx.Intermediate, "attention_weights", weights)

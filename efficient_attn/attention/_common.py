@@ -235,12 +235,12 @@ def check_divisible(length: int, block: int, what: str, arg: str, fn: str):
 
 
 def masked_softmax(logits, visible, axis=-1):
-  """float32 softmax of `logits` over `axis`, restricted to `visible`.
+  """Softmax of `logits` over `axis` in the stats dtype (float32, float64 for float64), restricted to `visible`.
 
   A row with no visible entry (or only -inf logits) gets all-zero weights, so
   its attention output is exactly 0 and its gradients are finite.
   """
-  logits = jnp.where(visible, logits.astype(jnp.float32), -jnp.inf)
+  logits = jnp.where(visible, logits.astype(stats_dtype(logits.dtype)), -jnp.inf)
   m = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
   p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
   denom = jnp.sum(p, axis=axis, keepdims=True)

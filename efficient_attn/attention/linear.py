@@ -31,7 +31,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.attention._common import Dims, check_mask, check_qkv, split_segment_ids
+from efficient_attn.attention._common import (
+    Dims, check_mask, check_qkv, leading_batch_dims, split_segment_ids, stats_dtype)
 from efficient_attn.attention.registry import Family, Shape
 
 # Tuned on CPU for causal fwd+bwd at T=8192, H=64 (64 and 128 tie; 128 keeps fewer carried
@@ -49,7 +50,8 @@ NO_KEY_MAX = -1e30
 
 
 class Prepared(NamedTuple):
-  """Validated inputs of a kernelized family; key/value in float32, maybe expanded to N heads."""
+  """Validated inputs of a kernelized family; key/value in float32 (float64 for float64 inputs), maybe
+  expanded to N heads. value may have its own head dim Hv."""
   dims: Dims
   key_BSKH: jax.Array
   value_BSKH: jax.Array
@@ -65,7 +67,7 @@ def prepare_kernelized(query, key, value, bias, mask, segment_ids, chunk_size, f
   query position can be expressed: a key mask broadcastable to [B, N, 1, S], or
   a key-padding mask [B, S] (read as [B, 1, 1, S]). A per-query-head mask with GQA expands key/value to N heads (correct, costlier).
   """
-  dims = check_qkv(query, key, value, fn)
+  dims = check_qkv(query, key, value, fn, value_head_dim=True)
   if bias is not None:
     raise ValueError(
         f"{fn}: `bias` is not supported (got shape {list(jnp.shape(bias))}); an additive logit bias cannot be"
@@ -88,7 +90,8 @@ def prepare_kernelized(query, key, value, bias, mask, segment_ids, chunk_size, f
   chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
   if not isinstance(chunk, numbers.Integral) or isinstance(chunk, bool) or chunk <= 0:
     raise ValueError(f"{fn}: `chunk_size` must be a positive integer or None (default {DEFAULT_CHUNK_SIZE}), got {chunk!r}.")
-  key, value = jnp.asarray(key, jnp.float32), jnp.asarray(value, jnp.float32)
+  acc = stats_dtype(jnp.result_type(query, key, value))
+  key, value = jnp.asarray(key, acc), jnp.asarray(value, acc)
   if key_mask is not None and key_mask.shape[2] != 1 and dims.K != dims.N:
     key, value = jnp.repeat(key, dims.G, axis=2), jnp.repeat(value, dims.G, axis=2)
   return Prepared(dims, key, value, key_mask, ids, int(chunk))
@@ -114,12 +117,12 @@ def _carry_in(phi_k_BCSKM, v_BCSKH, kv_ids_BCS, m_BCSK=None):
   and the stabiliser the carried state is relative to [B, C, K] (or None).
   """
   carry_id_BC = None
-  keep_BC = jnp.ones(phi_k_BCSKM.shape[:2], jnp.float32)
+  keep_BC = jnp.ones(phi_k_BCSKM.shape[:2], phi_k_BCSKM.dtype)
   in_run_BCS = None
   if kv_ids_BCS is not None:
     last_BC = kv_ids_BCS[:, :, -1]
     carry_id_BC = jnp.concatenate([last_BC[:, :1], last_BC[:, :-1]], axis=1)
-    keep_BC = (last_BC == carry_id_BC).astype(jnp.float32)
+    keep_BC = (last_BC == carry_id_BC).astype(phi_k_BCSKM.dtype)
     in_run_BCS = kv_ids_BCS == last_BC[:, :, None]
     phi_k_BCSKM = jnp.where(in_run_BCS[..., None, None], phi_k_BCSKM, 0.0)
   if m_BCSK is None:
@@ -168,7 +171,7 @@ def _add_carry(num, den, phi_q_BCTKGM, kv_BCKMH, z_BCKM, use_BCT, m_in_BCK=None,
       rel_BCTK = jnp.where(use_BCT[..., None], rel_BCTK, -jnp.inf)
     phi_q_BCTKGM = phi_q_BCTKGM * jnp.exp(jnp.minimum(rel_BCTK, 0.0))[..., None, None]
   elif use_BCT is not None:
-    phi_q_BCTKGM = phi_q_BCTKGM * use_BCT[..., None, None, None].astype(jnp.float32)
+    phi_q_BCTKGM = phi_q_BCTKGM * use_BCT[..., None, None, None].astype(phi_q_BCTKGM.dtype)
   num = num + jnp.einsum("bctkgm,bckmh->bctkgh", phi_q_BCTKGM, kv_BCKMH)
   den = den + jnp.einsum("bctkgm,bckm->bctkg", phi_q_BCTKGM, z_BCKM)
   return num, den
@@ -207,7 +210,9 @@ def _chunked(phi_q_BCTKGM, phi_k_BCSKM, v_BCSKH, ids, is_causal, m_BCSK=None):
 
 def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False, key_mask_BSK=None,
                          segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE, key_max_BSK=None):
-  """Masked kernel attention from features: Σ vis·(φq·φk) v / Σ vis·(φq·φk), float32 [B, T, N, H].
+  """Masked kernel attention from features: Σ vis·(φq·φk) v / Σ vis·(φq·φk), [B, T, N, Hv].
+
+  Computed in float32, or float64 for float64 inputs; value [B, S, K, Hv] may have its own head dim.
 
   The shared core of linear and Performer attention. `key_mask_BSK` (bool
   [B, S, K or 1]) removes keys from numerator and denominator; `segment_ids` is
@@ -225,8 +230,9 @@ def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False,
   B, T, N, M = phi_q_BTNM.shape
   _, S, K, _ = phi_k_BSKM.shape
   H = value_BSKH.shape[-1]
-  phi_q = phi_q_BTNM.astype(jnp.float32).reshape(B, T, K, N // K, M)
-  phi_k, v = phi_k_BSKM.astype(jnp.float32), value_BSKH.astype(jnp.float32)
+  acc = stats_dtype(jnp.result_type(phi_q_BTNM, phi_k_BSKM, value_BSKH))
+  phi_q = phi_q_BTNM.astype(acc).reshape(B, T, K, N // K, M)
+  phi_k, v = phi_k_BSKM.astype(acc), value_BSKH.astype(acc)
   if key_max_BSK is not None and not is_causal:
     raise ValueError("kernelized_attention: `key_max_BSK` (a running stabiliser) is only meaningful with is_causal.")
   if key_mask_BSK is not None:
@@ -246,7 +252,7 @@ def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False,
     ids = tuple(chunks(pad(x, T, mode="edge")) for x in segment_ids)
   m = None
   if key_max_BSK is not None:
-    m = chunks(pad(jax.lax.stop_gradient(key_max_BSK.astype(jnp.float32)), S, mode="edge"))
+    m = chunks(pad(jax.lax.stop_gradient(key_max_BSK.astype(acc)), S, mode="edge"))
     if m.shape[-1] != K:
       m = jnp.broadcast_to(m, (*m.shape[:-1], K))
   num, den = _chunked(chunks(pad(phi_q, T)), chunks(pad(phi_k, S)), chunks(pad(v, S)), ids, is_causal, m)
@@ -262,16 +268,21 @@ def _feature_map(feature_map, fn: str):
 
 
 def _scaled(x, scale):
-  x = jnp.asarray(x, jnp.float32)
+  x = jnp.asarray(x)
+  x = x.astype(stats_dtype(x.dtype))
   return x if scale is None else x * scale
 
 
+@leading_batch_dims(query_mask=False)
 def linear_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                      feature_map="elu", chunk_size=None):
   """Linear attention (Katharopoulos et al. 2020): φ(q)(Σφ(k)vᵀ) / φ(q)Σφ(k).
 
-  query [B, T, N, H], key / value [B, S, K, H] -> [B, T, N, H] in query's dtype
-  (features and sums in float32). `feature_map`: "elu" (elu(x) + 1, the paper's),
+  query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv] -> [B, T, N, Hv] in query's
+  dtype (features and sums in float32, float64 for float64 inputs); any number of leading
+  batch dims [..., T, N, H] is accepted in place of B, and jax.nn's `query_seq_lengths` /
+  `key_value_seq_lengths` (int [B]: rows t >= q length are 0, keys s >= kv length unseen).
+  `feature_map`: "elu" (elu(x) + 1, the paper's),
   "relu", or a callable applied elementwise. φ sees the *unscaled* query and key:
   `scale=None` means no scaling here (not H^-½); an explicit `scale` multiplies
   the query before φ. `mask` must be a key mask (broadcastable to [B, N, 1, S]);
@@ -290,48 +301,55 @@ def linear_attention(query, key, value, bias=None, mask=None, *, is_causal=False
 # ----------------------------------------------------------------------------- decoding
 
 
-def linear_init_state(batch: int, num_kv_heads: int, feature_dim: int, head_dim: int):
+def linear_init_state(batch: int, num_kv_heads: int, feature_dim: int, head_dim: int, dtype=jnp.float32):
   """Empty recurrent state of linear / Performer decoding (constant size in T).
 
-  {"kv": Σφ(k)vᵀ [B, K, M, H], "z": Σφ(k) [B, K, M], "m": running key-feature
-  stabiliser [B, K] (Performer's softmax kernel; linear leaves it alone)}, float32.
+  {"kv": Σφ(k)vᵀ [B, K, M, Hv], "z": Σφ(k) [B, K, M], "m": running key-feature
+  stabiliser [B, K] (Performer's softmax kernel; linear leaves it alone)}; `head_dim` is the
+  value's head dim Hv. float32, or float64 for dtype float64; decoding steps compute in it.
   """
+  acc = stats_dtype(dtype)
   return {
-      "kv": jnp.zeros((batch, num_kv_heads, feature_dim, head_dim), jnp.float32),
-      "z": jnp.zeros((batch, num_kv_heads, feature_dim), jnp.float32),
-      "m": jnp.full((batch, num_kv_heads), NO_KEY_MAX, jnp.float32),
+      "kv": jnp.zeros((batch, num_kv_heads, feature_dim, head_dim), acc),
+      "z": jnp.zeros((batch, num_kv_heads, feature_dim), acc),
+      "m": jnp.full((batch, num_kv_heads), NO_KEY_MAX, acc),
   }
 
 
 def check_step(state, query, key, value, fn: str) -> Dims:
-  """Shapes of one decoding step: T == S == 1 and a state matching K / H."""
-  dims = check_qkv(query, key, value, fn)
+  """Shapes of one decoding step: T == S == 1 and a state matching K and the value head dim Hv."""
+  dims = check_qkv(query, key, value, fn, value_head_dim=True)
   if dims.T != 1 or dims.S != 1:
     raise ValueError(f"{fn}: decoding takes one token, query [B, 1, N, H] and key/value [B, 1, K, H]; got T={dims.T}, S={dims.S}.")
-  B, K, _, H = state["kv"].shape
-  if (B, K, H) != (dims.B, dims.K, dims.H):
-    raise ValueError(f"{fn}: state is for (B, K, H)={(B, K, H)} but the inputs have {(dims.B, dims.K, dims.H)}.")
+  B, K, _, Hv = state["kv"].shape
+  if (B, K, Hv) != (dims.B, dims.K, value.shape[-1]):
+    raise ValueError(f"{fn}: state is for (B, K, Hv)={(B, K, Hv)} but the inputs have"
+                     f" {(dims.B, dims.K, value.shape[-1])}.")
   return dims
 
 
 def recurrent_step(state, phi_q_BNM, phi_k_BKM, value_BKH, m_BK=None):
-  """Adds one key to (Σφ(k)vᵀ, Σφ(k)) and reads it with one query; returns (out [B, N, H] f32, state)."""
+  """Adds one key to (Σφ(k)vᵀ, Σφ(k)) and reads it with one query; returns (out [B, N, Hv], state).
+
+  Computed in the state's dtype (float32, or float64 from `linear_init_state(..., dtype)`).
+  """
   B, N, M = phi_q_BNM.shape
   K = phi_k_BKM.shape[1]
   kv, z = state["kv"], state["z"]
   if kv.shape[2] != M:
     raise ValueError(f"decoding: state has M={kv.shape[2]} features but the feature map gives M={M}; re-create the state.")
-  kv = kv + jnp.einsum("bkm,bkh->bkmh", phi_k_BKM, value_BKH.astype(jnp.float32))
+  phi_k_BKM = phi_k_BKM.astype(kv.dtype)
+  kv = kv + jnp.einsum("bkm,bkh->bkmh", phi_k_BKM, value_BKH.astype(kv.dtype))
   z = z + phi_k_BKM
-  phi_q = phi_q_BNM.reshape(B, K, N // K, M)
+  phi_q = phi_q_BNM.astype(kv.dtype).reshape(B, K, N // K, M)
   num = jnp.einsum("bkgm,bkmh->bkgh", phi_q, kv)
   den = jnp.einsum("bkgm,bkm->bkg", phi_q, z)
-  new_state = {"kv": kv, "z": z, "m": state["m"] if m_BK is None else m_BK}
+  new_state = {"kv": kv, "z": z, "m": state["m"] if m_BK is None else m_BK.astype(state["m"].dtype)}
   return _normalise(num, den).reshape(B, N, -1), new_state
 
 
 def linear_step(state, query_B1NH, key_B1KH, value_B1KH, *, feature_map="elu", scale=None, **ignored):
-  """One causal decoding step of `linear_attention`: returns (out [B, 1, N, H], new state).
+  """One causal decoding step of `linear_attention`: returns (out [B, 1, N, Hv], new state).
 
   Token by token it equals the causal parallel forward (to float32 rounding).
   Other options of the parallel call (chunk_size, is_causal, ...) are ignored.
@@ -341,7 +359,7 @@ def linear_step(state, query_B1NH, key_B1KH, value_B1KH, *, feature_map="elu", s
   phi = _feature_map(feature_map, fn)
   check_step(state, query_B1NH, key_B1KH, value_B1KH, fn)
   phi_q = phi(_scaled(query_B1NH[:, 0], scale))
-  phi_k = phi(jnp.asarray(key_B1KH[:, 0], jnp.float32))
+  phi_k = phi(_scaled(key_B1KH[:, 0], None))
   out, state = recurrent_step(state, phi_q, phi_k, value_B1KH[:, 0])
   return out[:, None].astype(query_B1NH.dtype), state
 
@@ -387,8 +405,9 @@ def _flops(o: LinearOptions, shape: Shape) -> dict:
   return kernelized_flops(shape, shape.head_dim, o.chunk_size, 0)  # elementwise φ keeps M = H and is free
 
 
-def _init_state(batch, num_kv_heads, head_dim, **_):
-  return linear_init_state(batch, num_kv_heads, head_dim, head_dim)
+def _init_state(batch, num_kv_heads, head_dim, *, dtype=None, value_head_dim=None, **_):
+  """elu / relu keep M = H features; `value_head_dim` (default H) sizes Σφ(k)vᵀ."""
+  return linear_init_state(batch, num_kv_heads, head_dim, value_head_dim or head_dim, dtype or jnp.float32)
 
 
 FAMILY = Family(

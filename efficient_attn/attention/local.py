@@ -20,7 +20,8 @@ import numpy as np
 import jax.numpy as jnp
 
 from efficient_attn.attention._common import (
-    check_bias, check_mask, check_qkv, gather_block_pairs, masked_softmax, resolve_scale, split_segment_ids)
+    check_bias, check_mask, check_qkv, gather_block_pairs, leading_batch_dims, masked_softmax, resolve_scale,
+    split_segment_ids, stats_dtype)
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.softmax import _mean_visible, softmax_init_state, softmax_step
 
@@ -56,15 +57,19 @@ def _split_heads(x, N: int, K: int):
   return x.reshape(x.shape[0], K, N // K, *x.shape[2:]) if x.shape[1] == N else x[:, :, None]
 
 
+@leading_batch_dims(query_mask=True)
 def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                     window, block_size=None):
   """Sliding-window attention: query t attends to keys within `window` positions.
 
   Args:
-    query: [B, T, N, H]. key, value: [B, S, K, H] with S == T (self-attention) and N % K == 0.
+    query: [B, T, N, H]. key: [B, S, K, H], value: [B, S, K, Hv], S == T (self-attention), N % K == 0.
+      Any number of leading batch dims [..., T, N, H] (none included) is accepted in place of B.
     bias: additive, broadcastable to [B, N, T, S]. mask: bool, broadcastable to [B, N, T, S],
       True = may attend. Only their blocks near the diagonal are read; a padding mask
       [B, 1, 1, S] stays O(S), but a dense [T, S] mask or bias costs T·S memory by itself.
+    query_seq_lengths, key_value_seq_lengths: int [B], as in jax.nn.dot_product_attention:
+      keys s >= kv length are invisible; queries t >= q length output 0.
     is_causal: s in [t - window + 1, t]; otherwise s in [t - window + 1, t + window - 1].
     segment_ids: int [B, T] or a pair (q_ids [B, T], kv_ids [B, S]).
     scale: logit scale, default H ** -0.5.
@@ -75,12 +80,14 @@ def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
       bigger matmuls.
 
   Returns:
-    [B, T, N, H] in the query dtype; a query that sees no key outputs 0.
+    [B, T, N, Hv] in the query dtype; a query that sees no key outputs 0. Logits and softmax
+    in float32 (float64 for float64 inputs).
 
   Complexity: O(B·N·T·(window + block)·H) time, O(B·N·T·(window + block)) memory.
   """
-  dims = check_qkv(query, key, value, _FN)
+  dims = check_qkv(query, key, value, _FN, value_head_dim=True)
   B, T, S, N, K, H = dims
+  Hv = value.shape[-1]
   if T != S:
     raise ValueError(f"{_FN}: needs self-attention lengths T == S, got T={T} and S={S}; use block_sparse_attention"
                      " or softmax_attention for cross-attention.")
@@ -98,14 +105,17 @@ def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
   pad_t = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
   q_BnqKGH = jnp.pad(query, pad_t).reshape(B, nb, block, K, N // K, H)
   k_BnkKH = _neighbour_blocks(jnp.pad(key, pad_t), block, before, after)
-  v_BnkKH = _neighbour_blocks(jnp.pad(value, pad_t), block, before, after)
+  v_BnkKV = _neighbour_blocks(jnp.pad(value, pad_t), block, before, after)
 
-  logits = jnp.einsum("BnqKGH,BnkKH->BKGnqk", q_BnqKGH, k_BnkKH, preferred_element_type=jnp.float32) * scale
+  acc = stats_dtype(jnp.result_type(query, key, value))
+  logits = jnp.einsum("BnqKGH,BnkKH->BKGnqk", q_BnqKGH, k_BnkKH, preferred_element_type=acc) * scale
 
-  # Visibility by position; k_pos outside [0, T) are the zero-padded neighbours.
-  q_pos = jnp.arange(Tp).reshape(nb, block, 1)
-  k_pos = (jnp.arange(nb)[:, None, None] - before) * block + jnp.arange((before + 1 + after) * block)[None, None]
+  # Visibility by position, static NumPy [1, 1, 1, nb, block, W], W = (before + 1 + after)·block;
+  # k_pos outside [0, T) are the zero-padded neighbours.
+  q_pos = np.arange(Tp).reshape(nb, block, 1)
+  k_pos = (np.arange(nb)[:, None, None] - before) * block + np.arange((before + 1 + after) * block)[None, None]
   visible = (k_pos >= 0) & (k_pos < T) & (q_pos - k_pos < window) & (k_pos - q_pos < (1 if is_causal else window))
+  visible = jnp.asarray(visible.reshape(1, 1, 1, *visible.shape))
   if ids is not None:
     q_ids, kv_ids = (jnp.pad(x, ((0, 0), (0, Tp - T)), constant_values=-1) for x in ids)
     kv_ids = _neighbour_blocks(kv_ids, block, before, after)
@@ -117,12 +127,12 @@ def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
       m = gather(mask)
       visible = visible & m.reshape(*m.shape[:5], -1)
     if bias is not None:
-      b = gather(bias).astype(jnp.float32)
+      b = gather(bias).astype(acc)
       logits = logits + b.reshape(*b.shape[:5], -1)
 
   probs = masked_softmax(logits, visible)
-  out = jnp.einsum("BKGnqk,BnkKH->BnqKGH", probs.astype(value.dtype), v_BnkKH, preferred_element_type=jnp.float32)
-  return out.reshape(B, Tp, N, H)[:, :T].astype(query.dtype)
+  out = jnp.einsum("BKGnqk,BnkKV->BnqKGV", probs.astype(value.dtype), v_BnkKV, preferred_element_type=acc)
+  return out.reshape(B, Tp, N, Hv)[:, :T].astype(query.dtype)
 
 
 # ----------------------------------------------------------------------------- the family record
@@ -156,10 +166,10 @@ def _check(o: LocalOptions, shape: Shape) -> None:
     raise ValueError(f"local attention needs self-attention lengths T == S, got T={shape.seq_len}, S={shape.kv_len}.")
 
 
-def _init_state(batch, num_kv_heads, head_dim, *, max_len=None, dtype=None, window=128, **_):
+def _init_state(batch, num_kv_heads, head_dim, *, max_len=None, dtype=None, window=128, value_head_dim=None, **_):
   """A ring-buffer KV cache of `window` slots: decoding memory is O(window), not O(T)."""
   del max_len
-  return softmax_init_state(batch, window, num_kv_heads, head_dim, dtype or jnp.float32)
+  return softmax_init_state(batch, window, num_kv_heads, head_dim, dtype or jnp.float32, value_head_dim)
 
 
 def _step(state, query_B1NH, key_B1KH, value_B1KH, *, window=128, scale=None, **_):

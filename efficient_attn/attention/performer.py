@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.attention._common import resolve_scale
+from efficient_attn.attention._common import leading_batch_dims, resolve_scale, stats_dtype
 from efficient_attn.attention.linear import (NO_KEY_MAX, check_step, kernelized_attention, linear_init_state,
                                              prepare_kernelized, recurrent_step)
 from efficient_attn.attention.registry import Family, Shape
@@ -81,19 +81,25 @@ def _check_options(projection, kernel, scale, H, fn):
   scale = resolve_scale(scale, H)
   if not isinstance(scale, jax.Array) and scale <= 0:
     raise ValueError(f"{fn}: `scale` must be positive (features use scale ** 0.5), got {scale}.")
-  return jnp.asarray(projection, jnp.float32), scale
+  return jnp.asarray(projection), scale
+
+
+def _scaled(x_XH, projection_MH, scale):
+  """(x' = scale^½ x, W) in float32, or float64 for float64 inputs."""
+  x = jnp.asarray(x_XH)
+  acc = stats_dtype(x.dtype)
+  return x.astype(acc) * jnp.sqrt(jnp.asarray(scale, acc)), jnp.asarray(projection_MH, acc)
 
 
 def _logits(x_XH, projection_MH, scale):
-  """Exponent W x' − |x'|²/2 of the softmax-kernel features (x' = scale^½ x), [..., M] float32."""
-  x = jnp.asarray(x_XH, jnp.float32) * jnp.sqrt(jnp.float32(scale))
-  return jnp.einsum("...h,mh->...m", x, projection_MH) - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+  """Exponent W x' − |x'|²/2 of the softmax-kernel features (x' = scale^½ x), [..., M] float32 (or float64)."""
+  x, w_MH = _scaled(x_XH, projection_MH, scale)
+  return jnp.einsum("...h,mh->...m", x, w_MH) - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
 
 
 def _relu_features(x_XH, projection_MH, scale):
-  x = jnp.asarray(x_XH, jnp.float32) * jnp.sqrt(jnp.float32(scale))
-  M = projection_MH.shape[0]
-  return (jax.nn.relu(jnp.einsum("...h,mh->...m", x, projection_MH)) + RELU_EPS) / jnp.sqrt(jnp.float32(M))
+  x, w_MH = _scaled(x_XH, projection_MH, scale)
+  return (jax.nn.relu(jnp.einsum("...h,mh->...m", x, w_MH)) + RELU_EPS) / jnp.sqrt(jnp.asarray(w_MH.shape[0], x.dtype))
 
 
 def _query_features(q_XH, projection_MH, scale, kernel):
@@ -102,14 +108,18 @@ def _query_features(q_XH, projection_MH, scale, kernel):
     return _relu_features(q_XH, projection_MH, scale)
   logits = _logits(q_XH, projection_MH, scale)
   logits = logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-  return jnp.exp(logits) / jnp.sqrt(jnp.float32(projection_MH.shape[0]))
+  return jnp.exp(logits) / jnp.sqrt(jnp.asarray(projection_MH.shape[0], logits.dtype))
 
 
+@leading_batch_dims(query_mask=False)
 def performer_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                         projection=None, kernel="softmax", chunk_size=None):
   """FAVOR+ attention (Choromanski et al. 2021) on the linear-attention core.
 
-  query [B, T, N, H], key / value [B, S, K, H] -> [B, T, N, H] in query's dtype.
+  query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv] -> [B, T, N, Hv] in query's dtype
+  (features and sums in float32, float64 for float64 inputs); any number of leading batch
+  dims [..., T, N, H] is accepted in place of B, and jax.nn's `query_seq_lengths` /
+  `key_value_seq_lengths` (int [B]: rows t >= q length are 0, keys s >= kv length unseen).
   `projection` [M, H] from `performer_projection` (required). `kernel`:
   "softmax" (positive random features estimating exp(scale·q·k), scale default
   H^-½) or "relu" (φ(x) = relu(W x')/√M + eps). `mask` must be a key mask
@@ -141,7 +151,7 @@ def performer_attention(query, key, value, bias=None, mask=None, *, is_causal=Fa
     # Invalid keys get exp(-inf) = 0 before the exponential, so no inf·0 in the gradient; only valid keys get
     # the FEATURE_EPS floor.
     floor = FEATURE_EPS if p.key_mask_BSK is None else jnp.where(valid_BSK1, FEATURE_EPS, 0.0)
-    phi_k = (jnp.exp(masked - stab) + floor) / jnp.sqrt(jnp.float32(M))
+    phi_k = (jnp.exp(masked - stab) + floor) / jnp.sqrt(jnp.asarray(M, masked.dtype))
   out = kernelized_attention(phi_q, phi_k, p.value_BSKH, is_causal=is_causal, key_mask_BSK=p.key_mask_BSK,
                              segment_ids=p.segment_ids, chunk_size=p.chunk_size, key_max_BSK=key_max)
   return out.astype(query.dtype)
@@ -167,9 +177,9 @@ def _running_max(x_BSK, kv_ids_BS=None):
 
 def performer_step(state, query_B1NH, key_B1KH, value_B1KH, *, projection=None, kernel="softmax", scale=None,
                    **ignored):
-  """One causal decoding step of `performer_attention`: returns (out [B, 1, N, H], new state).
+  """One causal decoding step of `performer_attention`: returns (out [B, 1, N, Hv], new state).
 
-  `state` from `linear_init_state(B, K, M, H)`. For the softmax kernel the
+  `state` from `linear_init_state(B, K, M, Hv)`; computed in the state's dtype. For the softmax kernel the
   state carries a running key max "m" [B, K]; when it grows, (Σφ(k)vᵀ, Σφ(k)) are
   rescaled by exp(m_old − m_new). Equals the causal parallel forward token by
   token (to float32 rounding). Other options (chunk_size, ...) are ignored.
@@ -183,11 +193,11 @@ def performer_step(state, query_B1NH, key_B1KH, value_B1KH, *, projection=None, 
   if kernel == "relu":
     out, state = recurrent_step(state, phi_q, _relu_features(key_B1KH[:, 0], projection, scale), value_B1KH[:, 0])
     return out[:, None].astype(query_B1NH.dtype), state
-  logits_BKM = _logits(key_B1KH[:, 0], projection, scale)
+  logits_BKM = _logits(key_B1KH[:, 0], projection, scale).astype(state["m"].dtype)
   m_new = jnp.maximum(state["m"], logits_BKM.max(axis=-1))
   rescale_BK = jnp.exp(state["m"] - m_new)
   state = {**state, "kv": state["kv"] * rescale_BK[..., None, None], "z": state["z"] * rescale_BK[..., None]}
-  phi_k = (jnp.exp(logits_BKM - m_new[..., None]) + FEATURE_EPS) / jnp.sqrt(jnp.float32(M))
+  phi_k = (jnp.exp(logits_BKM - m_new[..., None]) + FEATURE_EPS) / jnp.sqrt(jnp.asarray(M, m_new.dtype))
   out, state = recurrent_step(state, phi_q, phi_k, value_B1KH[:, 0], m_BK=m_new)
   return out[:, None].astype(query_B1NH.dtype), state
 
@@ -230,12 +240,13 @@ def _flops(o: PerformerOptions, shape: Shape) -> dict:
   return kernelized_flops(shape, o.num_features, o.chunk_size, features)
 
 
-def _init_state(batch, num_kv_heads, head_dim, *, projection=None, num_features=None, **_):
-  """Recurrent state sized by the projection's M (or `num_features`)."""
+def _init_state(batch, num_kv_heads, head_dim, *, projection=None, num_features=None, dtype=None,
+                value_head_dim=None, **_):
+  """Recurrent state sized by the projection's M (or `num_features`) and `value_head_dim` (default H)."""
   if projection is None and num_features is None:
     raise ValueError("init_decode_state('performer'): pass `projection=` (from performer_projection).")
   M = projection.shape[0] if projection is not None else num_features
-  return linear_init_state(batch, num_kv_heads, M, head_dim)
+  return linear_init_state(batch, num_kv_heads, M, value_head_dim or head_dim, dtype or jnp.float32)
 
 
 FAMILY = Family(

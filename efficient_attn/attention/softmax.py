@@ -91,7 +91,8 @@ def softmax_attention(query, key, value, bias=None, mask=None, *, is_causal=Fals
   seg = _common.split_segment_ids(segment_ids, dims, _FN)
   scale = _common.resolve_scale(scale, dims.H)
   Hv = value.shape[-1]
-  impl = implementation or _pick_implementation(dims, query.dtype, bias, fused_ok=drop is None and Hv == dims.H)
+  fused_ok = drop is None and Hv == dims.H and (window is None or is_causal or window[1] == 0)  # what cuDNN takes
+  impl = implementation or _pick_implementation(dims, query.dtype, bias, fused_ok=fused_ok)
   if impl == "cudnn":
     if drop is not None or Hv != dims.H:
       raise ValueError(f"{_FN}: implementation='cudnn' takes no dropout and needs value's head dim == key's"
@@ -568,17 +569,21 @@ def _cudnn_attention(query, key, value, bias, mask, seg, causal, scale, dims, wi
 # ----------------------------------------------------------------------------- decoding
 
 
-def softmax_init_state(batch, max_len, num_kv_heads, head_dim, dtype=jnp.float32):
-  """Empty KV cache: {"k": [B, L, K, H], "v": [B, L, K, H], "pos": int32 scalar (tokens seen)}.
+def softmax_init_state(batch, max_len, num_kv_heads, head_dim, dtype=jnp.float32, value_head_dim=None):
+  """Empty KV cache: {"k": [B, L, K, H], "v": [B, L, K, Hv], "pos": int32 scalar (tokens seen)}.
 
+  Hv = value_head_dim, default H.
   L = max_len slots, used as a ring buffer: with a `window` in `softmax_step`,
   max_len = window is enough; without one, max_len must exceed the generated length.
   """
   for name, val in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
     if not isinstance(val, int) or val <= 0:
       raise ValueError(f"softmax_init_state: `{name}` must be a positive int, got {val!r}.")
-  zeros = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
-  return {"k": zeros, "v": zeros, "pos": jnp.zeros((), jnp.int32)}
+  Hv = head_dim if value_head_dim is None else value_head_dim
+  if not isinstance(Hv, int) or Hv <= 0:
+    raise ValueError(f"softmax_init_state: `value_head_dim` must be a positive int, got {value_head_dim!r}.")
+  return {"k": jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype),
+          "v": jnp.zeros((batch, max_len, num_kv_heads, Hv), dtype), "pos": jnp.zeros((), jnp.int32)}
 
 
 def softmax_step(state, query_B1NH, key_B1KH, value_B1KH, *, scale=None, window=None, is_causal=True,
@@ -597,9 +602,10 @@ def softmax_step(state, query_B1NH, key_B1KH, value_B1KH, *, scale=None, window=
   B, L, K, H = cache_k.shape
   if query_B1NH.ndim != 4 or query_B1NH.shape[1] != 1 or query_B1NH.shape[0] != B or query_B1NH.shape[3] != H:
     raise ValueError(f"{fn}: `query` must have shape [B, 1, N, H] with B={B}, H={H}, got {query_B1NH.shape}.")
-  if key_B1KH.shape != (B, 1, K, H) or value_B1KH.shape != (B, 1, K, H):
-    raise ValueError(f"{fn}: `key` and `value` must have shape [B, 1, K, H]={[B, 1, K, H]}, "
-                     f"got {key_B1KH.shape} and {value_B1KH.shape}.")
+  Hv = cache_v.shape[-1]
+  if key_B1KH.shape != (B, 1, K, H) or value_B1KH.shape != (B, 1, K, Hv):
+    raise ValueError(f"{fn}: `key` and `value` must have shapes [B, 1, K, H]={[B, 1, K, H]} and [B, 1, K, Hv]="
+                     f"{[B, 1, K, Hv]}, got {key_B1KH.shape} and {value_B1KH.shape}.")
   N = query_B1NH.shape[2]
   if N % K:
     raise ValueError(f"{fn}: query heads N={N} must be a multiple of the cache's key/value heads K={K}.")
@@ -613,12 +619,13 @@ def softmax_step(state, query_B1NH, key_B1KH, value_B1KH, *, scale=None, window=
   if window is not None:
     vis_L &= age < window
   q_BKGH = query_B1NH.reshape(B, K, N // K, H)
-  logits = jnp.einsum("BKGH,BLKH->BKGL", q_BKGH, cache_k, preferred_element_type=jnp.float32)
-  logits = jnp.where(vis_L, logits * _common.resolve_scale(scale, H), -jnp.inf)
+  sd = _common.stats_dtype(query_B1NH.dtype)
+  logits = jnp.einsum("BKGH,BLKH->BKGL", q_BKGH, cache_k, preferred_element_type=sd)
+  logits = jnp.where(vis_L.reshape(1, 1, 1, L), logits * jnp.asarray(_common.resolve_scale(scale, H), sd), -jnp.inf)
   p = jax.nn.softmax(logits, axis=-1)  # the current token is always visible: no empty rows
-  out = jnp.einsum("BKGL,BLKH->BKGH", p.astype(cache_v.dtype), cache_v, preferred_element_type=jnp.float32)
+  out = jnp.einsum("BKGL,BLKH->BKGH", p.astype(cache_v.dtype), cache_v, preferred_element_type=sd)
   new_state = {"k": cache_k, "v": cache_v, "pos": pos + 1}
-  return out.reshape(query_B1NH.shape).astype(query_B1NH.dtype), new_state
+  return out.reshape(query_B1NH.shape[:3] + (Hv,)).astype(query_B1NH.dtype), new_state
 
 
 # ----------------------------------------------------------------------------- the family record
@@ -666,10 +673,10 @@ def _flops(o: SoftmaxOptions, shape: Shape) -> dict:
   return {"ideal": ideal, "executed": executed, "backward": 2.5 * executed}
 
 
-def _init_state(batch, num_kv_heads, head_dim, *, max_len=None, dtype=None, **_):
+def _init_state(batch, num_kv_heads, head_dim, *, max_len=None, dtype=None, value_head_dim=None, **_):
   if max_len is None:
     raise ValueError("init_decode_state('softmax'): `max_len` (cache length) is required for a KV cache.")
-  return softmax_init_state(batch, max_len, num_kv_heads, head_dim, dtype or jnp.float32)
+  return softmax_init_state(batch, max_len, num_kv_heads, head_dim, dtype or jnp.float32, value_head_dim)
 
 
 FAMILY = Family(

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn.attention._common import (
-    check_bias, check_divisible, check_mask, check_qkv, gather_block_pairs, masked_softmax, resolve_scale,
-    split_segment_ids)
+    check_bias, check_divisible, check_mask, check_qkv, gather_block_pairs, leading_batch_dims, masked_softmax,
+    resolve_scale, split_segment_ids, stats_dtype)
 from efficient_attn.attention import masks
 from efficient_attn.attention.registry import Family, Shape
 
@@ -83,12 +83,15 @@ def _row_groups(layout: np.ndarray):
     sub = layout[:, rows]
     M = max(1, int(sub.sum(-1).max()))
     order = np.argsort(~sub, axis=-1, kind="stable")[..., :M]  # Marked blocks first, in increasing order.
-    groups.append((rows, order.astype(np.int32), np.take_along_axis(sub, order, axis=-1)))
+    # int32 indices: JAX mis-normalises a cached int64 NumPy index once x64 is switched on (int32 + int64).
+    groups.append((rows.astype(np.int32), order.astype(np.int32), np.take_along_axis(sub, order, axis=-1)))
   return groups
 
 
 def _gather_kv(x_BSKH, kv_blocks, bs: int, K: int):
-  """[B, S, K, H] -> the marked blocks: [B, K, u, M, bs, H] for a shared layout, else [B, K, G, u, M, bs, H]."""
+  """[B, S, K, H] -> the marked blocks: [B, K, u, M, bs, H] for a shared layout, else [B, K, G, u, M, bs, H].
+
+  (Also used for value [B, S, K, Hv].)"""
   B, S, _, H = x_BSKH.shape
   x_BKnbH = x_BSKH.reshape(B, S // bs, bs, K, H).transpose(0, 3, 1, 2, 4)
   h, u, M = kv_blocks.shape
@@ -102,15 +105,20 @@ def _by_head(x, N: int, K: int):
   return x.reshape(x.shape[0], K, N // K, *x.shape[2:]) if x.shape[1] == N else x[:, :, None]
 
 
+@leading_batch_dims(query_mask=True)
 def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None,
                            scale=None, layout, block_size):
   """Softmax attention restricted to the blocks that `layout` marks.
 
   Args:
-    query: [B, T, N, H]. key, value: [B, S, K, H], N % K == 0; T and S divisible by block_size.
+    query: [B, T, N, H]. key: [B, S, K, H], value: [B, S, K, Hv], N % K == 0; T and S divisible
+      by block_size. Any number of leading batch dims [..., T, N, H] (none included) is accepted
+      in place of B.
     bias: additive, broadcastable to [B, N, T, S]. mask: bool, broadcastable to [B, N, T, S].
       Only their marked blocks are read (a [B, 1, 1, S] padding mask stays O(S); a dense
       [T, S] mask costs T·S memory by itself).
+    query_seq_lengths, key_value_seq_lengths: int [B], as in jax.nn.dot_product_attention:
+      keys s >= kv length are invisible; queries t >= q length output 0.
     is_causal: top-left causal; blocks above the diagonal are dropped even if marked.
     segment_ids: int [B, T] or a pair (q_ids [B, T], kv_ids [B, S]).
     scale: logit scale, default H ** -0.5.
@@ -118,12 +126,13 @@ def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal
     block_size: positions per block, for queries and keys.
 
   Returns:
-    [B, T, N, H] in the query dtype; a query that sees no key outputs 0.
+    [B, T, N, Hv] in the query dtype; a query that sees no key outputs 0. Logits and softmax
+    in float32 (float64 for float64 inputs).
 
   Complexity: O(B·N·nnz·bs²·H) time and O(B·N·nnz·bs²) memory, nnz = marked blocks
   (within 2x: rows are padded to the power of two above their count).
   """
-  dims = check_qkv(query, key, value, _FN)
+  dims = check_qkv(query, key, value, _FN, value_head_dim=True)
   B, T, S, N, K, H = dims
   if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
     raise ValueError(f"{_FN}: `block_size` must be a positive integer, got {block_size!r}.")
@@ -146,11 +155,12 @@ def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal
   out_BiqKGH = parts[0]
   if len(parts) > 1:  # Back to query-block order.
     out_BiqKGH = jnp.concatenate(parts, axis=1)[:, np.argsort(np.concatenate(rows))]
-  return out_BiqKGH.reshape(B, T, N, H).astype(query.dtype)
+  return out_BiqKGH.reshape(B, T, N, value.shape[-1]).astype(query.dtype)
 
 
 def _attend_rows(q_BuqKGH, key, value, bias, mask, ids, is_causal, scale, rows, kv_blocks, valid, bs: int):
-  """Attention of the query blocks `rows` to their marked key blocks: [B, u, bs, K, G, H] float32.
+  """Attention of the query blocks `rows` to their marked key blocks: [B, u, bs, K, G, Hv], float32
+  (float64 for float64 inputs).
 
   kv_blocks / valid: int / bool [h, u, M] (h = 1 shared layout, or N per head).
   Logits are [B, K, G, u, bs, M, bs]: query block, query in block, slot, key in slot.
@@ -158,16 +168,18 @@ def _attend_rows(q_BuqKGH, key, value, bias, mask, ids, is_causal, scale, rows, 
   B, u, _, K, G, H = q_BuqKGH.shape
   N, nk, h = K * G, key.shape[1] // bs, kv_blocks.shape[0]
   k_blocks, v_blocks = _gather_kv(key, kv_blocks, bs, K), _gather_kv(value, kv_blocks, bs, K)
-  kv_spec = "BKumkH" if h == 1 else "BKGumkH"
-  logits = jnp.einsum(f"BuqKGH,{kv_spec}->BKGuqmk", q_BuqKGH, k_blocks, preferred_element_type=jnp.float32) * scale
+  k_spec, v_spec = ("BKumkH", "BKumkV") if h == 1 else ("BKGumkH", "BKGumkV")
+  acc = stats_dtype(jnp.result_type(q_BuqKGH, key, value))
+  logits = jnp.einsum(f"BuqKGH,{k_spec}->BKGuqmk", q_BuqKGH, k_blocks, preferred_element_type=acc) * scale
 
   # Visibility [B|1, K|1, G|1, u, bs|1, M, bs|1]: a real slot, causal inside blocks, segments, mask.
   as_heads = lambda x: _by_head(jnp.asarray(x)[None], N, K)
-  visible = as_heads(valid[:, :, None, :, None])
-  if is_causal:
-    k_pos = jnp.asarray(kv_blocks[:, :, None, :, None] * bs) + jnp.arange(bs)
-    q_pos = jnp.asarray(rows[:, None] * bs)[None, :, :, None, None] + jnp.arange(bs)[:, None, None]
-    visible = visible & as_heads(k_pos <= q_pos)
+  valid_hu1M1 = valid[:, :, None, :, None]
+  if is_causal:  # static: key position <= query position, [h, u, bs, M, bs]
+    k_pos = (kv_blocks * bs)[:, :, None, :, None] + np.arange(bs).reshape(1, 1, 1, 1, bs)
+    q_pos = (np.asarray(rows) * bs).reshape(1, u, 1, 1, 1) + np.arange(bs).reshape(1, 1, bs, 1, 1)
+    valid_hu1M1 = valid_hu1M1 & (k_pos <= q_pos)
+  visible = as_heads(valid_hu1M1)
   if ids is not None:
     q_ids, kv_ids = ids
     q_ids = q_ids.reshape(B, -1, bs)[:, rows]
@@ -176,11 +188,10 @@ def _attend_rows(q_BuqKGH, key, value, bias, mask, ids, is_causal, scale, rows, 
   if mask is not None:
     visible = visible & _by_head(gather_block_pairs(mask, bs, kv_blocks, rows), N, K)
   if bias is not None:
-    logits = logits + _by_head(gather_block_pairs(bias, bs, kv_blocks, rows), N, K).astype(jnp.float32)
+    logits = logits + _by_head(gather_block_pairs(bias, bs, kv_blocks, rows), N, K).astype(acc)
 
   probs = masked_softmax(logits, visible, axis=(-2, -1))
-  return jnp.einsum(f"BKGuqmk,{kv_spec}->BuqKGH", probs.astype(value.dtype), v_blocks,
-                    preferred_element_type=jnp.float32)
+  return jnp.einsum(f"BKGuqmk,{v_spec}->BuqKGV", probs.astype(value.dtype), v_blocks, preferred_element_type=acc)
 
 
 # ----------------------------------------------------------------------------- the family record
