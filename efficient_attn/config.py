@@ -252,6 +252,31 @@ def with_overrides(cfg: Config, overrides: dict) -> Config:
   return Config(**sections)
 
 
+CONFIG_JSON = "config.json"  # a training workdir's resolved config
+
+
+def save_config_json(cfg: Config, path: str) -> None:
+  """Writes `flatten(cfg)` as JSON (atomically: a crash leaves the old file or the new one)."""
+  import json
+
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(flatten(cfg), f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def load_config_json(path: str) -> Config:
+  """The Config a `save_config_json` file holds (checked like --set overrides)."""
+  import json
+
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path}: no such file; a training workdir keeps its config there once `train` has run.")
+  with open(path, encoding="utf-8") as f:
+    flat = json.load(f)
+  return with_overrides(Config(), flat)
+
+
 def load_config_file(path: str) -> Config:
   """Runs a Python config file and returns its `get_config()` (a config file is code: trust it as such)."""
   if not os.path.isfile(path):
