@@ -33,12 +33,12 @@ def _jax_nn(q, k, v, bias=None, mask=None, **kw):
 T = S = 16
 QL, KL = np.array([16, 9], np.int32), np.array([12, 16], np.int32)  # no query row is left without a key
 CUSTOM = np.tril(np.ones((T, S), bool))[None, None]
-CASES = {
+CASES = {  # jax.nn's mask modes and their combinations
     "plain": {}, "causal": dict(is_causal=True), "padding": dict(query_seq_lengths=QL, key_value_seq_lengths=KL),
-    "custom_mask": dict(mask=CUSTOM), "custom_padding": dict(mask=CUSTOM, query_seq_lengths=QL, key_value_seq_lengths=KL),
-    "causal_padding": dict(is_causal=True, query_seq_lengths=QL, key_value_seq_lengths=KL),
-    "causal_window": dict(is_causal=True, local_window_size=(3, 2)), "left_window": dict(local_window_size=(3, 0)),
-    "asymmetric_window": dict(local_window_size=(1, 4)), "int_window": dict(local_window_size=2),
+    "custom_padding": dict(mask=CUSTOM, query_seq_lengths=QL, key_value_seq_lengths=KL),
+    "causal_window_padding": dict(is_causal=True, local_window_size=(3, 2), key_value_seq_lengths=KL + 2),
+    "left_window": dict(local_window_size=(3, 0)), "asymmetric_window": dict(local_window_size=(1, 4)),
+    "int_window": dict(local_window_size=2),
 }
 
 
@@ -180,7 +180,7 @@ def test_softmax_weights_are_jax_nn_weights():
 
 @pytest.mark.parametrize("broadcast", [True, False])
 def test_dropout_mask_is_the_same_for_xla_and_any_chunking(broadcast):
-  q, k, v = _qkv(T=20, S=28, Hv=6)
+  q, k, v = _qkv(B=1, T=12, S=20, Hv=6)
   rng = jax.random.key(7)
   loss = lambda impl, cs: lambda q, k, v: jnp.sum(softmax_attention(
       q, k, v, is_causal=True, implementation=impl, chunk_size=cs, dropout_rate=0.3, dropout_rng=rng,
