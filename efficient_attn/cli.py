@@ -3,6 +3,15 @@
     efficient-attn train      --workdir DIR [--config FILE.py] [--set KEY=VALUE]...
     efficient-attn experiment NAME --workdir DIR [--set KEY=VALUE]...
     efficient-attn bench      attention|moe [--set KEY=VALUE]... [--json FILE]
+    efficient-attn generate   --workdir DIR --prompt TEXT [--set sample.KEY=VALUE]...
+    efficient-attn eval       --workdir DIR [--set eval.batches=N]
+
+`bench` prints a settings header, then one row per variant with the median / min / max
+time over `rounds` interleaved rounds (`bench --help` lists its keys and defaults).
+`generate` prints the prompt and its sampled continuation from DIR's newest intact
+checkpoint (sample.max_new_tokens, temperature (0 = greedy), top_k, top_p, seed);
+`eval` prints one JSON object: val_loss (nats per byte), perplexity and bits_per_byte on
+DIR's validation split. Both read DIR/config.json, the config `train` resolved.
 
 Every subcommand takes `--plugin FILE.py` (repeatable), imported first: a user's attention
 family registered there is then selectable by name (`--set model.attention=NAME`).
@@ -23,8 +32,15 @@ from efficient_attn.config import ConfigError, parse_overrides
 class _Parser(argparse.ArgumentParser):
   """argparse, but a usage error is one line (like every other refusal) instead of usage + error."""
 
+  keys_help = None  # () -> str: the settings listing `--help` ends with, built only when asked (imports jax)
+
   def error(self, message):
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help).\n")
+
+  def format_help(self):
+    if self.keys_help is not None:
+      self.epilog = self.keys_help()
+    return super().format_help()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,12 +62,50 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--set", **sets)
   e.add_argument("--plugin", **plugin)
 
-  b = sub.add_parser("bench", help="speed / memory tables")
+  raw = argparse.RawDescriptionHelpFormatter
+  b = sub.add_parser("bench", help="speed / memory tables", formatter_class=raw,
+                     description="Times forward+backward of each variant (median / min / max over interleaved"
+                                 " rounds, after a warm-up call) and reports XLA's compiled temporary memory.")
   b.add_argument("what", choices=["attention", "moe"])
   b.add_argument("--set", **sets)
-  b.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+  b.add_argument("--json", metavar="FILE", help="also write the rows (each with its settings) as JSON")
   b.add_argument("--plugin", **plugin)
+  b.keys_help = _bench_keys_help
+
+  g = sub.add_parser("generate", help="sample a continuation of a prompt from a training workdir",
+                     formatter_class=raw)
+  g.add_argument("--workdir", required=True, help="a training workdir (its config.json and checkpoints)")
+  g.add_argument("--prompt", required=True, help="the text to continue (UTF-8 bytes)")
+  g.add_argument("--set", **sets)
+  g.add_argument("--plugin", **plugin)
+  g.keys_help = lambda: _workdir_keys_help("sample.")
+
+  v = sub.add_parser("eval", help="validation loss, perplexity and bits/byte of a training workdir (JSON)",
+                     formatter_class=raw)
+  v.add_argument("--workdir", required=True, help="a training workdir (its config.json and checkpoints)")
+  v.add_argument("--set", **sets)
+  v.add_argument("--plugin", **plugin)
+  v.keys_help = lambda: _workdir_keys_help("eval.")
   return p
+
+
+def _bench_keys_help() -> str:
+  from efficient_attn.attention import bench as attention_bench
+  from efficient_attn.measure import settings_help
+  from efficient_attn.moe import bench as moe_bench
+
+  return ("keys of --set KEY=VALUE, with their defaults:\n\n"
+          + settings_help("bench attention", attention_bench.ATTENTION_DEFAULTS, attention_bench.SETTINGS_HELP)
+          + "\n\n" + settings_help("bench moe", moe_bench.DEFAULTS, moe_bench.SETTINGS_HELP))
+
+
+def _workdir_keys_help(prefix: str) -> str:
+  from efficient_attn import generate
+  from efficient_attn.measure import settings_help
+
+  defaults = {**generate.SAMPLE_DEFAULTS, **generate.EVAL_DEFAULTS}
+  return "keys of --set KEY=VALUE, with their defaults:\n\n" + settings_help(
+      "", {k: v for k, v in defaults.items() if k.startswith(prefix)}, generate.SETTINGS_HELP)
 
 
 def _bench(args) -> None:
@@ -67,16 +121,33 @@ def _bench(args) -> None:
     from efficient_attn.attention import bench
 
     rows = bench.bench_attention(overrides, progress=progress)
-    table = bench.attention_table(rows)
+    header, table = bench.attention_header(rows), bench.attention_table(rows)
   else:
     from efficient_attn.moe import bench as moe_bench
 
     rows = moe_bench.bench_moe(overrides, progress=progress)
-    table = moe_bench.format_moe_table(rows)
-  print(table)
+    header, table = moe_bench.moe_header(rows), moe_bench.format_moe_table(rows)
+  print(header + "\n\n" + table)
   if args.json:
     write_json(rows, args.json)
     print(f"wrote {len(rows)} rows to {args.json}")
+
+
+def _generate(args) -> None:
+  from efficient_attn import generate
+
+  out = generate.generate(args.workdir, args.prompt, parse_overrides(args.set))
+  print(out["text"])
+  print(f"efficient-attn: sampled {len(out['tokens'])} bytes from step {out['step']} of {args.workdir}.",
+        file=sys.stderr)
+
+
+def _eval(args) -> None:
+  import json
+
+  from efficient_attn import generate
+
+  print(json.dumps(generate.evaluate(args.workdir, parse_overrides(args.set))))
 
 
 def _emulate_devices() -> None:
@@ -96,6 +167,32 @@ def _experiment(args) -> None:
         + (", " + ", ".join(out["plots"]) if out["plots"] else ""))
 
 
+def _emulate_mesh_devices(mesh) -> None:
+  """`train` on one process: XLA_FLAGS=--xla_force_host_platform_device_count=N, N = the devices the
+  mesh names (mesh.data=-1 counts 1), unless XLA_FLAGS sets a count, N is 1, or jax has started (a
+  plugin or config file ran it). Only the CPU platform reads the flag: a GPU / TPU host keeps its devices."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  need = max(mesh.data, 1) * mesh.fsdp * mesh.tensor * mesh.expert
+  if need <= 1 or "xla_force_host_platform_device_count" in flags or _multi_process() or _jax_started():
+    return
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
+
+
+def _jax_started() -> bool:
+  try:
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # cannot tell: leave XLA_FLAGS alone
+    return True
+
+
+def _multi_process() -> bool:
+  env = os.environ
+  return bool(env.get("JAX_COORDINATOR_ADDRESS")) or int(env.get("SLURM_NTASKS", "1")) > 1 or \
+      env.get("TPU_WORKER_HOSTNAMES", "localhost") != "localhost"
+
+
 def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` when launched as one of several processes.
 
@@ -108,7 +205,7 @@ def maybe_initialize_distributed() -> None:
   if env.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env.get("JAX_NUM_PROCESSES", "1")),
                                int(env.get("JAX_PROCESS_ID", "0")))
-  elif int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "localhost") != "localhost":
+  elif _multi_process():
     jax.distributed.initialize()
 
 
@@ -118,6 +215,7 @@ def _train(args) -> int:
   overrides = parse_overrides(args.set)
   cfg = load_config_file(args.config) if args.config else Config()
   cfg = with_overrides(cfg, overrides)
+  _emulate_mesh_devices(cfg.mesh)
   maybe_initialize_distributed()
   from efficient_attn import train
 
@@ -125,7 +223,7 @@ def _train(args) -> int:
   stopped_by, stopped_at = row.pop("stopped_by", None), row.pop("stopped_at", None)
   if row:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                   if not isinstance(v, list)))
+                   if v is not None and not isinstance(v, list)))
   if stopped_by:  # preempted: the checkpoint is written, the rerun resumes from it
     print(f"efficient-attn: stopped by {stopped_by} at step {stopped_at}; checkpoint saved.", file=sys.stderr)
     return 130 if stopped_by == "SIGINT" else 0
@@ -166,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
       _bench(args)
     elif args.command == "train":
       return _train(args)
+    elif args.command == "generate":
+      _generate(args)
+    elif args.command == "eval":
+      _eval(args)
     else:
       _experiment(args)
   except (ConfigError, DataError) as e:

@@ -8,12 +8,19 @@ code (`ast.literal_eval` only).
 from __future__ import annotations
 
 import ast
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
 class ConfigError(ValueError):
   """A user-facing configuration error: one sentence, exit status 2 on the command line."""
+
+
+def did_you_mean(name, valid: Iterable) -> str:
+  """" did you mean 'x'?" for the valid name closest to `name` (difflib, ratio >= 0.6), else ""."""
+  match = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+  return f" did you mean {match[0]!r}?" if match else ""
 
 
 def parse_value(text: str) -> Any:
@@ -55,7 +62,8 @@ def apply_overrides(defaults: dict[str, Any], overrides: dict[str, Any], where: 
       out[head] = _set_nested(out[head], key.split(".")[1:], value)
       continue
     if key not in defaults:
-      raise ConfigError(f"unknown key {key!r} for {where}; valid keys are {', '.join(sorted(defaults))}.")
+      raise ConfigError(f"unknown key {key!r} for {where};{did_you_mean(key, defaults)} valid keys are"
+                        f" {', '.join(sorted(defaults))}.")
     expected = defaults[key]
     ok = (expected is None or value is None or isinstance(value, type(expected))
           or (isinstance(expected, float) and isinstance(value, int) and not isinstance(value, bool))
@@ -115,6 +123,7 @@ class ModelConfig:
   scan_layers: bool = False
   dtype: str = "float32"              # compute dtype; params stay float32
   remat: bool = False
+  dropout: float = 0.0                # residual dropout on attention and FFN outputs (training only)
 
   def __post_init__(self):
     # Typed and hashable (modules hash their config): a mapping becomes the family's options
@@ -138,8 +147,9 @@ class ModelConfig:
     family = _registered_family(self.attention)
     if family is None:
       from efficient_attn.attention import names
-      raise ConfigError(f"model.attention={self.attention!r} is not a registered attention family; valid ones are"
-                        f" {names()} (a plugin's family needs --plugin FILE.py).")
+      raise ConfigError(f"model.attention={self.attention!r} is not a registered attention family;"
+                        f"{did_you_mean(self.attention, names())} valid ones are {names()} (a plugin's family"
+                        " needs --plugin FILE.py).")
     return family
 
   @property
@@ -178,6 +188,9 @@ class TrainConfig:
   z_loss_weight: float = 0.001        # MoE router z-loss
   on_nonfinite: str = "stop"          # stop | skip
   redraw_every: int = 0               # redraw the attention buffers (Performer features) every n steps; 0 = never
+  grad_accum: int = 1                 # micro-batches per optimizer step (same update as the whole batch at once)
+  schedule: str = "cosine"            # after warmup: cosine | linear (to 10%) | constant | wsd (last 20% to 10%)
+  tensorboard: bool = False           # also write TensorBoard scalars to DIR/tensorboard (needs tensorboardX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,12 +331,24 @@ def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
   if sizes["data"] == -1:
     _need(num_devices % others == 0, f"mesh.data=-1 with mesh.fsdp={mesh.fsdp} x mesh.tensor={mesh.tensor} x"
           f" mesh.expert={mesh.expert} = {others}, which does not divide the {num_devices} available devices;"
-          f" choose sizes whose product divides {num_devices}.")
+          f" choose sizes whose product divides {num_devices}{_more_devices(others, num_devices)}")
     sizes["data"] = num_devices // others
-  _need(math.prod(sizes.values()) == num_devices,
-        f"{' x '.join(f'mesh.{k}={v}' for k, v in sizes.items())} = {math.prod(sizes.values())} devices, but"
-        f" {num_devices} are available; make the product equal {num_devices} (mesh.data=-1 fills in).")
+  need = math.prod(sizes.values())
+  _need(need == num_devices,
+        f"{' x '.join(f'mesh.{k}={v}' for k, v in sizes.items())} = {need} devices, but {num_devices} are"
+        f" available; make the product equal {num_devices} (mesh.data=-1 fills in){_more_devices(need, num_devices)}")
   return sizes
+
+
+def _more_devices(need: int, have: int) -> str:
+  """The end of a mesh-size sentence: how to get `need` devices when fewer are there."""
+  if need <= have:
+    return "."
+  return (f" or get {need} devices: on CPU XLA_FLAGS=--xla_force_host_platform_device_count={need} (`efficient-attn"
+          f" train` sets it itself when XLA_FLAGS has no device count), on GPU / TPU more processes or a bigger slice.")
+
+
+SCHEDULES = ("cosine", "linear", "constant", "wsd")  # train.schedule (see train.make_schedule)
 
 
 def validate(cfg: Config, num_devices: int) -> dict[str, int]:
@@ -337,7 +362,8 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
         _need(math.isfinite(v), f"{sec}.{f.name}={v} must be a finite number.")
   for k in ("num_layers", "d_model", "num_heads", "ffn_dim", "vocab_size", "top_k", "moe_every"):
     _need(getattr(m, k) >= 1, f"model.{k}={getattr(m, k)} must be a positive integer.")
-  for k in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "max_to_keep", "eval_batches"):
+  for k in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "max_to_keep", "eval_batches",
+            "grad_accum"):
     _need(getattr(t, k) >= 1, f"train.{k}={getattr(t, k)} must be a positive integer.")
   for k in ("num_experts", "expert_dim", "num_kv_heads", "warmup_steps", "eval_every", "redraw_every"):
     obj = m if hasattr(m, k) else t
@@ -358,6 +384,8 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
   _need(t.eval_every % t.log_every == 0, f"train.eval_every={t.eval_every} must be a multiple of"
         f" train.log_every={t.log_every} (evaluation happens on logging steps).")
   _need(t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite={t.on_nonfinite!r} is not stop or skip.")
+  _need(t.schedule in SCHEDULES, f"train.schedule={t.schedule!r} is not one of {' | '.join(SCHEDULES)}.")
+  _need(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1).")
   _need(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1).")
   _need(d.name not in ("text", "json") or d.files, f"data.name={d.name!r} needs data.files (a path or glob).")
   check_attention(m, t.seq_len)
@@ -370,6 +398,9 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
   batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
   _need(t.batch_size % batch_shards == 0, f"train.batch_size={t.batch_size} is not divisible by the"
         f" data-parallel size data x fsdp x expert = {batch_shards}; use a multiple of {batch_shards}.")
+  _need(t.batch_size % (t.grad_accum * batch_shards) == 0, f"train.batch_size={t.batch_size} does not split into"
+        f" train.grad_accum={t.grad_accum} micro-batches of a multiple of the data-parallel size {batch_shards};"
+        f" use a batch size that is a multiple of {t.grad_accum * batch_shards}.")
   _need(m.num_heads % sizes["tensor"] == 0 and kv % sizes["tensor"] == 0 and m.ffn_dim % sizes["tensor"] == 0,
         f"mesh.tensor={sizes['tensor']} must divide model.num_heads={m.num_heads}, the kv heads ({kv}) and"
         f" model.ffn_dim={m.ffn_dim}.")

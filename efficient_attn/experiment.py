@@ -39,7 +39,7 @@ import os
 import sys
 from typing import Any
 
-from efficient_attn.config import ConfigError, apply_overrides
+from efficient_attn.config import ConfigError, apply_overrides, did_you_mean
 
 EXPERIMENTS = ("quickstart", "attention_scaling", "equal_compute", "moe_scaling", "listops", "mqar")
 PACKAGE = "efficient_attn._experiments"
@@ -89,8 +89,8 @@ def load(name: str):
   elif name in EXPERIMENTS:
     path = os.path.join(experiments_dir(), name + ".py")
   else:
-    raise ConfigError(f"unknown experiment {name!r}; valid experiments are {', '.join(EXPERIMENTS)}, or the path"
-                      " of your own experiment file (FILE.py).")
+    raise ConfigError(f"unknown experiment {name!r};{did_you_mean(name, EXPERIMENTS)} valid experiments are"
+                      f" {', '.join(EXPERIMENTS)}, or the path of your own experiment file (FILE.py).")
   path, stem = os.path.realpath(path), os.path.basename(path)[:-3]
   _package()
   builtin = os.path.join(experiments_dir(), stem + ".py")
@@ -225,12 +225,18 @@ def check_attention_variants(cfg: dict, names: list[str], experiment: str, key: 
   valid = list(aliases or {}) + [n for n in attention.names() if n not in (aliases or {})]
   bad = [n for n in names if n not in valid]
   if bad or not names or len(set(names)) < len(names):
-    raise ConfigError(f"{key}={list(names)!r} for experiment {experiment}: use distinct names from {valid}"
+    hint = f" {bad[0]!r} is not one;{did_you_mean(bad[0], valid)}" if bad else ""
+    raise ConfigError(f"{key}={list(names)!r} for experiment {experiment}:{hint} use distinct names from {valid}"
                       " (a plugin's family needs --plugin FILE.py).")
   options = cfg.get("attention_options", {})
   if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
     raise ConfigError(f"attention_options={options!r} for experiment {experiment} must map a family to a dict"
                       " of its options, e.g. {'local': {'window': 64}}.")
+  for family in options:
+    if family not in attention.names():
+      raise ConfigError(f"attention_options.{family} for experiment {experiment}: unknown attention family"
+                        f" {family!r};{did_you_mean(family, attention.names())} registered families are"
+                        f" {attention.names()}.")
   for name in names:
     family, opts = attention_variant(cfg, name, aliases)
     try:
@@ -248,8 +254,10 @@ def line_plot(path: str, series: dict[str, tuple[list, list]], *, xlabel: str, y
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-  for label, (xs, ys) in series.items():
-    ax.plot(xs, ys, marker="o" if len(xs) <= 12 else None, markersize=3, label=label)
+  markers, styles = "osD^vPX*", ("-", "--", "-.", ":")
+  for i, (label, (xs, ys)) in enumerate(series.items()):  # marker + line style per series: none hides another
+    ax.plot(xs, ys, marker=markers[i % len(markers)], markevery=max(1, len(xs) // 12), markersize=4,
+            linestyle=styles[i % len(styles)], linewidth=1.3, label=label)
   if hline is not None:
     ax.axhline(hline[0], color="gray", linestyle="--", linewidth=1, label=hline[1])
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import re
 import time
 
 import jax
@@ -64,26 +66,38 @@ def textbook_flops_per_token(cfg, seq_len: int) -> float:
   return 6.0 * active_params(cfg)["active"] + 12.0 * cfg.num_layers * cfg.d_model * seq_len
 
 
-# bf16 dense peak FLOP/s per chip, from vendor specs.
-_KNOWN_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V5E": 197e12, "V5P": 459e12, "V4": 275e12,
-                "V6": 918e12, "L4": 121e12, "A10": 125e12}
+# bf16 dense peak FLOP/s of one JAX device, from vendor spec sheets, by `device_kind` (first match wins).
+# TPU v2 / v3 devices are single cores (half a chip); from v4 on a device is a chip.
+KNOWN_PEAKS = (
+    (r"\bH100\b.*\bPCIe\b", 756e12), (r"\bH100\b.*\bNVL\b", 835e12), (r"\b(GH200|H200|H100)\b", 989e12),
+    (r"\bB200\b", 2250e12), (r"\bA100\b", 312e12), (r"\bL40S\b", 362e12), (r"\bL4\b", 121e12),
+    (r"\bA10\b", 125e12), (r"TPU v6 ?(lite|e)\b", 918e12), (r"TPU v5 ?(lite|e)\b", 197e12),
+    (r"TPU v5p?$", 459e12), (r"TPU v4\b", 275e12), (r"TPU v3\b", 61.5e12), (r"TPU v2\b", 22.5e12),
+)
+
+
+def spec_peak(device_kind: str) -> float | None:
+  """bf16 dense peak FLOP/s of a GPU / TPU device from KNOWN_PEAKS; None for a kind not listed."""
+  return next((peak for pattern, peak in KNOWN_PEAKS if re.search(pattern, device_kind, re.IGNORECASE)), None)
 
 
 @functools.lru_cache(maxsize=None)
-def peak_flops_per_device(dtype: str = "float32") -> tuple[float, str]:
-  """(peak FLOP/s of one device, where it came from).
+def peak_flops_per_device(dtype: str = "float32") -> tuple[float | None, str]:
+  """(peak FLOP/s of one device or None, where it came from / why it is unknown).
 
-  GPU/TPU: a lookup by device kind (bf16 dense). CPU: measured — the FLOP/s of a
-  2048² float32 matmul in this process (the best of at least 5 calls over at
-  least one second, so a moment of contention does not set it), so MFU on CPU means
-  "fraction of what this machine's BLAS does". Emulated CPU devices share the
-  machine: the training loop divides by one device's peak on CPU, not by N.
+  GPU/TPU: the spec sheet's bf16 dense peak (`KNOWN_PEAKS`); an unlisted kind gives None.
+  CPU: measured once per process — the FLOP/s of a 2048² matmul (the best of at least 5
+  calls over at least one second, so a moment of contention does not set it), so MFU on CPU
+  means "fraction of what this machine's BLAS does"; `cpu_load()` at that moment is recorded
+  by `measured_load`. Emulated CPU devices share the machine: divide by one device's peak on CPU.
   """
   dev = jax.devices()[0]
-  kind = dev.device_kind.upper().replace(" ", "")
-  for name, peak in _KNOWN_PEAKS.items():
-    if name in kind:
-      return peak, f"spec sheet ({dev.device_kind})"
+  if dev.platform != "cpu":
+    peak = spec_peak(dev.device_kind)
+    if peak is None:
+      return None, f"no spec-sheet peak for device kind {dev.device_kind!r} (flops.KNOWN_PEAKS)"
+    return peak, f"spec sheet, bf16 dense ({dev.device_kind})"
+  load_before = cpu_load()
   n = 2048
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a: a @ a)
@@ -93,12 +107,48 @@ def peak_flops_per_device(dtype: str = "float32") -> tuple[float, str]:
     t0 = time.perf_counter()
     jax.block_until_ready(f(a))
     best, calls = min(best, time.perf_counter() - t0), calls + 1
-  return 2.0 * n ** 3 / best, f"measured {n}x{n} {dtype} matmul on {dev.platform}"
+  _PEAK_LOAD[dtype] = max(load_before, cpu_load())
+  return 2.0 * n ** 3 / best, f"measured {n}x{n} {dtype} matmul on cpu"
+
+
+_PEAK_LOAD: dict[str, float] = {}
+
+
+def measured_load(dtype: str = "float32") -> float | None:
+  """The 1-minute load average while the CPU peak for `dtype` was measured (None before, or off CPU)."""
+  return _PEAK_LOAD.get(dtype)
+
+
+def cpu_load() -> float:
+  """The machine's 1-minute load average (runnable threads; our own included)."""
+  return os.getloadavg()[0]
+
+
+def cpu_cores() -> int:
+  """The cores this process may run on (its affinity where the OS tells it, else all)."""
+  affinity = getattr(os, "sched_getaffinity", None)
+  return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int, peak: float) -> float:
   """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
   return flops_per_token * tokens_per_sec / (peak * num_devices)
+
+
+def honest_mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int, peak: float | None, *,
+               loads: tuple[float | None, ...] = (), cores: int | None = None) -> tuple[float | None, str | None]:
+  """(MFU, None), or (None, the reason) when no trustworthy value exists: the peak is unknown, the value
+  exceeds 1 (the peak was measured low), or a load average in `loads` (at the CPU peak's measurement,
+  during the timed steps) exceeded `cores` (other work shared the machine)."""
+  if not peak:
+    return None, "peak FLOP/s unknown"
+  busy = [x for x in loads if x is not None and cores and x > cores]
+  if busy:
+    return None, f"load average {max(busy):.1f} > {cores} cores: the machine was shared"
+  value = mfu(flops_per_token, tokens_per_sec, num_devices, peak)
+  if value > 1:
+    return None, f"{value:.2f} > 1: the measured peak ({peak:.3g} FLOP/s) is too low to trust"
+  return value, None
 
 
 def _positive(value, arg: str, fn: str = "attention_flops") -> int:

@@ -259,10 +259,13 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)) (dense or MoE).
+  """Pre-norm transformer block: x + drop(attn(norm(x))), then x + drop(ffn(norm(x))) (dense or MoE).
 
   `config` is a `config.ModelConfig`; `use_moe` picks `MoEFeedForward`, whose aux
   losses are sown into the "intermediates" collection (see `moe.collect_aux`).
+  drop: residual dropout at rate `config.dropout` (Vaswani et al. 2017, §5.4), active only
+  when the caller passes a "dropout" rng (`apply(..., rngs={"dropout": key})`, as training
+  does); without one (evaluation, decoding) it is the identity.
   In decode mode (`decode_state` given) returns (x, new_state).
   """
   config: Any
@@ -276,9 +279,11 @@ class Block(nn.Module):
     dtype = jnp.dtype(c.dtype)
     attn = MultiHeadAttention(c.num_heads, c.num_kv_heads or None, c.attention, c.options, self.is_causal,
                               c.rope_base, dtype, name="attention")
+    training = c.dropout > 0 and self.has_rng("dropout")
+    drop = (lambda y: nn.Dropout(c.dropout, deterministic=False)(y)) if training else (lambda y: y)  # noqa: E731
     h = RMSNorm(dtype=dtype, name="attention_norm")(x_BTD)
     if decode_state is None:
-      x_BTD = x_BTD + attn(h, segment_ids, positions)
+      x_BTD = x_BTD + drop(attn(h, segment_ids, positions))
     else:
       a, decode_state = attn(h, segment_ids, positions, decode_state)
       x_BTD = x_BTD + a
@@ -290,5 +295,5 @@ class Block(nn.Module):
                            dtype=dtype, name="moe")
     else:
       ffn = FeedForward(c.ffn_dim, c.ffn_activation, dtype, name="ffn")
-    x_BTD = x_BTD + ffn(h)
+    x_BTD = x_BTD + drop(ffn(h))
     return x_BTD if decode_state is None else (x_BTD, decode_state)

@@ -7,7 +7,9 @@ where the backend reports them (GPU/TPU); executed FLOPs are XLA's
 `compiled.cost_analysis()`. FLOPs accounting per family (ideal, executed, MFU)
 is `efficient_attn.flops`.
 
-Also the one settings parser of `efficient-attn bench attention|moe`.
+Also what both `efficient-attn bench attention|moe` share: the settings parser, the
+interleaved timing rounds (median / min / max over rounds), the settings header and the
+`--help` listing of their keys.
 """
 
 from __future__ import annotations
@@ -57,6 +59,78 @@ def time_compiled(compiled, *args, repeats: int = 3, min_time: float = 0.2) -> f
   return times[len(times) // 2]
 
 
+def interleaved_times(calls: list[Callable[[], Any]], rounds: int, repeats: int = 1, min_time: float = 0.0,
+                      on_round: Callable[[], None] | None = None) -> list[list[float]]:
+  """Per call, its time in each of `rounds` rounds (seconds; `out[i][r]`), measured side by side.
+
+  Every call is made once first (warm-up: compilation caches, allocator, page faults). Round r
+  then times every call once, starting at call r (mod n) and wrapping around, so no call is
+  always first or last and a load change on the machine hits all of them alike. A call's time
+  in a round is the median of at least `repeats` runs that last at least `min_time` seconds
+  together (at most 50 runs), each ended by `block_until_ready`.
+  """
+  for call in calls:
+    jax.block_until_ready(call())
+  out: list[list[float]] = [[] for _ in calls]
+  n = len(calls)
+  for r in range(rounds):
+    for i in [(r + j) % n for j in range(n)]:
+      times, start = [], time.perf_counter()
+      while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 50):
+        t0 = time.perf_counter()
+        jax.block_until_ready(calls[i]())
+        times.append(time.perf_counter() - t0)
+      out[i].append(sorted(times)[len(times) // 2])
+    if on_round is not None:
+      on_round()
+  return out
+
+
+def spread(times: list[float]) -> dict[str, float]:
+  """{"time_s": median, "time_min_s", "time_max_s"} of per-round times (the median of an even count:
+  the mean of the middle two)."""
+  ts = sorted(times)
+  mid = len(ts) // 2
+  median = ts[mid] if len(ts) % 2 else (ts[mid - 1] + ts[mid]) / 2
+  return {"time_s": median, "time_min_s": ts[0], "time_max_s": ts[-1]}
+
+
+def environment() -> dict[str, Any]:
+  """Where a measurement ran: backend, device kind, device count, jax version."""
+  devices = jax.devices()
+  return {"backend": jax.default_backend(), "device_kind": devices[0].device_kind, "num_devices": len(devices),
+          "jax_version": jax.__version__}
+
+
+def settings_header(title: str, settings: dict[str, Any], options: dict[str, dict] | None = None) -> str:
+  """The lines a bench prints above its table: every setting, each variant's options, where it ran."""
+  env = {k: settings[k] for k in ("backend", "device_kind", "num_devices", "jax_version") if k in settings}
+  plain = {k: v for k, v in settings.items() if k not in env and not isinstance(v, dict)}
+  lines = [f"{title}: " + " ".join(f"{k}={v}" for k, v in plain.items())]
+  if options:
+    lines.append("options:")
+    lines += [f"  {name}: " + (" ".join(f"{k}={v}" for k, v in opts.items()) or "-")
+              for name, opts in options.items()]
+  if env:
+    lines.append(f"on {env.get('backend')} ({env.get('device_kind')}, {env.get('num_devices')} device(s)),"
+                 f" jax {env.get('jax_version')}")
+  if "rounds" in settings:
+    lines.append(f"time: median over {settings['rounds']} rounds (min, max beside it); round r times every variant"
+                 " once, in an order rotated by r, after one warm-up call each")
+  return "\n".join(lines)
+
+
+def settings_help(title: str, defaults: dict[str, Any], docs: dict[str, str] | None = None) -> str:
+  """`--help` text: one line per key, `KEY=DEFAULT  what it sets`."""
+  docs = docs or {}
+  items = [(f"{k}={v}", docs.get(k, "")) for k, v in defaults.items()]
+  width = min(max(len(a) for a, _ in items), 26)
+  lines = [f"{title}:"] if title else []
+  for a, b in items:  # a long KEY=DEFAULT gets its description on the next line
+    lines += [f"  {a.ljust(width)}  {b}".rstrip()] if len(a) <= width else [f"  {a}", f"  {'':{width}}  {b}"]
+  return "\n".join(lines)
+
+
 def peak_device_bytes() -> int | None:
   """`peak_bytes_in_use` of the first device where the backend reports it (GPU/TPU), else None."""
   try:
@@ -81,9 +155,9 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 
 def write_json(rows: list[dict], path: str) -> None:
-  """Writes `rows` to `path` as one indented JSON list."""
+  """Writes `rows` to `path` as one indented JSON list (a value JSON cannot hold is written as its str)."""
   with open(path, "w") as f:
-    json.dump(rows, f, indent=1)
+    json.dump(rows, f, indent=1, default=str)
 
 
 def bench_settings(defaults: dict[str, Any], overrides: dict[str, Any] | None, where: str) -> dict[str, Any]:

@@ -74,7 +74,7 @@ class Trunk(nn.Module):
       axes = (nn.broadcast, nn.broadcast) if decode_states is None else (0, nn.broadcast)
       # "buffers" (the Performer's projections) stack per layer like params; split rngs: one draw each.
       scanned = nn.scan(body, variable_axes={"params": 0, "intermediates": 0, "buffers": 0},
-                        split_rngs={"params": True}, in_axes=axes, length=groups,
+                        split_rngs={"params": True, "dropout": True}, in_axes=axes, length=groups,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       if decode_states is None:
         x, _ = scanned(c, self.is_causal, self.mesh, name="layers")(x, segment_ids, positions)
@@ -124,6 +124,8 @@ class TransformerLM(nn.Module):
 
   `segment_ids` [B, T] keep packed documents apart (attention and rotary
   positions restart per segment). `mesh` enables expert parallelism in MoE layers.
+  With `config.dropout` > 0, residual dropout is on when `apply` gets a "dropout" rng
+  (training) and off otherwise (evaluation, `generate`).
   `decode` runs one token with per-layer decoding states (see `generate`).
   """
   config: Any

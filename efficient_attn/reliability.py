@@ -1,4 +1,4 @@
-"""What keeps a run alive and its workdir intact: one writer, clean stops, checkpoint fallback.
+"""What keeps a run alive and its workdir intact: one writer, one run, clean stops, checkpoint fallback.
 
     with workdir_lock(workdir), StopSignals() as stop:   # DIR/.lock; SIGTERM / SIGINT -> a flag
       state, step = restore_newest_intact(mngr, restore)  # a corrupt latest -> the previous one
@@ -14,6 +14,8 @@
 - A checkpoint that fails to restore is moved aside to `<step>.corrupt` (never deleted,
   never overwritten) and the previous one is used, with a warning naming both steps;
   the noise orbax prints after a failed restore is kept out of the way.
+- A workdir keeps its resolved config (`config.json`); a rerun that changes the model, the data
+  or the optimiser is refused before compiling (`check_same_run`), so two runs never mix.
 - Multi-process: every process polls `requested()` at the same step and gets the same
   answer, though the signal may have reached only one of them; process 0 alone takes
   the lock and renames corrupt checkpoints, behind a barrier.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import signal
@@ -120,6 +123,61 @@ class workdir_lock:
     if _read(self.path) == self.mine:
       os.unlink(self.path)
     return False
+
+
+# ----------------------------------------------------------------------------- one workdir, one run
+
+# What a rerun may change and still resume (README, "The command line"): how long to train, how often to
+# log / evaluate / save, what to do on a non-finite step, TensorBoard, and how the same maths is laid out
+# (mesh.*: checkpoints reshard; train.grad_accum: micro-batches give the same update; model.remat).
+# Any other difference (model, data, optimiser, schedule, seed, ...) would mix two runs in one workdir.
+MAY_CHANGE_ON_RESUME = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                        "train.max_to_keep", "train.eval_batches", "train.on_nonfinite", "train.tensorboard",
+                        "train.grad_accum", "model.remat", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.expert")
+
+
+def check_same_run(workdir: str, cfg, has_checkpoints: bool) -> str | None:
+  """Refuses to resume a workdir whose `config.json` differs from `cfg` outside MAY_CHANGE_ON_RESUME.
+
+  Raises ConfigError (before anything compiles) naming each differing key with both values.
+  A workdir without checkpoints has nothing to resume: it starts afresh whatever its
+  config.json says. One with checkpoints but no config.json (written before workdirs kept
+  their config) resumes with `cfg`; the returned note says so for the log. Else None.
+  """
+  from efficient_attn import config as config_lib
+
+  path = os.path.join(workdir, config_lib.CONFIG_JSON)
+  if not has_checkpoints:
+    return None
+  if not os.path.isfile(path):
+    return (f"{workdir} has checkpoints but no {config_lib.CONFIG_JSON} (an older workdir): resuming with the"
+            f" config given now and storing it there.")
+  try:
+    with open(path, encoding="utf-8") as f:
+      stored = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is unreadable ({e}); move it aside to resume with the config given now.") from None
+  now = json.loads(json.dumps(config_lib.flatten(cfg)))  # tuples -> lists, as stored
+  defaults = json.loads(json.dumps(config_lib.flatten(config_lib.Config())))
+  family_changed = stored.get("model.attention") != now["model.attention"]
+  missing = object()
+  diffs = []
+  for key in sorted(set(stored) | set(now)):
+    option = key.startswith(config_lib.OPTIONS_PREFIX)
+    if key in MAY_CHANGE_ON_RESUME or (option and (family_changed or key not in stored)):
+      continue  # another family's options differ anyway; an option newer than the file has its default
+    old = stored.get(key, defaults.get(key, missing))  # a key newer than the file: its default
+    new = now.get(key, missing)
+    if old != new:
+      diffs.append(f"{key}={_shown(old, missing)} there, {_shown(new, missing)} now")
+  if diffs:
+    raise ConfigError(f"workdir {workdir} holds another run ({path}): {'; '.join(diffs)}; use another --workdir"
+                      f" or the stored values (a resume may change only {', '.join(MAY_CHANGE_ON_RESUME)}).")
+  return None
+
+
+def _shown(value, missing) -> str:
+  return "(unset)" if value is missing else repr(value)
 
 
 # ----------------------------------------------------------------------------- SIGTERM / SIGINT

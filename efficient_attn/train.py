@@ -3,7 +3,8 @@
     state  = init_state(...)            eval_shape -> shardings -> jit(init, out_shardings)
     step   = jax.jit(train_step, in/out shardings, donate the state)
     loop:  batch i is a pure function of (seed, i); log metrics.jsonl; save with orbax
-    resume: the latest checkpoint holds the state and the data position (= step)
+    resume: the latest checkpoint holds the state and the data position (= step);
+            DIR/config.json holds the config, and a rerun that changes the model / data is refused
 
 The same code runs on one CPU, an emulated 8-device CPU mesh, a GPU cluster or a
 TPU pod (`jax.distributed.initialize()` is called when launched multi-process).
@@ -12,9 +13,7 @@ TPU pod (`jax.distributed.initialize()` is called when launched multi-process).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -24,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from efficient_attn import flops, reliability, sharding
-from efficient_attn.config import Config, ConfigError, validate
+from efficient_attn import flops, reliability, runlog, sharding
+from efficient_attn.config import CONFIG_JSON, Config, ConfigError, save_config_json, validate
 from efficient_attn.data.text import PackedStream, lm_example, load_documents, split_documents
 from efficient_attn.layers import redraw_buffers
 from efficient_attn.measure import temp_bytes, xla_flops
@@ -41,24 +41,46 @@ class NonFiniteError(RuntimeError):
 # ----------------------------------------------------------------------------- pieces
 
 
+def make_schedule(t) -> optax.Schedule:
+  """Learning rate per step: linear warmup over train.warmup_steps to train.learning_rate, then
+  train.schedule: "cosine" decays to 10% at train.steps; "linear" decays linearly to 10%;
+  "constant" stays; "wsd" (warmup-stable-decay, Hu et al. 2024) stays until the last 20% of
+  train.steps, then decays linearly to 10%. A resume that changes train.steps stretches it."""
+  lr, warm, steps = t.learning_rate, t.warmup_steps, max(t.steps, t.warmup_steps + 1)
+  if t.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warm, steps, lr * 0.1)
+  if t.schedule == "linear":
+    parts, bounds = [optax.linear_schedule(lr, lr * 0.1, steps - warm)], []
+  elif t.schedule == "constant":
+    parts, bounds = [optax.constant_schedule(lr)], []
+  else:  # wsd
+    stable_end = max(warm, steps - max(1, round(0.2 * steps)))
+    parts = [optax.constant_schedule(lr), optax.linear_schedule(lr, lr * 0.1, steps - stable_end)]
+    bounds = [stable_end]
+  if warm:
+    parts, bounds = [optax.linear_schedule(0.0, lr, warm), *parts], [warm, *bounds]
+  return optax.join_schedules(parts, bounds) if bounds else parts[0]
+
+
 def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup + cosine decay to 10%, global-norm clipping; no decay on norms/biases."""
-  schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps,
-                                                max(t.steps, t.warmup_steps + 1), t.learning_rate * 0.1)
+  """AdamW on `make_schedule(t)`, global-norm clipping; no weight decay on norms/biases."""
+  schedule = make_schedule(t)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
   tx = optax.chain(optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
                    optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=t.weight_decay, mask=decay_mask))
   return tx, schedule
 
 
-def loss_fn(params, batch, model, t, buffers=None):
+def loss_fn(params, batch, model, t, buffers=None, dropout_rng=None):
   """Mean next-byte cross-entropy over weighted targets, plus MoE aux losses.
 
   `buffers`: the model's non-trainable "buffers" collection (the Performer's projections), if any.
+  `dropout_rng`: turns on the model's dropout (model.dropout > 0); None = deterministic.
   """
   variables = {"params": params, **({"buffers": buffers} if buffers else {})}
+  rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
   logits, mutated = model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"],
-                                mutable=["intermediates"])
+                                mutable=["intermediates"], rngs=rngs)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32))
   nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
   w = batch["weights"]
@@ -93,12 +115,34 @@ def init_state(model, tx, mesh, dummy, rng, *, abstract_only=False):
   return state, state_sh
 
 
+def dropout_key(t, step):
+  """The dropout key of optimizer step `step`: a function of (train.seed, step), so a resumed run drops
+  what an uninterrupted one does (micro-batch i of train.grad_accum folds in i)."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(t.seed), _DROPOUT_STREAM), step)
+
+
+_DROPOUT_STREAM = 1  # PRNGKey(seed) itself inits the params; the Performer redraw uses PRNGKey(seed + 1)
+
+
 def make_train_step(model, tx, schedule, t, state_sh, batch_sh):
-  """The one jitted update: explicit shardings, the old state donated."""
+  """The one jitted update: explicit shardings, the old state donated.
+
+  With train.grad_accum = k > 1 the batch is k micro-batches whose gradients are summed in a
+  `lax.scan` (one micro-batch's activations alive at a time), each weighted by its target
+  count, so the update equals the whole batch's (MoE aux losses: the micro-batches' mean).
+  """
+
+  def grads_of(params, buffers, batch, rng):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, model, t, buffers, rng)
+    return grads, metrics
 
   def train_step(state, batch):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, model, t,
-                                                                    state.get("buffers"))
+    rng = dropout_key(t, state["step"]) if model.config.dropout > 0 else None
+    if t.grad_accum == 1:
+      grads, metrics = grads_of(state["params"], state.get("buffers"), batch, rng)
+    else:
+      grads, metrics = _accumulate(grads_of, state["params"], state.get("buffers"), batch, rng, t.grad_accum,
+                                   state_sh["params"], batch_sh)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -110,6 +154,32 @@ def make_train_step(model, tx, schedule, t, state_sh, batch_sh):
 
   return jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                  donate_argnums=0)
+
+
+def _accumulate(grads_of, params, buffers, batch, rng, k, params_sh, batch_sh):
+  """(grads, metrics) of the whole batch from k micro-batches, each weighted by its sum of target weights.
+
+  Micro-batch j holds rows j, j+k, j+2k, ...: every device keeps its own rows (no resharding).
+  """
+  def split(x, sh):  # [B, ...] -> [k, B/k, ...]
+    x = jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(sh.mesh, P(None, *sh.spec)))
+
+  micro = {name: split(x, batch_sh[name]) for name, x in batch.items()}
+
+  def body(acc, xs):
+    i, mb = xs
+    sums, total = acc
+    w = jnp.sum(mb["weights"]).astype(jnp.float32)
+    out = grads_of(params, buffers, mb, None if rng is None else jax.random.fold_in(rng, i))
+    return (jax.tree.map(lambda a, x: a + (w * x).astype(a.dtype), sums, out), total + w), None
+
+  shapes = jax.eval_shape(grads_of, params, buffers, jax.tree.map(lambda x: x[0], micro), rng)
+  zeros = (jax.tree.map(lambda s, sh: jax.lax.with_sharding_constraint(jnp.zeros(s.shape, s.dtype), sh),
+                        shapes[0], params_sh),
+           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[1]))
+  (sums, total), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(k), micro))
+  return jax.tree.map(lambda x: (x / jnp.maximum(total, 1.0)).astype(x.dtype), sums)
 
 
 def make_eval_step(model, t, state_sh, batch_sh):
@@ -165,29 +235,6 @@ def restore_checkpoint(mngr, step: int, state_like, state_sh):
   return out["state"], int(out["data"]["position"])
 
 
-def _metrics_log(workdir: str, resume_step: int):
-  """Opens metrics.jsonl for appending, first dropping rows past the resumed step (they will be redone)
-  and a last line cut short by a kill. Returns (file, training seconds logged up to the resumed step)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  elapsed = 0.0
-  if os.path.exists(path):
-    with open(path) as f:
-      rows = [r for r in f if r.endswith("\n") and (row := _json_or_none(r)) is not None
-              and row.get("step", 0) <= resume_step]
-    with open(path + ".tmp", "w") as f:
-      f.writelines(rows)
-    os.replace(path + ".tmp", path)
-    elapsed = max([json.loads(r).get("time_s", 0.0) for r in rows], default=0.0)
-  return open(path, "a"), elapsed
-
-
-def _json_or_none(line: str):
-  try:
-    return json.loads(line)
-  except json.JSONDecodeError:
-    return None
-
-
 def _to_host(metrics: dict) -> dict:
   out = {}
   for k, v in jax.device_get(metrics).items():
@@ -201,25 +248,38 @@ def _to_host(metrics: dict) -> dict:
 
 def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=None,
           stop_after: int | None = None) -> dict[str, Any]:
-  """Trains (or resumes) a TransformerLM in `workdir`; returns the last logged metrics row.
+  """Trains (or resumes) a TransformerLM in `workdir`; returns the run's summary row.
 
   devices: the devices of the mesh (default: all). stop_after: stop once this
   many steps are done, as if preempted (tests and drills; checkpoint first).
   SIGTERM / SIGINT stop the same way after the current step; the returned row then
   has `stopped_by` (the signal's name) and `stopped_at` (the step saved).
+  progress: a tqdm bar on stderr (default: when stderr is a terminal); without it every
+  logged step prints one plain line. Either way a resume prints "resumed from step N
+  (checkpoint DIR)" and the run ends with a summary line (`runlog.RunLog.summary`).
+  The workdir keeps the config in DIR/config.json; a rerun whose model / data / optimiser
+  settings differ is refused before compiling (`reliability.check_same_run`).
+  The summary row: step, loss (mean over the last logging window), val_loss, val_bpb,
+  tokens_per_sec (this invocation's training steps), time_s (training seconds, all
+  invocations), wall_s (this invocation).
   """
+  wall0 = time.perf_counter()
   devices = jax.devices() if devices is None else list(devices)
   sizes = validate(cfg, len(devices))  # every user error surfaces here, before compiling
   m, t = cfg.model, cfg.train
+  if t.tensorboard:
+    runlog.require_tensorboard()
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a directory; pass a directory (it is created if missing).")
+  note = reliability.check_same_run(workdir, cfg, _has_checkpoints(workdir))  # another run's workdir: refused
   docs = load_documents(cfg.data.name, cfg.data.files or None, cfg.data.text_field)
   train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
   stream = PackedStream(train_docs, t.seq_len, t.batch_size, t.seed)
   val_stream = PackedStream(val_docs or train_docs, t.seq_len, t.batch_size, t.seed + 1) \
       if cfg.data.val_fraction > 0 else None
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir} is a file, not a directory; pass a directory (it is created if missing).")
   os.makedirs(workdir, exist_ok=True)
-  lock = reliability.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  main = jax.process_index() == 0
+  lock = reliability.workdir_lock(workdir) if main else contextlib.nullcontext()
   with lock, reliability.StopSignals() as stop, contextlib.closing(checkpoint_manager(workdir, t)) as mngr:
     mesh = sharding.make_mesh(sizes, devices)
     model = TransformerLM(m, mesh=mesh if m.num_experts and sizes['expert'] > 1 else None)
@@ -235,6 +295,8 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
         (state, start), _ = restored
       else:
         (state, _), start = init_state(model, tx, mesh, dummy, rng), 0
+      if main:  # the config this workdir's checkpoints now belong to
+        save_config_json(cfg, os.path.join(workdir, CONFIG_JSON))
       shardings = {k: batch_sh for k in ("inputs", "targets", "segment_ids", "weights")}
       train_step = make_train_step(model, tx, schedule, t, state_sh, shardings)
       eval_step = make_eval_step(model, t, state_sh, shardings)
@@ -249,45 +311,76 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
       redraw = _compiled_redraw(model, t, state_sh, dummy, state)
 
       compiled = train_step.lower(state, get_batch(stream, start)).compile()
-      log, elapsed = _metrics_log(workdir, start) if jax.process_index() == 0 else (None, 0.0)
+      log = runlog.RunLog(workdir, t, start, progress=progress, enabled=main)
       try:
-        state, row = _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, len(devices),
-                           progress, stop_after, elapsed, evaluate if val_stream is not None else None, redraw)
-        if val_stream is not None and start < t.steps and int(state["step"]) == t.steps:
-          val = evaluate(state)
-          row = {"step": t.steps, "val_loss": val, "val_bpb": val / np.log(2), "time_s": row.get("time_s")}
-          if log:
-            log.write(json.dumps(row) + "\n")
+        if note:
+          log.say(note)
+        if restored is not None:
+          log.say(f"resumed from step {start} (checkpoint {os.path.join(str(mngr.directory), str(start))})")
+        evaluate = evaluate if val_stream is not None else None
+        state, row, speed = _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, len(devices),
+                                  stop_after, evaluate, redraw)
+        summary = _finish(t, state, start, row, speed, evaluate, log, wall0)
       finally:  # the checkpoint manager's close() waits for an in-flight save
-        if log:
-          log.close()
+        log.close()
   if stop.received:
-    row = {**row, "stopped_by": stop.received, "stopped_at": int(state["step"])}
-  return row
+    summary = {**summary, "stopped_by": stop.received, "stopped_at": int(state["step"])}
+  return summary
 
 
-def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_devices, progress, stop_after,
-          elapsed=0.0, evaluate=None, redraw=None):
-  """Steps `start..train.steps`, logging and checkpointing; returns (state, last logged row).
+def _finish(t, state, start, row, speed, evaluate, log, wall0) -> dict:
+  """The final validation (when this call reached train.steps) and the summary row and line."""
+  done, val = int(state["step"]), {}
+  if evaluate is not None and start < t.steps and done == t.steps:
+    val = {"step": t.steps, "val_loss": evaluate(state), "time_s": log.elapsed}
+    val["val_bpb"] = val["val_loss"] / np.log(2)
+    log.val(val)
+  summary = {"step": done, "loss": row.get("loss_avg"), "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"),
+             "tokens_per_sec": speed, "time_s": log.elapsed, "wall_s": time.perf_counter() - wall0}
+  log.summary(step=done, loss=summary["loss"], val_loss=summary["val_loss"], tokens_per_sec=speed,
+              wall_s=summary["wall_s"])
+  return summary
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  ckpt = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+
+
+def _mfu_fields(fpt: float, tps: float, num_devices: int, peak, load_at_peak) -> dict:
+  """{"mfu": value or None, "mfu_note": why None} (see `flops.honest_mfu`); on CPU the load average too."""
+  on_cpu = jax.devices()[0].platform == "cpu"
+  load = flops.cpu_load() if on_cpu else None
+  # Emulated CPU devices share one machine, whose measured matmul rate is the peak.
+  value, note = flops.honest_mfu(fpt, tps, 1 if on_cpu else num_devices, peak, loads=(load_at_peak, load),
+                                 cores=flops.cpu_cores() if on_cpu else None)
+  return {"mfu": value, **({"mfu_note": note} if note else {}), **({"load_avg": load} if on_cpu else {})}
+
+
+def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_devices, stop_after,
+          evaluate=None, redraw=None):
+  """Steps `start..train.steps`, logging and checkpointing; returns (state, last logged row, tokens/s).
 
   Each row has `loss` (the logged step's), `loss_avg` (mean over the steps since the last
-  row) and `time_s` (training seconds so far, compile and evaluation excluded, carried
-  across resumes). With train.eval_every, every eval_every-th step (a multiple of
-  log_every) also logs {"step", "val_loss", "time_s"} on the same held-out batches."""
+  row), `time_s` (training seconds so far, compile and evaluation excluded, carried
+  across resumes), `tokens_per_sec` and `mfu` (None with `mfu_note` when it cannot be
+  trusted: see `flops.honest_mfu`). With train.eval_every, every eval_every-th step (a
+  multiple of log_every) also logs {"step", "val_loss", "val_bpb", "time_s"} on the same
+  held-out batches. tokens/s returned: over this call's training steps (None if none ran)."""
   m, t = cfg.model, cfg.train
   tokens = t.batch_size * t.seq_len
   fpt = flops.model_flops_per_token(m, t.seq_len)["train"]
-  peak, _ = flops.peak_flops_per_device(m.dtype if m.dtype != "bfloat16" else "float32")
-  # cost_analysis of an SPMD program is one device's share: every device executes its partition.
-  executed = xla_flops(compiled) * num_devices / tokens
-  # Emulated CPU devices share one machine, whose measured matmul rate is the peak.
-  peak_devices = 1 if jax.devices()[0].platform == "cpu" else num_devices
-  static = {"flops_per_token": fpt, "executed_flops_per_token": executed, "temp_bytes": temp_bytes(compiled)}
-  from tqdm.auto import tqdm
-  bar = tqdm(total=t.steps, initial=start, desc="train", unit="step",
-             disable=not (sys.stderr.isatty() if progress is None else progress) or jax.process_index() != 0)
+  peak, peak_source = flops.peak_flops_per_device(m.dtype if m.dtype != "bfloat16" else "float32")
+  load_at_peak = flops.measured_load(m.dtype if m.dtype != "bfloat16" else "float32")
+  # cost_analysis of an SPMD program is one device's share: every device executes its partition. A scan
+  # (train.grad_accum > 1) is counted once by XLA, so its micro-batches are multiplied back in.
+  executed = xla_flops(compiled) * num_devices * t.grad_accum / tokens
+  static = {"flops_per_token": fpt, "executed_flops_per_token": executed, "temp_bytes": temp_bytes(compiled),
+            "peak_flops": peak, "peak_source": peak_source,
+            **({"load_at_peak": load_at_peak} if load_at_peak is not None else {})}
   row: dict[str, Any] = {}
   t_last, steps_since, loss_sum = time.perf_counter(), 0, 0.0
+  t_start, train_s, timed, elapsed = t_last, 0.0, 0, log.elapsed
   for step in range(start, t.steps):
     if redraw is not None and step > 0 and step % t.redraw_every == 0:
       state = redraw(state, step)
@@ -303,28 +396,23 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
       host = _to_host(metrics)
       dt = time.perf_counter() - t_last
       tps = tokens * steps_since / dt
-      elapsed += dt
+      elapsed, train_s, timed = elapsed + dt, train_s + dt, timed + steps_since
       row = {"step": done, "loss": host.pop("loss"), "loss_avg": float(loss_sum) / steps_since, **host,
-             "time_s": elapsed, "tokens_per_sec": tps,
-             "mfu": flops.mfu(fpt, tps, peak_devices, peak), **static}
+             "time_s": elapsed, "tokens_per_sec": tps, **_mfu_fields(fpt, tps, num_devices, peak, load_at_peak),
+             **static}
       row.pop("ok", None)
-      if log:
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-      bar.set_postfix(loss=f"{row['loss']:.3f}")
+      log.elapsed = elapsed
+      eta = (time.perf_counter() - t_start) / (done - start) * (t.steps - done)
+      log.step(row, eta)
       if evaluate is not None and t.eval_every and done % t.eval_every == 0 and done < t.steps:
-        val = {"step": done, "val_loss": evaluate(state), "time_s": elapsed}  # not counted as training
-        if log:
-          log.write(json.dumps(val) + "\n")
-          log.flush()
+        val = evaluate(state)  # not counted as training
+        log.val({"step": done, "val_loss": val, "val_bpb": val / np.log(2), "time_s": elapsed})
       t_last, steps_since, loss_sum = time.perf_counter(), 0, 0.0
     stopping = (stop_after is not None and done >= stop_after) or stop.requested()
     if done % t.checkpoint_every == 0 or done == t.steps or stopping:
       save_checkpoint(mngr, done, state, position=done)
-    bar.update(1)
+    log.advance()
     if stopping:
       break
-  bar.close()
   mngr.wait_until_finished()
-  return state, row
-
+  return state, row, (tokens * timed / train_s if timed else None)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from efficient_attn.config import ConfigError
+from efficient_attn.config import ConfigError, did_you_mean
 from efficient_attn.experiment import line_plot
 
 from . import _lm
@@ -68,7 +68,8 @@ def _config(cfg: dict, name: str):
 def check(cfg: dict) -> None:
   bad = [v for v in cfg["variants"] if v not in VARIANTS]
   if bad:
-    raise ConfigError(f"unknown variants {bad} for experiment moe_scaling; valid variants are {list(VARIANTS)}.")
+    raise ConfigError(f"unknown variants {bad} for experiment moe_scaling;{did_you_mean(bad[0], VARIANTS)} valid"
+                      f" variants are {list(VARIANTS)}.")
   if cfg["moe_every"] > cfg["num_layers"]:
     raise ConfigError(f"moe_every={cfg['moe_every']} exceeds num_layers={cfg['num_layers']}, so no layer would"
                       f" be MoE; use 1..{cfg['num_layers']}.")

@@ -2,12 +2,15 @@
 
     efficient-attn experiment quickstart --workdir runs/quickstart
 
-The README's main job: five short byte-level LM pretraining runs of the same 4-layer
+The README's main job: five short byte-level LM pretraining runs of the same 2-layer
 model over an emulated 2x4 CPU mesh (data x fsdp for the dense models, data x expert
 for the MoE; `efficient-attn` sets XLA_FLAGS to 8 host devices when you have not),
-the same steps and data for each, about 6 minutes on a 2-core CPU. It prints the
-table and writes `quickstart_loss.png` (loss vs step) and `quickstart_time.png`
-(loss vs training seconds). `--set smoke=true` runs 6 steps of a tiny model for three of the variants.
+the same steps and data for each, validated on the same held-out batches every
+`eval_every` steps; see README for the measured wall time on a 2-core CPU. It prints the
+table and writes three plots of validation loss: `quickstart_loss.png` (vs step),
+`quickstart_time.png` (vs training seconds, counted as steps x each variant's median step
+time, so machine load does not bend the curves) and `quickstart_flops.png` (vs training
+FLOPs). `--set smoke=true` runs 6 steps of a tiny model for three of the variants.
 """
 
 from __future__ import annotations
@@ -29,16 +32,16 @@ VARIANTS = {
 
 def get_config() -> dict:
   return {
-      "smoke": False, "variants": list(VARIANTS), "steps": 150, "batch_size": 8, "seq_len": 256,
-      "d_model": 256, "num_layers": 4, "num_heads": 4, "ffn_dim": 1024,
-      "attention_options": {"local": {"window": 64}, "performer": {"num_features": 64}},
-      "learning_rate": 3e-3, "warmup_steps": 20, "log_every": 10, "eval_batches": 4, "seed": 0,
+      "smoke": False, "variants": list(VARIANTS), "steps": 120, "batch_size": 8, "seq_len": 128,
+      "d_model": 128, "num_layers": 2, "num_heads": 4, "ffn_dim": 512,
+      "attention_options": {"local": {"window": 32}, "performer": {"num_features": 32}},
+      "learning_rate": 3e-3, "warmup_steps": 12, "log_every": 10, "eval_every": 20, "eval_batches": 2, "seed": 0,
       "mesh_data": 2, "mesh_model": 4,   # data x (fsdp for dense | expert for MoE)
   }
 
 
 SMOKE = {"variants": ["softmax", "linear", "softmax+moe"], "steps": 6, "d_model": 64, "num_layers": 2,
-         "ffn_dim": 128, "seq_len": 64, "log_every": 2, "warmup_steps": 2, "eval_batches": 1,
+         "ffn_dim": 128, "seq_len": 64, "log_every": 2, "eval_every": 6, "warmup_steps": 2, "eval_batches": 1,
          "attention_options": {"local": {"window": 32}, "performer": {"num_features": 16}}}
 
 
@@ -50,11 +53,12 @@ def _config(cfg: dict, name: str):
 
 
 def check(cfg: dict) -> None:
-  from efficient_attn.config import ConfigError
+  from efficient_attn.config import ConfigError, did_you_mean
 
   bad = [v for v in cfg["variants"] if v not in VARIANTS]
   if bad:
-    raise ConfigError(f"unknown variants {bad} for experiment quickstart; valid variants are {list(VARIANTS)}.")
+    raise ConfigError(f"unknown variants {bad} for experiment quickstart;{did_you_mean(bad[0], VARIANTS)} valid"
+                      f" variants are {list(VARIANTS)}.")
   for name in cfg["variants"]:
     _lm.check_trainable(_config(cfg, name), f"quickstart variant {name}")
 
@@ -69,24 +73,39 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
 
 def summarize(cfg: dict, rows: list[dict]) -> str:
   f = _lm.fmt
-  lines = ["| variant | val loss | bits/byte | train loss | tokens/s | compiled temp MiB |"
-           " train GFLOP/token (ideal / XLA) |", "|---|---|---|---|---|---|---|"]
+  lines = ["| variant | val loss | bits/byte | train loss | median step ms | tokens/s | compiled temp MiB |"
+           " train GFLOP/token (ideal / XLA) |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['variant']} | {f(r['val_loss'], '.3f')} | {f(r['val_bpb'], '.3f')} | {f(r['loss'], '.3f')}"
-                 f" | {f(r['tokens_per_sec'], '.0f')} | {f(r['memory_bytes'] / 2**20, '.1f')}"
+                 f" | {f(r['step_time_s'] * 1e3, '.0f')} | {f(r['tokens_per_sec'], '.0f')}"
+                 f" | {f(r['memory_bytes'] / 2**20, '.1f')}"
                  f" | {f(r['flops_per_token'] / 1e9, '.3f')} / {f((r['xla_flops_per_token'] or 0) / 1e9, '.3f')} |")
   mesh = f"{cfg['mesh_data']}x{cfg['mesh_model']}"
   return (f"{cfg['steps']} steps of {cfg['batch_size']} x {cfg['seq_len']} bytes each, d_model {cfg['d_model']},"
           f" {cfg['num_layers']} layers, mesh {mesh} (data x fsdp; data x expert for the MoE with 8 experts,"
           " top-1, capacity 1.25, same active FLOPs per token as dense). Validation loss in nats per byte"
-          " on held-out stdlib files; train loss averaged over the last logging window; MFU is in results.jsonl"
-          " (on a CPU shared with other jobs the measured matmul peak is unreliable).\n\n" + "\n".join(lines))
+          f" on the same {cfg['eval_batches']} held-out batches of stdlib files every {cfg['eval_every']} steps;"
+          " train loss averaged over the last logging window; step time and tokens/s are medians over the"
+          " logging windows after the first (compilation); MFU is in results.jsonl.\n\n" + "\n".join(lines))
+
+
+def _val_curves(rows: list[dict], x: str) -> dict:
+  """{variant: (xs, validation losses)}; x: "step" | "seconds" (steps x median step time) | "flops"."""
+  out = {}
+  for r in rows:
+    steps = r["val_step"]
+    xs = {"step": steps, "seconds": [s * r["step_time_s"] for s in steps],
+          "flops": [r["flops"] * s / r["steps"] for s in steps]}[x]
+    out[r["variant"]] = (xs, r["val_curve"])
+  return out
 
 
 def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:
-  by_step = {r["variant"]: (r["curve_step"], r["curve_loss"]) for r in rows}
-  by_time = {r["variant"]: (r["curve_time_s"], r["curve_loss"]) for r in rows}
-  return [line_plot(os.path.join(workdir, "quickstart_loss.png"), by_step, xlabel="step",
-                    ylabel="train loss (nats/byte)", title="quickstart: loss vs step"),
-          line_plot(os.path.join(workdir, "quickstart_time.png"), by_time, xlabel="training seconds",
-                    ylabel="train loss (nats/byte)", title="quickstart: loss vs wall time")]
+  title = f"quickstart: {cfg['d_model']}-wide {cfg['num_layers']}-layer byte LM, validation loss"
+  return [line_plot(os.path.join(workdir, "quickstart_loss.png"), _val_curves(rows, "step"), xlabel="step",
+                    ylabel="validation loss (nats/byte)", title=title),
+          line_plot(os.path.join(workdir, "quickstart_time.png"), _val_curves(rows, "seconds"),
+                    xlabel="training seconds (steps x median step time)", ylabel="validation loss (nats/byte)",
+                    title=title),
+          line_plot(os.path.join(workdir, "quickstart_flops.png"), _val_curves(rows, "flops"),
+                    xlabel="training FLOPs (model count)", ylabel="validation loss (nats/byte)", title=title)]

@@ -39,6 +39,10 @@ def test_overrides_apply():
     ({"model.attention_options.implementation": "flash"}, "implementation='flash' is not one of"),
     ({"model.expert_dim": -8}, "model.expert_dim=-8 must be >= 0"),
     ({"train.eval_every": 15}, "train.eval_every=15 must be a multiple of train.log_every=10"),
+    ({"train.schedule": "step"}, "train.schedule='step' is not one of cosine | linear | constant | wsd"),
+    ({"train.grad_accum": 0}, "train.grad_accum=0 must be a positive integer"),
+    ({"train.grad_accum": 3}, "train.grad_accum=3 micro-batches of a multiple of the data-parallel size 8"),
+    ({"model.dropout": 1.0}, "model.dropout=1.0 must be in [0, 1)"),
 ])
 def test_validation_names_the_key(overrides, fragment):
   with pytest.raises(ConfigError, match=None) as e:
@@ -46,9 +50,27 @@ def test_validation_names_the_key(overrides, fragment):
   assert fragment in str(e.value) and str(e.value).count(".") >= 1
 
 
+@pytest.mark.parametrize("overrides, devices, need", [
+    ({"mesh.data": 2, "mesh.expert": 4, "model.num_experts": 8}, 1, 8),  # README's example on one CPU device
+    ({"mesh.fsdp": 4}, 2, 4),                                             # data=-1 cannot fill in
+])
+def test_a_mesh_larger_than_the_devices_says_how_to_get_more(overrides, devices, need):
+  with pytest.raises(ConfigError) as e:
+    validate(with_overrides(Config(), overrides), devices)
+  msg = str(e.value)
+  assert f"XLA_FLAGS=--xla_force_host_platform_device_count={need}" in msg and "more processes" in msg
+  assert msg.count(". ") == 0 and msg.endswith(".")  # one sentence
+  with pytest.raises(ConfigError) as e:  # more devices than the mesh: no advice to get more
+    validate(with_overrides(Config(), {"mesh.data": 2}), 4)
+  assert "XLA_FLAGS" not in str(e.value)
+
+
 def test_unknown_key_and_bad_type():
-  with pytest.raises(ConfigError, match="unknown key 'model.atention'"):
+  with pytest.raises(ConfigError, match="unknown key 'model.atention' for the training config; did you mean"
+                                        " 'model.attention'\\? valid keys are data.files, .*, train.z_loss_weight."):
     with_overrides(Config(), {"model.atention": "linear"})
+  with pytest.raises(ConfigError, match="unknown key 'steps'.*did you mean 'train.steps'"):  # the section left out
+    with_overrides(Config(), {"steps": 3})
   with pytest.raises(ConfigError, match="train.steps='many'"):
     with_overrides(Config(), {"train.steps": "many"})
 
@@ -73,7 +95,8 @@ def test_attention_options_are_typed_and_follow_the_family():
   assert cfg.model.attention_options == LocalOptions(window=64)
   assert flatten(cfg)["model.attention_options.window"] == 64 and "model.window" not in flatten(cfg)
   # A misspelt option is refused with the valid ones, whatever the order of the overrides.
-  with pytest.raises(ConfigError, match="no option 'windw'; its options are window, block_size"):
+  with pytest.raises(ConfigError,
+                     match="no option 'windw'; did you mean 'window'\\? its options are window, block_size"):
     with_overrides(Config(), {"model.attention_options.windw": 3, "model.attention": "local"})
   with pytest.raises(ConfigError, match="has no option 'window'"):  # softmax has no window
     with_overrides(Config(), {"model.attention_options.window": 3})
@@ -91,3 +114,11 @@ def test_attention_options_are_typed_and_follow_the_family():
   # The softmax tile and the kernelized chunk are separate options of separate families.
   assert with_overrides(Config(), {"model.attention_options.chunk_size": [128, 256]}).model.options.chunk_size == (
       128, 256)
+
+
+def test_unknown_family_did_you_mean():
+  with pytest.raises(ConfigError, match="model.attention='performr' is not a registered attention family; did you"
+                                        " mean 'performer'\\? valid ones are \\['softmax'"):
+    validate(with_overrides(Config(), {"model.attention": "performr"}), 8)
+  with pytest.raises(ConfigError, match="model.attention='flash' is not a registered attention family; valid ones"):
+    validate(with_overrides(Config(), {"model.attention": "flash"}), 8)  # nothing close: no guess

@@ -265,11 +265,14 @@ def test_corrupt_checkpoints_fall_back_to_the_newest_intact_one(tmp_path, refere
     # Moved aside, not deleted; the redone steps 8 and 12 are new directories next to them.
     assert {"8.corrupt", "12.corrupt", "8", "12", "16"} <= set(steps_on_disk(run))
     assert_same_losses(run, reference(16))
-    # Every checkpoint unreadable (here: a changed model): refuse, restart nothing, move nothing.
+    # Every checkpoint unreadable (here: a changed model in a workdir from before config.json, which
+    # would refuse it up front): refuse, restart nothing, move nothing, store no config.
     before = steps_on_disk(run)
+    os.remove(run / "config.json")
     with pytest.raises(reliability.CheckpointError, match=r"no checkpoint .* could be restored \(steps \[16, 12, 8\]"):
       train(tiny("model.d_model=64"), str(run), devices=ONE, stop_after=20)
     assert steps_on_disk(run) == before and not os.path.exists(run / ".lock")
+    assert not os.path.exists(run / "config.json")
     gc.collect()
   finally:
     sys.unraisablehook = hook

@@ -275,3 +275,29 @@ def test_textbook_count_is_kept():
   m = ModelConfig()
   assert flops.textbook_flops_per_token(m, 256) == 6.0 * flops.active_params(m)["active"] + 12.0 * 4 * 256 * 256
   assert flops.mfu(1e9, 1e3, 2, 1e12) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA A100-SXM4-40GB", 312e12), ("TPU v5 lite", 197e12),
+                                        ("TPU v5p", 459e12), ("TPU v4", 275e12), ("NVIDIA A10G", None),
+                                        ("Tesla V100-SXM2-16GB", None)])
+def test_spec_peaks_by_device_kind(kind, peak):
+  assert flops.spec_peak(kind) == peak  # an unlisted kind is unknown, never a neighbour's number
+
+
+def test_mfu_is_null_with_a_reason_when_it_cannot_be_trusted():
+  assert flops.honest_mfu(1e9, 1e3, 2, 1e12) == (pytest.approx(0.5), None)
+  value, note = flops.honest_mfu(1e9, 1e3, 1, 1e11)  # 10x the peak: the peak was measured low
+  assert value is None and "10.00 > 1" in note
+  value, note = flops.honest_mfu(1e9, 1e3, 1, 1e12, loads=(1.0, 7.5), cores=2)
+  assert value is None and "load average 7.5 > 2 cores" in note
+  assert flops.honest_mfu(1e9, 1e3, 1, 1e12, loads=(None, 1.9), cores=2)[0] == pytest.approx(1.0)
+  value, note = flops.honest_mfu(1e9, 1e3, 1, None)
+  assert value is None and "unknown" in note
+
+
+def test_cpu_peak_is_measured_once_with_its_load():
+  peak, source = flops.peak_flops_per_device("float32")
+  assert peak > 1e8 and "measured" in source
+  assert flops.peak_flops_per_device("float32") == (peak, source)  # cached per process
+  assert flops.measured_load("float32") >= 0.0

@@ -175,3 +175,19 @@ def test_performer_projection_is_a_per_layer_buffer():
     assert not np.allclose(new, jax.tree.leaves(variables["buffers"])[0])
     assert not np.allclose(model.apply(fresh, tokens), model.apply(variables, tokens))
   assert "buffers" not in _init(tiny(attention="linear"), tokens)[1]  # families without buffers have none
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_dropout_only_with_a_dropout_rng(scan):
+  """model.dropout is residual dropout in training (a "dropout" rng given) and the identity otherwise."""
+  tokens = _tokens()
+  plain, variables = _init(tiny(scan_layers=scan), tokens)
+  dropped = TransformerLM(tiny(scan_layers=scan, dropout=0.5))
+  want = plain.apply(variables, tokens)
+  np.testing.assert_array_equal(dropped.apply(variables, tokens), want)  # eval / generate: no rng, no dropout
+  a = dropped.apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(1)})
+  b = dropped.apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(1)})
+  c = dropped.apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(2)})
+  np.testing.assert_array_equal(a, b)  # a function of the key
+  assert not np.allclose(a, want, atol=1e-3) and not np.allclose(a, c, atol=1e-3)
+  np.testing.assert_array_equal(plain.apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(1)}), want)

@@ -44,8 +44,15 @@ def test_attend_dispatches_to_the_family(kind):
 
 def test_attend_unknown_kind():
   q, k, v = _qkv()
-  with pytest.raises(ValueError, match="unknown attention kind 'flash'.*valid kinds"):
+  with pytest.raises(ValueError, match="unknown attention kind 'flash'; valid kinds"):
     A.attend("flash", q, k, v)
+  with pytest.raises(ValueError, match="unknown attention kind 'lineer'; did you mean 'linear'\\? valid kinds are"
+                                       " \\['linear', 'local', 'performer', 'softmax', 'sparse'\\]."):
+    A.get("lineer")
+  with pytest.raises(ValueError, match="has no option 'num_feature'; did you mean 'num_features'\\? its options"):
+    A.get("performer").make_options({"num_feature": 8})
+  with pytest.raises(ValueError, match=r"unknown keyword\(s\) \['windw'\]; did you mean 'window'\? the family's"):
+    A.flax_attention_fn("local", windw=4)
 
 
 def test_local_with_a_window_wider_than_the_sequence_is_causal_softmax():

@@ -102,9 +102,11 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
   if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
     unknown = sorted(set(passthrough) - set(params))
     if unknown:
+      from efficient_attn.config import did_you_mean
+
       valid = sorted(set(family.option_names) | {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY})
-      raise ValueError(f"flax_attention_fn({kind!r}): unknown keyword(s) {unknown}; the family's options and"
-                       f" keywords are {valid}.")
+      raise ValueError(f"flax_attention_fn({kind!r}): unknown keyword(s) {unknown};{did_you_mean(unknown[0], valid)}"
+                       f" the family's options and keywords are {valid}.")
   drops_out = "dropout_rate" in params
   what = f"flax_attention_fn({kind!r})"
 

@@ -2,8 +2,11 @@
 
 The CPU counterpart of the Long Range Arena efficiency table (Tay et al. 2020,
 Table 2), for the attention core alone (the LM around it: `experiment
-attention_scaling`). Speed is measured side by side in one process after a
-warm-up call, memory is XLA's compiled temporary bytes (`efficient_attn.measure`).
+attention_scaling`). At each length every variant is compiled and called once
+(warm-up), then timed in `rounds` interleaved rounds (round r starts at variant r,
+`measure.interleaved_times`): `time_s` is the median over rounds, `time_min_s` /
+`time_max_s` the spread. Memory is XLA's compiled temporary bytes. Every row carries
+the settings it ran with (`settings`, the machine included) and its variant's options.
 Variants: the `jax_nn` baseline, the aliases `softmax` (materialised logits) and
 `softmax_chunked`, and every registered family by name (a --plugin's too), each
 built from its record with `attention_options[family]`; rows carry the family's own
@@ -16,7 +19,8 @@ from typing import Any, Callable
 
 import jax
 
-from efficient_attn.measure import bench_settings, compile_fn, format_table, temp_bytes, time_compiled
+from efficient_attn.measure import (bench_settings, compile_fn, environment, format_table, interleaved_times,
+                                    settings_header, spread, temp_bytes)
 
 ATTENTION_DEFAULTS = {
     "variants": ["jax_nn", "softmax", "softmax_chunked", "local", "sparse", "linear", "performer"],
@@ -30,8 +34,25 @@ ATTENTION_DEFAULTS = {
     # Each family's options ({family: {option: value}}; `--set attention_options.local.window=128`).
     "attention_options": {"local": {"window": 256}, "sparse": {"block_size": 64, "num_random": 2},
                           "performer": {"num_features": 256}},
-    "repeats": 3,
+    "rounds": 3,
+    "repeats": 1,
+    "min_time": 0.2,
     "seed": 0,
+}
+SETTINGS_HELP = {
+    "variants": "jax_nn (the baseline), softmax (xla), softmax_chunked, and any registered family",
+    "seq_lens": "sequence lengths T (queries = keys)",
+    "batch": "B",
+    "num_heads": "N, query heads",
+    "num_kv_heads": "K, key/value heads (a divisor of N: GQA / MQA)",
+    "head_dim": "H",
+    "causal": "causal masking",
+    "dtype": "float32 | bfloat16 | float16",
+    "attention_options": "each family's options, e.g. attention_options.local.window=128",
+    "rounds": "interleaved timing rounds; time = median over rounds (min / max reported)",
+    "repeats": "timed calls per variant per round, at least (their median is the round's time) ...",
+    "min_time": "... and until this many seconds have passed (at most 50 calls)",
+    "seed": "inputs and random features",
 }
 
 BASELINE = "jax_nn"  # jax.nn.dot_product_attention (XLA): not a family, the reference every ratio is taken to
@@ -46,6 +67,16 @@ def variant_names() -> list[str]:
   from efficient_attn import attention
 
   return [BASELINE, *ALIASES] + [n for n in attention.names() if n not in ALIASES]
+
+
+def _options(name: str, s: dict) -> dict:
+  """The options variant `name` runs with, every field resolved (the baseline: {"implementation": "xla"})."""
+  import dataclasses
+
+  if name == BASELINE:
+    return {"implementation": "xla"}
+  _, options = _variant(name, s)
+  return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
 
 def _variant(name: str, s: dict) -> tuple[Any, Any]:
@@ -89,11 +120,25 @@ def _check_attention_settings(s: dict) -> None:
   from efficient_attn import attention
   from efficient_attn.config import ConfigError
 
+  from efficient_attn.config import did_you_mean
+
   valid = variant_names()
   bad = [v for v in s["variants"] if v not in valid]
   if bad:
-    raise ConfigError(f"unknown variants {bad} in bench attention; valid variants are {valid}"
-                      " (a plugin's family needs --plugin FILE.py).")
+    raise ConfigError(f"unknown variants {bad} in bench attention;{did_you_mean(bad[0], valid)} valid variants are"
+                      f" {valid} (a plugin's family needs --plugin FILE.py).")
+  if not s["variants"] or len(set(s["variants"])) < len(s["variants"]):
+    raise ConfigError(f"variants={s['variants']!r} must name at least one variant, each once.")
+  families = attention.names()
+  for fam in s["attention_options"]:
+    if fam not in families:
+      raise ConfigError(f"attention_options.{fam}: unknown attention family {fam!r};{did_you_mean(fam, families)}"
+                        f" registered families are {families}.")
+  for key in ("batch", "num_heads", "num_kv_heads", "head_dim", "rounds", "repeats"):
+    if s[key] <= 0:
+      raise ConfigError(f"{key}={s[key]} must be a positive integer.")
+  if s["min_time"] < 0:
+    raise ConfigError(f"min_time={s['min_time']} must be >= 0 seconds.")
   if s["dtype"] not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"dtype={s['dtype']!r} is not supported; use float32, bfloat16 or float16.")
   if s["num_heads"] % s["num_kv_heads"]:
@@ -116,43 +161,52 @@ def bench_attention(settings: dict | None = None, progress: bool = True) -> list
   """Forward+backward time and compiled temporary memory per attention variant and length.
 
   The CPU counterpart of the Long Range Arena efficiency table (Tay et al. 2020,
-  Table 2). One row per (variant, seq_len) with `time_s`, `temp_bytes` and their
-  ratios to the `jax_nn` baseline (`jax.nn.dot_product_attention`, XLA) at the
-  same length: `speedup` = baseline time / time, `memory_ratio` = temp / baseline temp.
+  Table 2). One row per (variant, seq_len) with `time_s` (median over `rounds`
+  interleaved rounds), `time_min_s`, `time_max_s`, `temp_bytes` and their ratios to
+  the `jax_nn` baseline (`jax.nn.dot_product_attention`, XLA) at the same length:
+  `speedup` = baseline median / median, `memory_ratio` = temp / baseline temp; plus
+  `options` (the variant's resolved family options) and `settings` (all settings and
+  the machine).
   """
   import jax.numpy as jnp
   from tqdm.auto import tqdm
 
   s = bench_settings(ATTENTION_DEFAULTS, settings, "bench attention")
   _check_attention_settings(s)
+  run = {**s, **environment()}
   dtype = jnp.dtype(s["dtype"])
   B, N, K, H = s["batch"], s["num_heads"], s["num_kv_heads"], s["head_dim"]
+  names = s["variants"]
   rows = []
-  jobs = [(T, v) for T in s["seq_lens"] for v in s["variants"]]
-  for T, name in tqdm(jobs, desc="bench attention", disable=not progress):
+  bar = tqdm(total=len(s["seq_lens"]) * (len(names) + s["rounds"]), desc="bench attention", disable=not progress)
+  for T in s["seq_lens"]:
     kq, kk, kv, kc = jax.random.split(jax.random.PRNGKey(s["seed"] + T), 4)
-    q = jax.random.normal(kq, (B, T, N, H), dtype)
-    k = jax.random.normal(kk, (B, T, K, H), dtype)
-    v = jax.random.normal(kv, (B, T, K, H), dtype)
-    ct = jax.random.normal(kc, (B, T, N, H), dtype)
-    attn = _attention_variant(name, s, T)
+    args = (jax.random.normal(kq, (B, T, N, H), dtype), jax.random.normal(kk, (B, T, K, H), dtype),
+            jax.random.normal(kv, (B, T, K, H), dtype), jax.random.normal(kc, (B, T, N, H), dtype))
+    compiled = []
+    for name in names:
+      attn = _attention_variant(name, s, T)
 
-    def loss(q, k, v, ct, attn=attn):  # the cotangent is an argument, not a constant XLA could fold
-      return jnp.sum(attn(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32))
+      def loss(q, k, v, ct, attn=attn):  # the cotangent is an argument, not a constant XLA could fold
+        return jnp.sum(attn(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32))
 
-    step = jax.grad(loss, argnums=(0, 1, 2))
-    compiled = compile_fn(step, q, k, v, ct)
-    rows.append({"variant": name, "seq_len": T, "time_s": time_compiled(compiled, q, k, v, ct,
-                                                                        repeats=s["repeats"]),
-                 "temp_bytes": temp_bytes(compiled), **_flops(name, s, T)})
+      compiled.append(compile_fn(jax.grad(loss, argnums=(0, 1, 2)), *args))
+      bar.update()
+    times = interleaved_times([lambda c=c: c(*args) for c in compiled], s["rounds"], s["repeats"], s["min_time"],
+                              on_round=bar.update)
+    for name, c, ts in zip(names, compiled, times):
+      rows.append({"variant": name, "seq_len": T, **spread(ts), "times_s": ts, "temp_bytes": temp_bytes(c),
+                   **_flops(name, s, T), "options": _options(name, s), "settings": run})
+  bar.close()
   for r in rows:
-    base = next((b for b in rows if b["variant"] == "jax_nn" and b["seq_len"] == r["seq_len"]), None)
+    base = next((b for b in rows if b["variant"] == BASELINE and b["seq_len"] == r["seq_len"]), None)
     r["speedup"] = base["time_s"] / r["time_s"] if base else None
     r["memory_ratio"] = r["temp_bytes"] / base["temp_bytes"] if base and base["temp_bytes"] else None
   return rows
 
 
-ATTENTION_COLUMNS = [("variant", "variant", "s"), ("seq_len", "T", "d"), ("time_s", "fwd+bwd s", ".4f"),
+ATTENTION_COLUMNS = [("variant", "variant", "s"), ("seq_len", "T", "d"), ("time_s", "fwd+bwd s (median)", ".4f"),
+                     ("time_min_s", "min", ".4f"), ("time_max_s", "max", ".4f"),
                      ("speedup", "speed vs jax.nn", ".2f"), ("temp_mib", "temp MiB", ".1f"),
                      ("memory_ratio", "memory vs jax.nn", ".3f"), ("gflops_ideal", "fwd GFLOP ideal", ".3f"),
                      ("gflops_executed", "fwd GFLOP executed", ".3f")]
@@ -161,3 +215,11 @@ ATTENTION_COLUMNS = [("variant", "variant", "s"), ("seq_len", "T", "d"), ("time_
 def attention_table(rows: list[dict]) -> str:
   """The Markdown table of `bench_attention` rows."""
   return format_table([{**r, "temp_mib": r["temp_bytes"] / 2**20} for r in rows], ATTENTION_COLUMNS)
+
+
+def attention_header(rows: list[dict]) -> str:
+  """The settings header printed above the table: every setting, each variant's options, the machine."""
+  if not rows:
+    return "bench attention: no rows"
+  settings = {k: v for k, v in rows[0]["settings"].items() if k != "attention_options"}
+  return settings_header("bench attention", settings, {r["variant"]: r["options"] for r in rows})

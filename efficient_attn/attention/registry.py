@@ -115,7 +115,8 @@ class Family:
     for key, v in items.items():
       if key not in fields:
         valid = ", ".join(fields) if fields else "none"
-        raise ValueError(f"attention family {self.name!r} has no option {key!r}; its options are {valid}.")
+        raise ValueError(f"attention family {self.name!r} has no option {key!r};{_did_you_mean(key, fields)}"
+                         f" its options are {valid}.")
       items[key] = _coerce(self.name, key, v, fields[key])
     try:
       return self.options(**items)
@@ -215,8 +216,15 @@ def get(kind: str) -> Family:
   if isinstance(kind, Family):
     return kind
   if kind not in FAMILIES:
-    raise ValueError(f"unknown attention kind {kind!r}; valid kinds are {sorted(FAMILIES)}.")
+    raise ValueError(f"unknown attention kind {kind!r};{_did_you_mean(kind, FAMILIES)} valid kinds are"
+                     f" {sorted(FAMILIES)}.")
   return FAMILIES[kind]
+
+
+def _did_you_mean(name, valid) -> str:
+  from efficient_attn.config import did_you_mean  # config's module body builds a ModelConfig from this registry
+
+  return did_you_mean(name, valid)
 
 
 def names() -> list[str]:

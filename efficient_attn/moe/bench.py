@@ -6,10 +6,12 @@ top-2, expert choice and dropless layers whose experts each have the dense FFN's
 hidden size, so top-1 variants do the same useful FLOPs per token as the dense layer.
 
 Each row: variant, num_experts, top_k, capacity_factor, time_s (one forward +
-backward of mean(y²) + the aux losses w.r.t. params and x: the median call of the
-fastest of `rounds` interleaved rounds), time_vs_dense,
+backward of mean(y²) + the aux losses w.r.t. params and x: the median over `rounds`
+interleaved rounds, each round's time the median of its calls), time_min_s /
+time_max_s (the fastest / slowest round), time_vs_dense (of the medians),
 temp_bytes (XLA's compiled scratch memory), temp_vs_dense, flops_per_token (ideal,
-forward + backward) and executed_flops_per_token (capacity padding included).
+forward + backward), executed_flops_per_token (capacity padding included) and
+settings (every setting and the machine).
 
 On XLA:CPU the dense FFN's GELU backward is fused into a slow transposed loop, so
 with activation="gelu" (the default) MoE layers can beat the dense layer; set
@@ -21,8 +23,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.config import ConfigError
-from efficient_attn.measure import bench_settings, compile_fn, format_table, temp_bytes, time_compiled
+from efficient_attn.config import ConfigError, did_you_mean
+from efficient_attn.measure import (bench_settings, compile_fn, environment, format_table, interleaved_times,
+                                    settings_header, spread, temp_bytes)
 from efficient_attn.moe.ffn import flops_per_token, moe_ffn, resolve_activation
 
 VARIANTS = {
@@ -45,14 +48,25 @@ DEFAULTS = {
     "activation": "gelu",
     "dtype": "float32",
     "seed": 0,
+    "rounds": 3,            # rounds over all variants, interleaved; time = the median round
     "repeats": 3,           # timed calls per round at least (after one warm-up) ...
     "min_time": 0.2,        # ... and until this many seconds have passed
-    "rounds": 3,            # rounds over all variants, interleaved; the fastest round counts
+}
+SETTINGS_HELP = {
+    "batch": "B", "seq_len": "T (one routing group per sequence)", "d_model": "D",
+    "hidden_dim": "F, of the dense FFN and of every expert", "num_experts": "E values to run each MoE variant at",
+    "variants": ", ".join(VARIANTS),
+    "activation": "gelu | gelu_exact | relu | silu (relu: a matmul-bound comparison on CPU)",
+    "dtype": "inputs' and params' dtype, e.g. float32 | bfloat16", "seed": "inputs and params",
+    "rounds": "interleaved timing rounds; time = median over rounds (min / max reported)",
+    "repeats": "timed calls per variant per round, at least (their median is the round's time) ...",
+    "min_time": "... and until this many seconds have passed (at most 50 calls)",
 }
 
 COLUMNS = [
     ("variant", "variant", "s"), ("num_experts", "E", "d"), ("top_k", "k", "d"),
-    ("capacity_factor", "cf", ".2f"), ("time_s", "fwd+bwd (s)", ".4f"),
+    ("capacity_factor", "cf", ".2f"), ("time_s", "fwd+bwd s (median)", ".4f"), ("time_min_s", "min", ".4f"),
+    ("time_max_s", "max", ".4f"),
     ("time_vs_dense", "time / dense", ".2f"), ("temp_bytes", "temp bytes", ",d"),
     ("temp_vs_dense", "temp / dense", ".2f"), ("flops_per_token", "FLOPs/token", ",.0f"),
     ("executed_flops_per_token", "executed FLOPs/token", ",.0f"),
@@ -64,10 +78,13 @@ def _settings(settings: dict | None) -> dict:
   s = bench_settings(DEFAULTS, settings, "bench moe")
   for v in s["variants"]:
     if v not in VARIANTS:
-      raise ConfigError(f"bench_moe: unknown variant {v!r} in `variants`; valid variants are {list(VARIANTS)}.")
+      raise ConfigError(f"bench_moe: unknown variant {v!r} in `variants`;{did_you_mean(v, VARIANTS)} valid variants"
+                        f" are {list(VARIANTS)}.")
   for key in ("batch", "seq_len", "d_model", "hidden_dim", "repeats", "rounds"):
     if not isinstance(s[key], int) or s[key] <= 0:
       raise ConfigError(f"bench_moe: setting {key!r}={s[key]!r} must be a positive integer.")
+  if s["min_time"] < 0:
+    raise ConfigError(f"bench_moe: setting 'min_time'={s['min_time']!r} must be >= 0 seconds.")
   if not s["num_experts"] or any(not isinstance(e, int) or e < 2 for e in s["num_experts"]):
     raise ConfigError(f"bench_moe: setting 'num_experts'={s['num_experts']!r} must be a list of integers >= 2.")
   resolve_activation(s["activation"], "bench_moe")
@@ -104,8 +121,9 @@ def bench_moe(settings: dict | None = None, progress: bool = True) -> list[dict]
   `settings` overrides DEFAULTS (keys: batch, seq_len, d_model, hidden_dim, num_experts,
   variants, activation, dtype, seed, repeats, min_time, rounds); an unknown key or
   variant is a ConfigError (a ValueError). The dense FFN is measured once, every other variant at each
-  E. All variants are compiled first, then timed in `rounds` interleaved rounds (the
-  fastest round counts), so a load change on the machine hits them alike.
+  E. All variants are compiled and called once first, then timed in `rounds` interleaved
+  rounds (round r starts at variant r; `measure.interleaved_times`), so neither their order
+  nor a load change on the machine favours one of them.
   Returns one dict per (variant, E); `format_moe_table(rows)` renders them.
   """
   s = _settings(settings)
@@ -115,11 +133,12 @@ def bench_moe(settings: dict | None = None, progress: bool = True) -> list[dict]
   rng_x, rng_p = jax.random.split(jax.random.key(s["seed"]))
   x = jax.random.normal(rng_x, (B, T, D), dtype)
   configs = [("dense", None)] + [(v, E) for E in s["num_experts"] for v in s["variants"] if v != "dense"]
+  run = {**s, **environment()}
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(configs) * (1 + s["rounds"]), desc="bench moe", leave=False)
-  rows, runs = [], []
+    bar = tqdm(total=len(configs) + s["rounds"], desc="bench moe", leave=False)
+  rows, calls = [], []
   for variant, E in configs:
     params = _params(rng_p, D, F, E, dtype)
     options = VARIANTS[variant] or {}
@@ -133,16 +152,14 @@ def bench_moe(settings: dict | None = None, progress: bool = True) -> list[dict]
                               capacity_factor=None if dropless else options.get("capacity_factor"))
     rows.append({"variant": variant, "num_experts": E, "top_k": options.get("top_k", 1) if E else None,
                  "capacity_factor": None if options.get("dropless") else options.get("capacity_factor"),
-                 "time_s": float("inf"), "temp_bytes": temp,
-                 "flops_per_token": 3 * flops["ideal"], "executed_flops_per_token": 3 * flops["executed"]})
-    runs.append((compiled, params))
+                 "temp_bytes": temp, "flops_per_token": 3 * flops["ideal"],
+                 "executed_flops_per_token": 3 * flops["executed"]})
+    calls.append(lambda c=compiled, p=params: c(p, x))
     bar and bar.update()
-  for _ in range(s["rounds"]):
-    for row, (compiled, params) in zip(rows, runs):
-      t = time_compiled(compiled, params, x, repeats=s["repeats"], min_time=s["min_time"])
-      row["time_s"] = min(row["time_s"], t)
-      bar and bar.update()
+  times = interleaved_times(calls, s["rounds"], s["repeats"], s["min_time"], on_round=bar and bar.update)
   bar and bar.close()
+  for row, ts in zip(rows, times):
+    row.update(spread(ts), times_s=ts, settings=run)
   dense = rows[0]
   for row in rows:
     row["time_vs_dense"] = row["time_s"] / dense["time_s"]
@@ -153,3 +170,8 @@ def bench_moe(settings: dict | None = None, progress: bool = True) -> list[dict]
 def format_moe_table(rows: list[dict]) -> str:
   """The Markdown table of `bench_moe` rows."""
   return format_table(rows, COLUMNS)
+
+
+def moe_header(rows: list[dict]) -> str:
+  """The settings header printed above the table: every setting and the machine."""
+  return settings_header("bench moe", rows[0]["settings"]) if rows else "bench moe: no rows"
