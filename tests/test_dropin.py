@@ -277,7 +277,7 @@ def test_flax_sowed_weights_equal_flax_own():
   model = nnx.MultiHeadAttention(num_heads=2, in_features=8, attention_fn=flax_attention_fn("softmax"),
                                  decode=False, rngs=nnx.Rngs(0))
   model(x, sow_weights=True)
-  sowed = nnx.pop(model, nnx.Intermediate)["attention_weights"].value[0]
+  sowed = nnx.pop(model, nnx.Intermediate)["attention_weights"].get_value()[0]
   np.testing.assert_allclose(sowed.sum(-1), np.ones((3, 2, 5)), atol=1e-6)
   class Recorder:  # what Flax's module.sow receives
     def sow(self, collection, name, value):
