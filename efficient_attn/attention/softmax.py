@@ -135,8 +135,9 @@ def _weights_fn(query, key, value, bias=None, mask=None, *, is_causal=False, seg
   seg = _common.split_segment_ids(segment_ids, dims, "softmax_weights")
   q_BKGTH = jnp.moveaxis(query.reshape(dims.B, dims.T, dims.K, dims.G, dims.H), 1, 3)
   bias, mask = (None if x is None else _group_heads(x, dims) for x in (bias, mask))
-  p_BKGTS, _ = _xla_probs(q_BKGTH, jnp.moveaxis(key, 1, 2), bias, mask, seg, is_causal,
-                          _resolve_window(local_window_size), _common.resolve_scale(scale, dims.H))
+  p_BKGTS, lse = _xla_probs(q_BKGTH, jnp.moveaxis(key, 1, 2), bias, mask, seg, is_causal,
+                            _resolve_window(local_window_size), _common.resolve_scale(scale, dims.H))
+  p_BKGTS = jnp.where(_seen(lse), p_BKGTS, jnp.zeros((), p_BKGTS.dtype))
   return jnp.zeros((dims.B, 1)), p_BKGTS.reshape(dims.B, dims.N, dims.T, dims.S)
 
 
@@ -292,7 +293,12 @@ def _xla_probs(q_BKGTH, k_BKSH, bias, mask, seg, causal, window, scale):
   total = p.sum(-1, keepdims=True)
   seen = m > _MASKED / 2
   lse = jnp.where(seen, m + jnp.log(total), -jnp.inf)[..., 0]
-  return jnp.where(seen, p / total, jnp.zeros((), sd)), lse
+  return p / total, lse  # uniform on rows that see nothing (lse -inf): callers zero those rows
+
+
+def _seen(lse):
+  """bool [.., T, 1]: the rows that see at least one key."""
+  return (lse > -jnp.inf)[..., None]
 
 
 def _xla_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, causal, window, scale, drop):
@@ -300,7 +306,8 @@ def _xla_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, causal, window, sca
   p, lse = _xla_probs(q_BKGTH, k_BKSH, bias, mask, seg, causal, window, scale)
   p = _apply_dropout(p, drop, 0, 0)
   out = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=p.dtype)
-  return out, lse
+  # Zeroing the [.., T, H] output (not the [.., T, S] weights) keeps no extra T·S array for the backward.
+  return jnp.where(_seen(lse), out, jnp.zeros((), out.dtype)), lse
 
 
 # ----------------------------------------------------------------------------- chunked
