@@ -1,8 +1,12 @@
 """Which kind of machine a computation runs on: the one question behind backend-specific paths.
 
-The MoE's grouped matmul (`moe.gmm`) and its dropless all-to-all (`moe.parallel`) have a
-native path on GPU/TPU (`jax.lax.ragged_dot`, `jax.lax.ragged_all_to_all`) that XLA:CPU
-either lowers densely or lacks; both ask `is_accelerator`.
+Kernels are chosen by the platform a computation is *lowered* for (`by_platform`, on
+`jax.lax.platform_dependent`), never by the Python process's default backend: an
+ahead-of-time `jax.export(..., platforms=["tpu"])` on a CPU host must pick the TPU path.
+The fused attention kernels (`attention.kernels`), the MoE's grouped matmul (`moe.gmm`:
+`jax.lax.ragged_dot` on GPU/TPU, which XLA:CPU lowers densely) and its dropless all-to-all
+(`moe.parallel`: `jax.lax.ragged_all_to_all`, which XLA:CPU lacks) all go through it.
+`platform_of` / `is_accelerator` remain for accounting (peak FLOP/s of the machine at hand).
 """
 
 from __future__ import annotations
@@ -10,6 +14,21 @@ from __future__ import annotations
 import jax
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def by_platform(args, *, cpu, tpu=None, cuda=None):
+  """`cpu(*args)`, `tpu(*args)` or `cuda(*args)` by the platform the computation is lowered for.
+
+  `cpu` is also the branch of every other platform (rocm, ...); a missing branch is `cpu`.
+  All branches are traced and must return the same shapes; lowering keeps only the one of
+  its platform (exporting for several platforms at once keeps a switch, and a compiled
+  Pallas kernel in any branch then fails to lower for the others: export one at a time).
+  When every branch is `cpu`, nothing is staged and `cpu(*args)` runs directly.
+  """
+  tpu, cuda = tpu or cpu, cuda or cpu
+  if tpu is cpu and cuda is cpu:
+    return cpu(*args)
+  return jax.lax.platform_dependent(*args, default=cpu, tpu=tpu, cuda=cuda)
 
 
 def platform_of(where=None) -> str:

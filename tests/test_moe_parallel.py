@@ -116,12 +116,23 @@ def test_reference_ragged_all_to_all_matches_documented_example():
   np.testing.assert_array_equal(f(*args), [[1, 3, 0, 0], [2, 2, 4, 0]])
 
 
-def test_backend_selection_never_picks_ragged_on_cpu():
+def test_platform_selection_never_runs_ragged_on_cpu():
+  """Default impl on a CPU lowering: no ragged collective or ragged_dot; an export for TPU / CUDA picks them."""
   assert platform.platform_of(make_mesh("data1_expert8")) == platform.platform_of() == "cpu"
   assert platform.is_accelerator("tpu") and not platform.is_accelerator(make_mesh("data1_expert8"))
-  assert parallel.dropless_impl(make_mesh("data1_expert8")) == "padded"
-  assert gmm.grouped_matmul_impl() == "blocked"
-  assert gmm.grouped_matmul_impl("gpu") == gmm.grouped_matmul_impl("tpu") == "ragged_dot"
+  mesh = make_mesh("data1_expert8")
+  x = jnp.ones((8, 4, 8), jnp.float32)
+  expert = jnp.asarray(np.arange(64).reshape(8, 4, 2) % 8, jnp.int32)
+  gate = jnp.full((8, 4, 2), 0.5, jnp.float32)
+  w = {"w_in": jnp.ones((8, 8, 16)), "w_out": jnp.ones((8, 16, 8))}
+  f = jax.jit(lambda x: parallel.sharded_dropless_experts(x, expert, gate, w, jax.nn.gelu, mesh))
+  g = jax.jit(lambda x: dispatch.dropless_experts(x, expert, gate, w, jax.nn.gelu))
+  for fn in (f, g):
+    text = fn.lower(x).as_text()
+    assert "ragged" not in text
+  for plat in ("tpu", "cuda"):
+    text = jax.export.export(g, platforms=[plat])(x).mlir_module()
+    assert "ragged_dot" in text, plat
 
 
 def test_batch_axes():

@@ -172,9 +172,9 @@ def test_bfloat16_in_bfloat16_out(impl):
 
 def test_auto_implementation_picks_by_length():
   q, k, v = _arrays(T=16, S=16)
-  assert sm._pick_implementation(sm._common.check_qkv(q, k, v, "t"), q.dtype, None) == "xla"
+  assert sm.pick_implementation(16, 16, 8, q.dtype) == "xla"
   q, k, v = _arrays(B=1, T=512, S=512, N=2, K=1, H=4)
-  assert sm._pick_implementation(sm._common.check_qkv(q, k, v, "t"), q.dtype, None) == "chunked"
+  assert sm.pick_implementation(512, 512, 4, q.dtype) == "chunked"
   np.testing.assert_allclose(softmax_attention(q, k, v, is_causal=True), _ref(q, k, v, is_causal=True), atol=2e-5)
 
 
@@ -203,7 +203,7 @@ def test_cudnn_glue_with_a_stand_in_kernel(monkeypatch):
     return real(q, k, v, bias, mask, implementation="xla", **kw)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(sm.kernels, "cudnn_available", lambda: True)
   q, k, v = _arrays(T=24, S=24, H=8, dtype=jnp.bfloat16)
   seg = _segments(2, 24, 5)
   seg[1, 23] = 9  # a query alone in its segment whose key is masked below: sees nothing
@@ -216,7 +216,7 @@ def test_cudnn_glue_with_a_stand_in_kernel(monkeypatch):
   assert calls == ["cudnn"] and out.dtype == jnp.bfloat16
   np.testing.assert_allclose(out.astype(np.float32), _ref(q, k, v, **kw), atol=3e-2, rtol=3e-2)
   assert np.all(np.asarray(out[1, 23]) == 0)
-  assert sm._pick_implementation(sm._common.check_qkv(q, k, v, "t"), q.dtype, None) == "cudnn"
+  assert sm.pick_implementation(24, 24, 8, q.dtype, platform="cuda") == "cudnn"
   with pytest.raises(ValueError, match="bfloat16"):
     softmax_attention(q.astype(jnp.float32), k, v, implementation="cudnn")
 
@@ -236,7 +236,7 @@ def test_bad_inputs_raise_value_errors():
       (lambda: softmax_step(softmax_init_state(2, 4, 2, 8), q[:, :1], k[:, :1], v[:, :1], window=0), "window"),
   ]
   if jax.default_backend() != "gpu":
-    bad.append((lambda: softmax_attention(q, k, v, implementation="cudnn"), "GPU"))
+    bad.append((lambda: softmax_attention(q, k, v, implementation="cudnn"), "cuDNN"))
   for fn, words in bad:
     with pytest.raises(ValueError, match=words):
       fn()

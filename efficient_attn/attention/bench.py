@@ -19,8 +19,9 @@ from typing import Any, Callable
 
 import jax
 
+from efficient_attn.flops import spec_peak
 from efficient_attn.measure import (bench_settings, compile_fn, environment, format_table, interleaved_times,
-                                    settings_header, spread, temp_bytes)
+                                    peak_device_bytes, settings_header, spread, temp_bytes)
 
 ATTENTION_DEFAULTS = {
     "variants": ["jax_nn", "softmax", "softmax_chunked", "local", "sparse", "linear", "performer"],
@@ -40,7 +41,8 @@ ATTENTION_DEFAULTS = {
     "seed": 0,
 }
 SETTINGS_HELP = {
-    "variants": "jax_nn (the baseline), softmax (xla), softmax_chunked, and any registered family",
+    "variants": ("jax_nn (the baseline), jax_nn_cudnn, softmax (xla), softmax_chunked, softmax_splash / _triton /"
+                 " _cudnn, and any registered family"),
     "seq_lens": "sequence lengths T (queries = keys)",
     "batch": "B",
     "num_heads": "N, query heads",
@@ -59,22 +61,27 @@ BASELINE = "jax_nn"  # jax.nn.dot_product_attention (XLA): not a family, the ref
 # Named variants besides the registered families: (family, options over attention_options[family]).
 # "softmax" materialises its logits like the baseline; "softmax_chunked" is its flash-style path.
 ALIASES = {"softmax": ("softmax", {"implementation": "xla"}),
-           "softmax_chunked": ("softmax", {"implementation": "chunked"})}
+           "softmax_chunked": ("softmax", {"implementation": "chunked"}),
+           # The fused kernels by name (attention.kernels); off their platform they run in interpret mode.
+           "softmax_splash": ("softmax", {"implementation": "splash"}),
+           "softmax_triton": ("softmax", {"implementation": "triton"}),
+           "softmax_cudnn": ("softmax", {"implementation": "cudnn"})}
+JAX_NN_CUDNN = "jax_nn_cudnn"  # jax.nn.dot_product_attention(implementation="cudnn"): GPU bf16/f16 only
 
 
 def variant_names() -> list[str]:
   """Every variant the bench can run: the baseline, the aliases and every registered family."""
   from efficient_attn import attention
 
-  return [BASELINE, *ALIASES] + [n for n in attention.names() if n not in ALIASES]
+  return [BASELINE, JAX_NN_CUDNN, *ALIASES] + [n for n in attention.names() if n not in ALIASES]
 
 
 def _options(name: str, s: dict) -> dict:
   """The options variant `name` runs with, every field resolved (the baseline: {"implementation": "xla"})."""
   import dataclasses
 
-  if name == BASELINE:
-    return {"implementation": "xla"}
+  if name in (BASELINE, JAX_NN_CUDNN):
+    return {"implementation": "xla" if name == BASELINE else "cudnn"}
   _, options = _variant(name, s)
   return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
@@ -94,8 +101,9 @@ def _attention_variant(name: str, s: dict, T: int) -> Callable[..., Any]:
   from efficient_attn import attention
 
   causal = s["causal"]
-  if name == BASELINE:
-    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+  if name in (BASELINE, JAX_NN_CUDNN):
+    impl = "xla" if name == BASELINE else "cudnn"
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
   family, options = _variant(name, s)
   shape = attention.Shape(T, T, s["num_heads"], s["num_kv_heads"], s["head_dim"], causal)
   kw = family.call_kwargs(options, shape)
@@ -108,7 +116,10 @@ def _flops(name: str, s: dict, T: int) -> dict:
   """The variant's own forward FLOPs count of one call (its family record; the baseline counts as xla softmax)."""
   from efficient_attn import attention
 
-  family, options = (attention.get("softmax"), {"implementation": "xla"}) if name == BASELINE else _variant(name, s)
+  if name in (BASELINE, JAX_NN_CUDNN):
+    family, options = attention.get("softmax"), {"implementation": "xla" if name == BASELINE else "cudnn"}
+  else:
+    family, options = _variant(name, s)
   f = family.flops_per_token(options, attention.Shape(T, T, s["num_heads"], s["num_kv_heads"], s["head_dim"],
                                                       s["causal"]))
   tokens = s["batch"] * T
@@ -195,8 +206,15 @@ def bench_attention(settings: dict | None = None, progress: bool = True) -> list
     times = interleaved_times([lambda c=c: c(*args) for c in compiled], s["rounds"], s["repeats"], s["min_time"],
                               on_round=bar.update)
     for name, c, ts in zip(names, compiled, times):
-      rows.append({"variant": name, "seq_len": T, **spread(ts), "times_s": ts, "temp_bytes": temp_bytes(c),
-                   **_flops(name, s, T), "options": _options(name, s), "settings": run})
+      row = {"variant": name, "seq_len": T, **spread(ts), "times_s": ts, "temp_bytes": temp_bytes(c),
+             **_flops(name, s, T), "options": _options(name, s), "settings": run,
+             "device_peak_bytes": peak_device_bytes()}  # process-wide peak so far (None on CPU)
+      # Useful work rate: the ideal forward FLOPs x 3 (backward ~ 2x forward) per second, and its share of the
+      # chip's spec-sheet bf16 peak where known.
+      row["tflops_per_s"] = 3 * row["gflops_ideal"] / row["time_s"] / 1e3
+      peak = spec_peak(run.get("device_kind", ""))
+      row["peak_fraction"] = row["tflops_per_s"] * 1e12 / peak if peak else None
+      rows.append(row)
   bar.close()
   for r in rows:
     base = next((b for b in rows if b["variant"] == BASELINE and b["seq_len"] == r["seq_len"]), None)
@@ -209,7 +227,7 @@ ATTENTION_COLUMNS = [("variant", "variant", "s"), ("seq_len", "T", "d"), ("time_
                      ("time_min_s", "min", ".4f"), ("time_max_s", "max", ".4f"),
                      ("speedup", "speed vs jax.nn", ".2f"), ("temp_mib", "temp MiB", ".1f"),
                      ("memory_ratio", "memory vs jax.nn", ".3f"), ("gflops_ideal", "fwd GFLOP ideal", ".3f"),
-                     ("gflops_executed", "fwd GFLOP executed", ".3f")]
+                     ("gflops_executed", "fwd GFLOP executed", ".3f"), ("tflops_per_s", "TFLOP/s", ".3f")]
 
 
 def attention_table(rows: list[dict]) -> str:

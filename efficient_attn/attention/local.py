@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from efficient_attn.attention._common import (
     check_bias, check_mask, check_qkv, gather_block_pairs, leading_batch_dims, masked_softmax, resolve_scale,
     split_segment_ids, stats_dtype)
+from efficient_attn.attention import kernels
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.softmax import _mean_visible, softmax_init_state, softmax_step
 
@@ -59,7 +60,7 @@ def _split_heads(x, N: int, K: int):
 
 @leading_batch_dims(query_mask=True)
 def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
-                    window, block_size=None):
+                    window, block_size=None, implementation=None):
   """Sliding-window attention: query t attends to keys within `window` positions.
 
   Args:
@@ -78,6 +79,9 @@ def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
       whole window below 64, at most T); T is padded
       internally to a multiple of it. Smaller blocks waste fewer masked logits, larger ones make
       bigger matmuls.
+    implementation: "xla" (the blocks above), "splash" (Pallas splash attention with the window
+      as its local mask: the TPU kernel; interpret mode elsewhere) or None: splash when lowered
+      for TPU and it takes the call (no bias, no dense mask / lengths), else xla.
 
   Returns:
     [B, T, N, Hv] in the query dtype; a query that sees no key outputs 0. Logits and softmax
@@ -87,7 +91,6 @@ def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
   """
   dims = check_qkv(query, key, value, _FN, value_head_dim=True)
   B, T, S, N, K, H = dims
-  Hv = value.shape[-1]
   if T != S:
     raise ValueError(f"{_FN}: needs self-attention lengths T == S, got T={T} and S={S}; use block_sparse_attention"
                      " or softmax_attention for cross-attention.")
@@ -97,7 +100,29 @@ def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
   mask, bias = check_mask(mask, dims, _FN), check_bias(bias, dims, _FN)
   ids = split_segment_ids(segment_ids, dims, _FN)
   scale = resolve_scale(scale, H)
+  if implementation not in (None, "xla", "splash"):
+    raise ValueError(f"{_FN}: `implementation`={implementation!r} is not one of None, 'xla', 'splash'.")
+  refusal = kernels.splash_refusal(T, S, bias=bias, mask=mask)
+  if implementation == "splash" and refusal:
+    raise ValueError(f"{_FN}: implementation='splash': {refusal}; use None or 'xla'.")
+  xla = lambda: _local_blocks(query, key, value, bias, mask, ids, is_causal, scale, window, block)
 
+  def splash(interpret):
+    return lambda: kernels.splash_attention(query, key, value, causal=is_causal, segment_ids=ids, scale=scale,
+                                            window=(window - 1, window - 1), interpret=interpret)
+
+  if implementation == "xla":
+    return xla()
+  if implementation == "splash":
+    return kernels.by_platform((), cpu=splash(True), tpu=splash(False))
+  return kernels.by_platform((), cpu=xla, tpu=xla if refusal else splash(False))
+
+
+def _local_blocks(query, key, value, bias, mask, ids, is_causal, scale, window, block):
+  """The XLA path on checked arguments: each query block against its neighbour key blocks."""
+  dims = check_qkv(query, key, value, _FN, value_head_dim=True)
+  B, T, S, N, K, H = dims
+  Hv = value.shape[-1]
   nb = -(-T // block)
   Tp = nb * block
   before = -(-(window - 1) // block)
@@ -141,14 +166,18 @@ def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
 @dataclasses.dataclass(frozen=True)
 class LocalOptions:
   """window: positions a query sees on each side, itself included. block_size: positions per
-  block of the computation (None = `default_block`)."""
+  block of the computation (None = `default_block`). implementation: None (splash on TPU, else
+  xla) | "xla" | "splash"."""
   window: int = 128
   block_size: int | None = None
+  implementation: str | None = None
 
   def __post_init__(self):
     _check_positive_int(self.window, "window", "positions a query sees on each side, itself included")
     if self.block_size is not None:
       _check_positive_int(self.block_size, "block_size", "positions per block")
+    if self.implementation not in (None, "xla", "splash"):
+      raise ValueError(f"implementation={self.implementation!r} is not one of None, 'xla', 'splash'.")
 
 
 def _flops(o: LocalOptions, shape: Shape) -> dict:

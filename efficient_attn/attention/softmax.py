@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from efficient_attn.attention import _common
+from efficient_attn.attention import _common, kernels
 from efficient_attn.attention.registry import Family, Shape
 
 _FN = "softmax_attention"
-IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
+IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash", "triton")
 # Measured on a 2-core CPU, causal and full fwd+bwd, f32, H=64 (see the module tests / report).
 DEFAULT_CHUNK = (256, 256)
 # Auto-selection: at T·S >= this the chunked form is no slower than the materialised one on CPU.
@@ -63,9 +63,13 @@ def softmax_attention(query, key, value, bias=None, mask=None, *, is_causal=Fals
     return_residual: also return the logsumexp of each row's visible logits, [..., T, N] in
       the key's dtype, gradient-stopped (as jax.nn; -inf for a row that sees no key).
     implementation: "xla" (materialised [B, N, T, S] logits), "chunked" (online softmax,
-      O(T·chunk) memory, causal / windowed calls skip invisible chunks), "cudnn" (fused
-      kernel, GPU only) or None: cudnn when on GPU and supported, else chunked when
-      T·S >= CHUNKED_MIN_TS, else xla.
+      O(T·chunk) memory, causal / windowed calls skip invisible chunks), "cudnn" (cuDNN's
+      fused kernel; bf16/f16 on a GPU build of jax), "splash" (Pallas splash attention, the
+      TPU kernel), "triton" (the Pallas GPU flash kernel) or None: the best for the platform
+      the call is lowered for (`kernels.by_platform`): splash on TPU; cudnn, else triton on
+      CUDA; chunked when T·S >= CHUNKED_MIN_TS, else xla, on CPU and for what a kernel
+      refuses (bias, dense masks / lengths, dropout, the residual; see `kernels`). "splash" /
+      "triton" off their platform run the same kernel in Pallas interpret mode (slow; tests).
     chunk_size: int or (query_chunk, key_chunk) for "chunked"; lengths that are not
       multiples are padded internally. Default DEFAULT_CHUNK.
     dropout_rate, dropout_rng, broadcast_dropout: attention dropout as Flax applies it (on
@@ -91,14 +95,41 @@ def softmax_attention(query, key, value, bias=None, mask=None, *, is_causal=Fals
   seg = _common.split_segment_ids(segment_ids, dims, _FN)
   scale = _common.resolve_scale(scale, dims.H)
   Hv = value.shape[-1]
-  fused_ok = drop is None and Hv == dims.H and (window is None or is_causal or window[1] == 0)  # what cuDNN takes
-  impl = implementation or _pick_implementation(dims, query.dtype, bias, fused_ok=fused_ok)
+  refusals = _kernel_refusals(dims, query.dtype, Hv, bias, mask, seg, is_causal, window, drop, return_residual)
+  if implementation in ("splash", "triton", "cudnn") and refusals[implementation]:
+    raise ValueError(f"{_FN}: implementation={implementation!r}: {refusals[implementation]}; use None, 'chunked' or"
+                     " 'xla'.")
+
+  def run(impl):
+    return lambda: _attend(impl, query, key, value, bias, mask, seg, is_causal, window, local_window_size, scale,
+                           chunk, drop, return_residual, dims)
+
+  if implementation is None:  # the best each platform has; lowering keeps one (kernels.by_platform)
+    base = _xla_or_chunked(dims.T, dims.S)
+    tpu = "splash" if not refusals["splash"] else base
+    cuda = "cudnn" if not refusals["cudnn"] else "triton" if not refusals["triton"] else base
+    branches = {name: run(name) for name in {base, tpu, cuda}}
+    return kernels.by_platform((), cpu=branches[base], tpu=branches[tpu], cuda=branches[cuda])
+  if implementation == "splash":  # the compiled kernel on TPU, interpret mode elsewhere
+    return kernels.by_platform((), cpu=run("splash_interpret"), tpu=run("splash"))
+  if implementation == "triton":
+    return kernels.by_platform((), cpu=run("triton_interpret"), cuda=run("triton"))
+  return run(implementation)()
+
+
+def _attend(impl, query, key, value, bias, mask, seg, is_causal, window, local_window_size, scale, chunk, drop,
+            return_residual, dims):
+  """One implementation on checked arguments: [B, T, N, Hv] (and the residual when asked)."""
   if impl == "cudnn":
-    if drop is not None or Hv != dims.H:
-      raise ValueError(f"{_FN}: implementation='cudnn' takes no dropout and needs value's head dim == key's"
-                       f" (got dropout_rate={dropout_rate}, Hv={Hv}, H={dims.H}); use 'chunked' or 'xla'.")
     return _cudnn_attention(query, key, value, bias, mask, seg, is_causal, scale, dims, local_window_size,
                             return_residual)
+  if impl.startswith("splash"):
+    return kernels.splash_attention(query, key, value, causal=is_causal, segment_ids=seg, scale=scale, window=window,
+                                    interpret=impl.endswith("interpret"))
+  if impl.startswith("triton"):
+    return kernels.triton_attention(query, key, value, causal=is_causal, segment_ids=seg, scale=scale,
+                                    interpret=impl.endswith("interpret"))
+  Hv = value.shape[-1]
   q_BKGTH = jnp.moveaxis(query.reshape(dims.B, dims.T, dims.K, dims.G, dims.H), 1, 3)
   k_BKSH, v_BKSH = (jnp.moveaxis(x, 1, 2) for x in (key, value))
   bias, mask = (None if x is None else _group_heads(x, dims) for x in (bias, mask))
@@ -221,23 +252,52 @@ def _apply_dropout(p, drop, t0, s0):
   return jnp.where(keep, p * (1.0 / (1.0 - drop.rate)), jnp.zeros((), p.dtype))
 
 
-def _pick_implementation(dims, dtype, bias, fused_ok=True) -> str:
-  if not fused_ok:
-    return "chunked" if dims.T * dims.S >= CHUNKED_MIN_TS else "xla"
-  return pick_implementation(dims.T, dims.S, dims.H, dtype, has_bias=bias is not None)
-
-
-def pick_implementation(T: int, S: int, H: int, dtype, *, has_bias: bool = False, backend: str | None = None) -> str:
-  """What `implementation=None` runs: cudnn on GPU where supported, else chunked at T·S >= CHUNKED_MIN_TS, else xla.
-
-  The one rule, used by the function and by its FLOPs count (`backend` defaults to JAX's default backend).
-  """
-  # The shapes cuDNN's flash kernel takes on every GPU generation (jax checks the rest and raises).
-  cudnn_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and H % 8 == 0 and H <= 128
-              and (not has_bias or (T % 2 == 0 and S % 2 == 0)))
-  if (backend or jax.default_backend()) == "gpu" and cudnn_ok:
-    return "cudnn"
+def _xla_or_chunked(T: int, S: int) -> str:
+  """The XLA path by size: materialised logits below CHUNKED_MIN_TS = T·S, online softmax above."""
   return "chunked" if T * S >= CHUNKED_MIN_TS else "xla"
+
+
+def _cudnn_refusal(T: int, S: int, H: int, Hv: int, dtype, *, has_bias=False, dropout=False,
+                   window=None, causal=False) -> str | None:
+  """Why cuDNN's flash kernel cannot run this call here (None when it can): the shapes it takes on
+  every GPU generation (jax checks the rest), and jax's CUDA plugin to trace it at all."""
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or H % 8 or H > 128:
+    return f"cuDNN needs bfloat16/float16 inputs and a head dim divisible by 8 up to 128, got {jnp.dtype(dtype).name}, H={H}"
+  if Hv != H or dropout:
+    return f"cuDNN (as wrapped here) takes no dropout and needs value's head dim == key's, got Hv={Hv}, H={H}"
+  if has_bias and (T % 2 or S % 2):
+    return f"cuDNN needs even lengths with a bias, got T={T}, S={S}"
+  if window is not None and not causal and window[1] != 0:
+    return "cuDNN's sliding window is causal only"
+  if not kernels.cudnn_available():
+    return "cuDNN needs a GPU build of jax (pip install 'jax[cuda12]'); this one cannot trace it"
+  return None
+
+
+def _kernel_refusals(dims, dtype, Hv, bias, mask, seg, causal, window, drop, residual) -> dict:
+  """{"splash" | "triton" | "cudnn": why that kernel cannot run this call, or None}."""
+  T, S, H = dims.T, dims.S, dims.H
+  return {
+      "splash": kernels.splash_refusal(T, S, bias=bias, mask=mask, dropout=drop is not None, residual=residual),
+      "triton": kernels.triton_refusal(T, S, H, Hv, bias=bias, mask=mask, dropout=drop is not None,
+                                       residual=residual, window=window, segment_ids=seg),
+      "cudnn": _cudnn_refusal(T, S, H, Hv, dtype, has_bias=bias is not None, dropout=drop is not None,
+                              window=window, causal=causal)}
+
+
+def pick_implementation(T: int, S: int, H: int, dtype, *, has_bias: bool = False, platform: str = "cpu") -> str:
+  """What `implementation=None` runs when lowered for `platform` ("cpu" | "tpu" | "cuda"), for a call
+  with no mask, dropout or window: splash on TPU; cudnn (bf16/f16, where jax can trace it), else
+  triton on CUDA; elsewhere (and for what the kernels refuse) chunked at T·S >= CHUNKED_MIN_TS, else xla.
+  """
+  if platform == "tpu" and not kernels.splash_refusal(T, S, bias=True if has_bias else None):
+    return "splash"
+  if platform in ("cuda", "gpu"):
+    if not _cudnn_refusal(T, S, H, H, dtype, has_bias=has_bias):
+      return "cudnn"
+    if not kernels.triton_refusal(T, S, H, H, bias=True if has_bias else None):
+      return "triton"
+  return _xla_or_chunked(T, S)
 
 
 def _group_heads(x, dims):
@@ -544,12 +604,6 @@ def _cudnn_attention(query, key, value, bias, mask, seg, causal, scale, dims, wi
   cuDNN turns a mask into a large negative bias, so a row that sees no key would
   average all values; such rows are zeroed here to keep the library's convention.
   """
-  if jax.default_backend() != "gpu":
-    raise ValueError(f"{_FN}: implementation='cudnn' needs a GPU backend, but the default backend is "
-                     f"{jax.default_backend()!r}; use 'chunked', 'xla' or None.")
-  if jnp.dtype(query.dtype) not in (jnp.bfloat16, jnp.float16) or dims.H % 8:
-    raise ValueError(f"{_FN}: implementation='cudnn' needs bfloat16/float16 inputs and a head dim divisible by 8,"
-                     f" got {jnp.dtype(query.dtype).name} with H={dims.H}; use 'chunked' or None.")
   if seg is not None:
     seg_mask = (seg[0][:, None, :, None] == seg[1][:, None, None, :])
     mask = seg_mask if mask is None else mask & seg_mask.reshape((1,) * (mask.ndim - 4) + seg_mask.shape)
@@ -640,7 +694,7 @@ def softmax_step(state, query_B1NH, key_B1KH, value_B1KH, *, scale=None, window=
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxOptions:
-  """implementation: None (best for the platform) | "xla" | "chunked" | "cudnn".
+  """implementation: None (best for the lowering platform) | "xla" | "chunked" | "cudnn" | "splash" | "triton".
   chunk_size: the chunked path's tile, an int or (query_chunk, key_chunk); None = DEFAULT_CHUNK."""
   implementation: str | None = None
   chunk_size: int | tuple[int, int] | None = None
@@ -666,12 +720,15 @@ def _flops(o: SoftmaxOptions, shape: Shape) -> dict:
   T, S, N, _, H, causal = shape
   per_pair = 4 * N * H  # q·k (2H) and p·v (2H) per head
   ideal = per_pair * (_mean_visible(T, T, causal) if T == S else (S + 1) / 2 if causal else S)
-  impl = o.implementation or pick_implementation(T, S, H, jnp.float32)
+  platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())  # accounting for this machine
+  impl = o.implementation or pick_implementation(T, S, H, jnp.float32, platform=platform)
   if impl == "xla":
     return {"ideal": ideal, "executed": per_pair * S}
   if impl == "cudnn":  # fused kernel; its tile skipping is not modelled here
     return {"ideal": ideal, "executed": ideal}
   cq, ck = o.chunk_size or DEFAULT_CHUNK
+  if impl in ("splash", "triton"):  # whole kernel tiles, like the chunked path
+    cq = ck = kernels.splash_tile(T) if impl == "splash" else 128
   cq, ck = min(cq, T), min(ck, S)
   nq, ns = -(-T // cq), -(-S // ck)
   # As _Tiling.key_range: query chunk i stops at the key chunk holding its last query's diagonal.
@@ -688,4 +745,4 @@ def _init_state(batch, num_kv_heads, head_dim, *, max_len=None, dtype=None, valu
 
 FAMILY = Family(
     name="softmax", fn=softmax_attention, options=SoftmaxOptions, init_state=_init_state, step=softmax_step,
-    flops=_flops, description="exact softmax attention (xla / chunked online softmax / cudnn); KV-cache decoding")
+    flops=_flops, description="exact softmax attention (xla / chunked online softmax / cudnn / splash / triton); KV-cache decoding")

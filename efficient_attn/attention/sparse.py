@@ -25,7 +25,7 @@ import numpy as np
 from efficient_attn.attention._common import (
     check_bias, check_divisible, check_mask, check_qkv, gather_block_pairs, leading_batch_dims, masked_softmax,
     resolve_scale, split_segment_ids, stats_dtype)
-from efficient_attn.attention import masks
+from efficient_attn.attention import kernels, masks
 from efficient_attn.attention.registry import Family, Shape
 
 _FN = "block_sparse_attention"
@@ -107,7 +107,7 @@ def _by_head(x, N: int, K: int):
 
 @leading_batch_dims(query_mask=True)
 def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None,
-                           scale=None, layout, block_size):
+                           scale=None, layout, block_size, implementation=None):
   """Softmax attention restricted to the blocks that `layout` marks.
 
   Args:
@@ -123,6 +123,10 @@ def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal
     segment_ids: int [B, T] or a pair (q_ids [B, T], kv_ids [B, S]).
     scale: logit scale, default H ** -0.5.
     layout: concrete bool NumPy [T/bs, S/bs] or per head [N, T/bs, S/bs] (not a traced array).
+    implementation: "xla" (the gathers below), "splash" (Pallas splash attention with the layout
+      as its per-head static mask: the TPU kernel; interpret mode elsewhere) or None: splash
+      when lowered for TPU and it takes the call (T == S, every diagonal block marked, no bias,
+      no dense mask / lengths), else xla.
     block_size: positions per block, for queries and keys.
 
   Returns:
@@ -143,7 +147,28 @@ def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal
   mask, bias = check_mask(mask, dims, _FN), check_bias(bias, dims, _FN)
   ids = split_segment_ids(segment_ids, dims, _FN)
   scale = resolve_scale(scale, H)
+  if implementation not in (None, "xla", "splash"):
+    raise ValueError(f"{_FN}: `implementation`={implementation!r} is not one of None, 'xla', 'splash'.")
+  refusal = kernels.splash_refusal(T, S, bias=bias, mask=mask, layout=layout)
+  if implementation == "splash" and refusal:
+    raise ValueError(f"{_FN}: implementation='splash': {refusal}; use None or 'xla'.")
+  xla = lambda: _gathered_blocks(query, key, value, bias, mask, ids, is_causal, scale, layout, bs)
 
+  def splash(interpret):
+    return lambda: kernels.splash_attention(query, key, value, causal=is_causal, segment_ids=ids, scale=scale,
+                                            layout=kernels.layout_key(layout, bs), interpret=interpret)
+
+  if implementation == "xla":
+    return xla()
+  if implementation == "splash":
+    return kernels.by_platform((), cpu=splash(True), tpu=splash(False))
+  return kernels.by_platform((), cpu=xla, tpu=xla if refusal else splash(False))
+
+
+def _gathered_blocks(query, key, value, bias, mask, ids, is_causal, scale, layout, bs):
+  """The XLA path on checked arguments: each query block against its gathered marked key blocks."""
+  B, T, N, H = query.shape
+  K, nq = key.shape[2], T // bs
   q_BiqKGH = query.reshape(B, nq, bs, K, N // K, H)
   groups = block_plan(layout)
   parts, rows = [], []
@@ -203,7 +228,8 @@ PATTERNS = ("bigbird", "local", "strided", "fixed")
 class SparseOptions:
   """block_size: positions per block. pattern: which `masks` builder makes the static layout —
   "bigbird" (window + num_global + num_random blocks, drawn with `seed`), "local" (a band of
-  `window` blocks), "strided" / "fixed" (Sparse Transformer patterns with `stride`)."""
+  `window` blocks), "strided" / "fixed" (Sparse Transformer patterns with `stride`).
+  implementation: None (splash on TPU, else xla) | "xla" | "splash"."""
   block_size: int = 64
   pattern: str = "bigbird"
   window: int = 3
@@ -211,8 +237,11 @@ class SparseOptions:
   num_random: int = 1
   stride: int = 4
   seed: int = 0
+  implementation: str | None = None
 
   def __post_init__(self):
+    if self.implementation not in (None, "xla", "splash"):
+      raise ValueError(f"implementation={self.implementation!r} is not one of None, 'xla', 'splash'.")
     if self.pattern not in PATTERNS:
       raise ValueError(f"pattern={self.pattern!r} is not one of {list(PATTERNS)}.")
     for name in ("block_size", "window", "stride"):
@@ -248,7 +277,7 @@ def _check(o: SparseOptions, shape: Shape) -> None:
 def _prepare(o: SparseOptions, shape: Shape) -> dict:
   _check(o, shape)
   return {"layout": build_layout(o, shape.seq_len // o.block_size, shape.kv_len // o.block_size),
-          "block_size": o.block_size}
+          "block_size": o.block_size, "implementation": o.implementation}
 
 
 def layout_flops(layout, block_size: int, shape: Shape) -> dict:

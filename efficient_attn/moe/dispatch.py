@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn.moe import gmm
+from efficient_attn.platform import by_platform
 
 
 def expert_capacity(tokens_per_group: int, num_experts: int, top_k: int = 1,
@@ -166,23 +167,28 @@ def dropless_experts(x_GSD, expert_GSk, gate_GSk, experts, act, impl: str | None
   """Dropless expert layer on one device (float32 result).
 
   `impl`: "ragged_dot" (GPU/TPU: compact sort + `jax.lax.ragged_dot`) or "blocked"
-  (CPU: bulk + overflow blocks, `gmm.bulk_block_mlp`); None picks by backend.
+  (CPU: bulk + overflow blocks, `gmm.bulk_block_mlp`); None picks by the platform the
+  computation is lowered for (`platform.by_platform`).
   """
-  impl = impl or gmm.grouped_matmul_impl()
+  if impl not in (None, "ragged_dot", "blocked"):
+    raise ValueError(f"dropless_experts: `impl`={impl!r} is not one of 'ragged_dot', 'blocked'.")
   G, S, D = x_GSD.shape
   k = expert_GSk.shape[-1]
   E = experts["w_in"].shape[0]
   n = G * S * k
   token = jnp.arange(n, dtype=jnp.int32) // k
-  if impl == "ragged_dot":
+
+  def ragged_dot():
     row, _, counts_E, num_rows = sort_by_expert(expert_GSk.reshape(-1), E)
     x_rows = gather_rows(x_GSD.reshape(G * S, D), row, token, num_rows)
-    y_rows = gmm.ragged_mlp(x_rows, experts, act, counts_E.astype(jnp.int32))
-  elif impl == "blocked":
+    return combine_pairs(gmm.ragged_mlp(x_rows, experts, act, counts_E.astype(jnp.int32)), row, gate_GSk)
+
+  def blocked():
     bulk, block = gmm.bulk_rows(n, E), gmm.block_size(n, E)
     row, block_expert, _, num_rows = sort_by_expert(expert_GSk.reshape(-1), E, bulk=bulk, block=block)
     x_rows = gather_rows(x_GSD.reshape(G * S, D), row, token, num_rows)
-    y_rows = gmm.bulk_block_mlp(x_rows, experts, act, block_expert, bulk)
-  else:
-    raise ValueError(f"dropless_experts: `impl`={impl!r} is not one of 'ragged_dot', 'blocked'.")
-  return combine_pairs(y_rows, row, gate_GSk)
+    return combine_pairs(gmm.bulk_block_mlp(x_rows, experts, act, block_expert, bulk), row, gate_GSk)
+
+  if impl is not None:
+    return {"ragged_dot": ragged_dot, "blocked": blocked}[impl]()
+  return by_platform((), cpu=blocked, tpu=ragged_dot, cuda=ragged_dot)

@@ -4,7 +4,7 @@
 batched per expert (`jnp.matmul` on [E, C, D] x [E, D, F]), one expert's rows (`jnp.matmul`
 on [R, D] x [D, F]) or rows in contiguous runs per expert (`ragged_matmul`).
 
-Grouped matmuls, two implementations chosen by backend (`grouped_matmul_impl`):
+Grouped matmuls, two implementations chosen by the lowering platform (`dispatch.dropless_experts`):
 
 - "ragged_dot" (GPU/TPU): `jax.lax.ragged_dot(x, w, group_sizes)` over rows in one
   contiguous run per expert, a native kernel there. XLA:CPU lowers ragged_dot densely
@@ -26,12 +26,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from efficient_attn.platform import is_accelerator
-
-
-def grouped_matmul_impl(platform: str | None = None) -> str:
-  """"ragged_dot" on GPU/TPU (native kernel), "blocked" elsewhere (XLA:CPU lowers ragged_dot densely)."""
-  return "ragged_dot" if is_accelerator(platform) else "blocked"
 
 
 def expert_mlp(x, experts, act, matmul=jnp.matmul):

@@ -20,8 +20,8 @@ fixed-size slice, padded to the static bound (all local pairs might pick one dev
 moved by a plain all-to-all; the receiver runs the bulk as one batched matmul and
 loops over the non-empty overflow blocks only (`gmm.bulk_block_mlp`). On GPU/TPU the rows move with `jax.lax.ragged_all_to_all` (only the
 real rows; XLA:CPU does not implement it) straight into expert-sorted order for
-`jax.lax.ragged_dot`. The choice is made from the mesh's device platform
-(`efficient_attn.platform.is_accelerator`).
+`jax.lax.ragged_dot`. The choice is made by the platform the computation is lowered for
+(`efficient_attn.platform.by_platform`), so an export for TPU from a CPU host takes the ragged path.
 
 Routing happens before, outside shard_map, on batch-sharded arrays; since groups are
 sequences and every reduction in `aux` is a global mean, sharded == single device.
@@ -35,7 +35,7 @@ from jax import lax
 
 from efficient_attn import sharding
 from efficient_attn.moe import dispatch, gmm
-from efficient_attn.platform import is_accelerator
+from efficient_attn.platform import by_platform
 
 # Logical axes of the expert weights inside shard_map: the params' own names with "embed" whole.
 WEIGHT_AXES = {"w_in": ("expert", None, "mlp"), "w_gate": ("expert", None, "mlp"), "w_out": ("expert", "mlp", None)}
@@ -99,37 +99,34 @@ def sharded_capacity_experts(x_GSD, token_GEC, gate_GEC, experts, act, mesh, exp
                        out_specs=batch_spec)(x_GSD, token_GEC, gate_GEC, experts)
 
 
-def dropless_impl(mesh) -> str:
-  """"ragged" (ragged_all_to_all + ragged_dot) on GPU/TPU meshes, "padded" elsewhere."""
-  return "ragged" if is_accelerator(mesh) else "padded"
-
-
 def sharded_dropless_experts(x_GSD, expert_GSk, gate_GSk, experts, act, mesh, expert_axis: str = "expert",
                              *, impl: str | None = None, ragged_all_to_all=None):
   """`dispatch.dropless_experts` with experts sharded over `expert_axis` (float32 result).
 
   `impl`: "padded" (all_to_all of static-bound slices + block loop; any backend) or
-  "ragged" (ragged_all_to_all + ragged_dot; GPU/TPU); None picks by platform.
-  `ragged_all_to_all` replaces `jax.lax.ragged_all_to_all` (the tests pass
+  "ragged" (ragged_all_to_all + ragged_dot; GPU/TPU); None: ragged when lowered for GPU/TPU,
+  padded otherwise. `ragged_all_to_all` replaces `jax.lax.ragged_all_to_all` (the tests pass
   `reference_ragged_all_to_all` to run the ragged path on CPU).
   """
-  impl = impl or dropless_impl(mesh)
-  if impl not in ("padded", "ragged"):
+  if impl not in (None, "padded", "ragged"):
     raise ValueError(f"sharded_dropless_experts: `impl`={impl!r} is not one of 'padded', 'ragged'.")
   G = x_GSD.shape[0]
   n_exp = mesh.shape[expert_axis]
   batch_spec, w_specs, tax = _specs(mesh, G, experts, expert_axis)
-  if impl == "padded":
-    local_experts = _padded_local
-  else:
-    local_experts = lambda *a: _ragged_local(*a, ragged_all_to_all or lax.ragged_all_to_all)
 
-  def local(x_GSD, expert_GSk, gate_GSk, experts):
-    y_GSD = local_experts(x_GSD, expert_GSk, gate_GSk, experts, act, expert_axis, n_exp)
-    return lax.psum(y_GSD, tax) if tax else y_GSD
+  def sharded(local_experts):
+    def local(x_GSD, expert_GSk, gate_GSk, experts):
+      y_GSD = local_experts(x_GSD, expert_GSk, gate_GSk, experts, act, expert_axis, n_exp)
+      return lax.psum(y_GSD, tax) if tax else y_GSD
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(batch_spec, batch_spec, batch_spec, w_specs),
-                       out_specs=batch_spec)(x_GSD, expert_GSk, gate_GSk, experts)
+    return lambda: jax.shard_map(local, mesh=mesh, in_specs=(batch_spec, batch_spec, batch_spec, w_specs),
+                                 out_specs=batch_spec)(x_GSD, expert_GSk, gate_GSk, experts)
+
+  padded = sharded(_padded_local)
+  ragged = sharded(lambda *a: _ragged_local(*a, ragged_all_to_all or lax.ragged_all_to_all))
+  if impl is not None:
+    return {"padded": padded, "ragged": ragged}[impl]()
+  return by_platform((), cpu=padded, tpu=ragged, cuda=ragged)
 
 
 def _pairs(x_GSD, expert_GSk):
