@@ -111,7 +111,7 @@ class ModelConfig:
   num_kv_heads: int = 0               # 0 = num_heads (MHA); a divisor of num_heads gives GQA / MQA
   ffn_dim: int = 1024
   ffn_activation: str = "gelu"        # gelu | swiglu
-  vocab_size: int = 256
+  vocab_size: int = 256               # 256 with data.tokenizer other than bytes: the tokenizer's size
   num_experts: int = 0                # 0 = dense FFN in every layer
   expert_dim: int = 0                 # hidden width of each expert; 0 = ffn_dim
   top_k: int = 1
@@ -195,10 +195,17 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  name: str = "stdlib"                # stdlib | text | json | a Hugging Face dataset name
-  files: str = ""                     # path or glob for text / json
+  name: str = "stdlib"                # stdlib | text | json | parquet | arrow | a save_to_disk DIR | a hub name
+  files: str = ""                     # text / json / parquet / arrow: a path, a glob or a directory
   text_field: str = "text"
-  val_fraction: float = 0.05
+  val_fraction: float = 0.05          # held-out share of documents (by content CRC); unused with validation_split
+  tokenizer: str = "bytes"            # bytes | bpe:N | unigram:N (trained on the train split) | tokenizer.json / DIR
+  config: str = ""                    # hub dataset config (e.g. wikitext-103-raw-v1)
+  split: str = "train"                # the training split (hub / save_to_disk DatasetDict)
+  validation_split: str = ""          # the dataset's own validation split, if it has one
+  cache_dir: str = ""                 # token stores, trained tokenizers; "" = $EFFICIENT_ATTN_DATA_CACHE or ~/.cache/...
+  num_proc: int = 1                   # processes tokenizing local files (datasets.map) when the store is built
+  sample_by: str = "document"         # text files: document (one per file) | paragraph | line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +358,18 @@ def _more_devices(need: int, have: int) -> str:
 SCHEDULES = ("cosine", "linear", "constant", "wsd")  # train.schedule (see train.make_schedule)
 
 
+def _check_tokenizer(m: ModelConfig, d: DataConfig) -> None:
+  """data.tokenizer well-formed, and model.vocab_size not below a vocabulary known without loading anything."""
+  from efficient_attn.data import tokenizer
+
+  msg = tokenizer.check_spec(d.tokenizer)
+  _need(msg is None, msg or "")
+  kind, n = tokenizer.parse_spec(d.tokenizer)
+  follows = kind != "bytes" and m.vocab_size == ModelConfig.vocab_size  # the default follows the tokenizer
+  _need(n is None or follows or m.vocab_size >= n, f"model.vocab_size={m.vocab_size} is smaller than the"
+        f" {n} tokens of data.tokenizer={d.tokenizer!r}; use at least {n} (or leave model.vocab_size unset).")
+
+
 def validate(cfg: Config, num_devices: int) -> dict[str, int]:
   """Checks every field before anything compiles; returns the resolved mesh shape."""
   m, t, d = cfg.model, cfg.train, cfg.data
@@ -387,7 +406,12 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
   _need(t.schedule in SCHEDULES, f"train.schedule={t.schedule!r} is not one of {' | '.join(SCHEDULES)}.")
   _need(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1).")
   _need(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1).")
-  _need(d.name not in ("text", "json") or d.files, f"data.name={d.name!r} needs data.files (a path or glob).")
+  _need(d.name not in ("text", "json", "parquet", "arrow") or d.files,
+        f"data.name={d.name!r} needs data.files (a path, a glob or a directory).")
+  _check_tokenizer(m, d)
+  _need(d.num_proc >= 1, f"data.num_proc={d.num_proc} must be a positive integer.")
+  _need(d.sample_by in ("document", "paragraph", "line"),
+        f"data.sample_by={d.sample_by!r} is not document, paragraph or line.")
   check_attention(m, t.seq_len)
   sizes = mesh_shape(cfg.mesh, num_devices)
   if m.num_experts:

@@ -91,7 +91,8 @@ class RunLog:
     if not self.enabled:
       return
     self._write(row)
-    self._scalars("val", {"loss": row["val_loss"], "bits_per_byte": row.get("val_bpb")}, row["step"])
+    self._scalars("val", {"loss": row["val_loss"], "bits_per_byte": row.get("val_bpb"),
+                          "perplexity": row.get("val_perplexity")}, row["step"])
     self.say(f"step {row['step']}/{self.t.steps}  val loss {row['val_loss']:.4f}"
              + (f"  bits/byte {row['val_bpb']:.3f}" if row.get("val_bpb") is not None else ""))
 
@@ -109,11 +110,11 @@ class RunLog:
     self.tb.flush()
 
   def summary(self, *, step: int, loss: float | None, val_loss: float | None, tokens_per_sec: float | None,
-              wall_s: float) -> None:
+              wall_s: float, val_bpb: float | None = None) -> None:
     """The run's last line: final train loss (mean of the last logging window), val loss, bits/byte, tokens/s
     (training steps only, this invocation), wall time (this invocation: data, compile, evaluation included)."""
     f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    bpb = None if val_loss is None else val_loss / math.log(2)
+    bpb = val_bpb if val_bpb is not None or val_loss is None else val_loss / math.log(2)  # bytes: loss / ln 2
     done = "done" if step >= self.t.steps else "stopped"
     self.say(f"{done}: step {step}/{self.t.steps}, train loss {f(loss, '.4f')}, val loss {f(val_loss, '.4f')},"
              f" bits/byte {f(bpb, '.3f')}, tokens/s {f(tokens_per_sec, ',.0f')}, wall {duration(wall_s)}")

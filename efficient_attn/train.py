@@ -27,7 +27,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from efficient_attn import flops, reliability, runlog, sharding
 from efficient_attn.config import CONFIG_JSON, Config, ConfigError, save_config_json, validate
-from efficient_attn.data.text import PackedStream, lm_example, load_documents, split_documents
+from efficient_attn.data import store as token_store
+from efficient_attn.data.text import lm_example
 from efficient_attn.layers import redraw_buffers
 from efficient_attn.measure import temp_bytes, xla_flops
 from efficient_attn.model import TransformerLM
@@ -81,8 +82,7 @@ def loss_fn(params, batch, model, t, buffers=None, dropout_rng=None):
   rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
   logits, mutated = model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"],
                                 mutable=["intermediates"], rngs=rngs)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  nll = token_nll(logits, batch["targets"])
   w = batch["weights"]
   loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
   aux = collect_aux(mutated.get("intermediates", {}))
@@ -90,6 +90,12 @@ def loss_fn(params, batch, model, t, buffers=None, dropout_rng=None):
   if aux:
     total = total + t.aux_loss_weight * aux["load_balancing_loss"] + t.z_loss_weight * aux["router_z_loss"]
   return total, {"loss": loss, **aux}
+
+
+def token_nll(logits_BTV, targets_BT):
+  """Negative log-likelihood [B, T] of each target under the logits (float32)."""
+  logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32))
+  return -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
 
 
 def init_state(model, tx, mesh, dummy, rng, *, abstract_only=False):
@@ -182,11 +188,28 @@ def _accumulate(grads_of, params, buffers, batch, rng, k, params_sh, batch_sh):
   return jax.tree.map(lambda x: (x / jnp.maximum(total, 1.0)).astype(x.dtype), sums)
 
 
-def make_eval_step(model, t, state_sh, batch_sh):
+def make_eval_step(model, t, state_sh, batch_sh, token_bytes_V):
+  """Jitted (params, buffers, batch) -> (total nats, targets counted, bytes of text they stand for).
+
+  token_bytes_V: bytes of text per token id, so bits per byte compare across tokenizers.
+  """
+  bytes_V = jnp.asarray(token_bytes_V, jnp.float32)
+
   def eval_step(params, buffers, batch):
-    return loss_fn(params, batch, model, t, buffers)[1]["loss"]
+    variables = {"params": params, **({"buffers": buffers} if buffers else {})}
+    logits = model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"])
+    w = batch["weights"]
+    return (jnp.sum(token_nll(logits, batch["targets"]) * w), jnp.sum(w),
+            jnp.sum(bytes_V[batch["targets"]] * w))
 
   return jax.jit(eval_step, in_shardings=(state_sh["params"], state_sh.get("buffers"), batch_sh))
+
+
+def val_metrics(nats: float, tokens: float, nbytes: float) -> dict:
+  """{"val_loss" (nats per token), "val_perplexity", "val_bpb" (total nats / total bytes / ln 2)}."""
+  loss = nats / max(tokens, 1.0)
+  return {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 700.0))),
+          "val_bpb": nats / max(nbytes, 1.0) / np.log(2)}
 
 
 def make_redraw(model, t, state_sh, dummy):
@@ -259,7 +282,8 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
   (checkpoint DIR)" and the run ends with a summary line (`runlog.RunLog.summary`).
   The workdir keeps the config in DIR/config.json; a rerun whose model / data / optimiser
   settings differ is refused before compiling (`reliability.check_same_run`).
-  The summary row: step, loss (mean over the last logging window), val_loss, val_bpb,
+  The summary row: step, loss (mean over the last logging window), val_loss (nats per token), val_bpb
+  (bits per byte of text: comparable across tokenizers), val_perplexity,
   tokens_per_sec (this invocation's training steps), time_s (training seconds, all
   invocations), wall_s (this invocation).
   """
@@ -271,12 +295,13 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
     runlog.require_tensorboard()
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} is a file, not a directory; pass a directory (it is created if missing).")
+  cfg = token_store.resolve_vocab(cfg)  # model.vocab_size follows data.tokenizer unless set
+  m = cfg.model
   note = reliability.check_same_run(workdir, cfg, _has_checkpoints(workdir))  # another run's workdir: refused
-  docs = load_documents(cfg.data.name, cfg.data.files or None, cfg.data.text_field)
-  train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
-  stream = PackedStream(train_docs, t.seq_len, t.batch_size, t.seed)
-  val_stream = PackedStream(val_docs or train_docs, t.seq_len, t.batch_size, t.seed + 1) \
-      if cfg.data.val_fraction > 0 else None
+  data = token_store.open_store(cfg.data, progress=progress)  # built (and the tokenizer trained) once, then mapped
+  stream = data.stream("train", t.seq_len, t.batch_size, t.seed)
+  val_stream = data.stream("validation", t.seq_len, t.batch_size, t.seed + 1) \
+      if data.has("validation") else None
   os.makedirs(workdir, exist_ok=True)
   main = jax.process_index() == 0
   lock = reliability.workdir_lock(workdir) if main else contextlib.nullcontext()
@@ -299,14 +324,15 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
         save_config_json(cfg, os.path.join(workdir, CONFIG_JSON))
       shardings = {k: batch_sh for k in ("inputs", "targets", "segment_ids", "weights")}
       train_step = make_train_step(model, tx, schedule, t, state_sh, shardings)
-      eval_step = make_eval_step(model, t, state_sh, shardings)
+      eval_step = make_eval_step(model, t, state_sh, shardings, data.token_bytes())
 
-      def get_batch(s: PackedStream, i: int):  # each process builds only its own rows
+      def get_batch(s: token_store.TokenStream, i: int):  # each process reads only its own rows
         return sharding.global_batch(lm_example(s.batch(i, jax.process_index(), jax.process_count())), mesh)
 
-      def evaluate(state) -> float:  # mean loss over the same eval_batches held-out batches every time
-        return float(np.mean([float(eval_step(state["params"], state.get("buffers"), get_batch(val_stream, i)))
-                              for i in range(t.eval_batches)]))
+      def evaluate(state) -> dict:  # the same eval_batches held-out batches every time, token-weighted
+        sums = [eval_step(state["params"], state.get("buffers"), get_batch(val_stream, i))
+                for i in range(t.eval_batches)]
+        return val_metrics(*(float(sum(float(s[k]) for s in sums)) for k in range(3)))
 
       redraw = _compiled_redraw(model, t, state_sh, dummy, state)
 
@@ -332,13 +358,13 @@ def _finish(t, state, start, row, speed, evaluate, log, wall0) -> dict:
   """The final validation (when this call reached train.steps) and the summary row and line."""
   done, val = int(state["step"]), {}
   if evaluate is not None and start < t.steps and done == t.steps:
-    val = {"step": t.steps, "val_loss": evaluate(state), "time_s": log.elapsed}
-    val["val_bpb"] = val["val_loss"] / np.log(2)
+    val = {"step": t.steps, **evaluate(state), "time_s": log.elapsed}
     log.val(val)
   summary = {"step": done, "loss": row.get("loss_avg"), "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"),
+             "val_perplexity": val.get("val_perplexity"),
              "tokens_per_sec": speed, "time_s": log.elapsed, "wall_s": time.perf_counter() - wall0}
   log.summary(step=done, loss=summary["loss"], val_loss=summary["val_loss"], tokens_per_sec=speed,
-              wall_s=summary["wall_s"])
+              wall_s=summary["wall_s"], val_bpb=summary["val_bpb"])
   return summary
 
 
@@ -365,7 +391,7 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
   row), `time_s` (training seconds so far, compile and evaluation excluded, carried
   across resumes), `tokens_per_sec` and `mfu` (None with `mfu_note` when it cannot be
   trusted: see `flops.honest_mfu`). With train.eval_every, every eval_every-th step (a
-  multiple of log_every) also logs {"step", "val_loss", "val_bpb", "time_s"} on the same
+  multiple of log_every) also logs {"step", "val_loss", "val_perplexity", "val_bpb", "time_s"} on the same
   held-out batches. tokens/s returned: over this call's training steps (None if none ran)."""
   m, t = cfg.model, cfg.train
   tokens = t.batch_size * t.seq_len
@@ -405,8 +431,7 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
       eta = (time.perf_counter() - t_start) / (done - start) * (t.steps - done)
       log.step(row, eta)
       if evaluate is not None and t.eval_every and done % t.eval_every == 0 and done < t.steps:
-        val = evaluate(state)  # not counted as training
-        log.val({"step": done, "val_loss": val, "val_bpb": val / np.log(2), "time_s": elapsed})
+        log.val({"step": done, **evaluate(state), "time_s": elapsed})  # not counted as training
       t_last, steps_since, loss_sum = time.perf_counter(), 0, 0.0
     stopping = (stop_after is not None and done >= stop_after) or stop.requested()
     if done % t.checkpoint_every == 0 or done == t.steps or stopping:

@@ -26,7 +26,8 @@ def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> 
   m = ModelConfig(**{k: cfg[k] for k in MODEL_KEYS if k in cfg}, **model)
   t = TrainConfig(steps=steps, checkpoint_every=max(steps // 4, 1), max_to_keep=1,
                   **{k: cfg[k] for k in TRAIN_KEYS if k in cfg})
-  return Config(model=m, train=t, data=DataConfig(val_fraction=cfg.get("val_fraction", 0.05)),
+  data = DataConfig(val_fraction=cfg.get("val_fraction", 0.05), tokenizer=cfg.get("tokenizer", "bytes"))
+  return Config(model=m, train=t, data=data,
                 mesh=MeshConfig(**(mesh or {"data": 1})))
 
 
@@ -73,6 +74,7 @@ def train_variant(config: Config, ctx) -> dict:
       "xla_flops_per_token": last.get("executed_flops_per_token"),
       "flops": fpt["train"] * tokens * t.steps,
       "loss": last["loss_avg"], "val_loss": final_eval.get("val_loss"), "val_bpb": final_eval.get("val_bpb"),
+      "val_perplexity": final_eval.get("val_perplexity"), "tokenizer": config.data.tokenizer,
       "tokens_per_sec": tps[len(tps) // 2], "step_time_s": tokens / tps[len(tps) // 2],
       "mfu": last.get("mfu"), "memory_bytes": last.get("temp_bytes"), "time_s": last["time_s"],
       "curve_step": [r["step"] for r in steps_rows], "curve_loss": [r["loss_avg"] for r in steps_rows],

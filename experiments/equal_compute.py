@@ -89,12 +89,13 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
   f = _lm.fmt
   ref = next((r for r in rows if r["variant"] == "softmax"), None)
   target = _lm.final_loss(ref) if ref else None
-  lines = ["| family | steps | train FLOPs | val loss | bits/byte | s to softmax's loss | tokens/s | MFU |"
-           " compiled temp MiB |", "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| family | steps | train FLOPs | val loss | val ppl | bits/byte | s to softmax's loss | tokens/s | MFU |"
+           " compiled temp MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     reach = _lm.time_to_loss(r, target) if target is not None else None
     lines.append(f"| {r['variant']} | {r['steps']} | {f(r['flops'], '.3g')} | {f(r['val_loss'], '.3f')}"
-                 f" | {f(r['val_bpb'], '.3f')} | {f(reach, '.0f')} | {f(r['tokens_per_sec'], '.0f')}"
+                 f" | {f(r.get('val_perplexity'), '.2f')} | {f(r['val_bpb'], '.3f')} | {f(reach, '.0f')}"
+                 f" | {f(r['tokens_per_sec'], '.0f')}"
                  f" | {f(r['mfu'], '.2f')} | {f(r['memory_bytes'] / 2**20, '.0f')} |")
   return (f"Budget {budget(cfg):.3g} training FLOPs per family (= softmax x {cfg['reference_steps']} steps unless"
           f" budget_flops is set); batch {cfg['batch_size']} x {cfg['seq_len']} bytes, d_model {cfg['d_model']},"

@@ -110,13 +110,14 @@ def _speedups(rows: list[dict]) -> dict[str, tuple]:
 def summarize(cfg: dict, rows: list[dict]) -> str:
   f = _lm.fmt
   sp = _speedups(rows)
-  lines = ["| variant | E | k | capacity | val loss | steps to dense loss | step speed-up | time speed-up |"
-           " tokens/s | GFLOP/token active / executed | temp MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| variant | E | k | capacity | val loss | bits/byte | steps to dense loss | step speed-up | time speed-up |"
+           " tokens/s | GFLOP/token active / executed | temp MiB |", "|" + "---|" * 12]
   for r in rows:
     steps, ssp, _, tsp = sp.get(r["variant"], (None,) * 4)
     cap = "dropless" if r["num_experts"] and r["capacity_factor"] is None else f(r["capacity_factor"], ".2f")
     lines.append(f"| {r['variant']} | {r['num_experts'] or '-'} | {r['top_k'] or '-'} | {cap}"
-                 f" | {f(r['val_loss'], '.3f')} | {f(steps, 'd')} | {f(ssp, '.2f')} | {f(tsp, '.2f')}"
+                 f" | {f(r['val_loss'], '.3f')} | {f(r.get('val_bpb'), '.3f')} | {f(steps, 'd')} | {f(ssp, '.2f')}"
+                 f" | {f(tsp, '.2f')}"
                  f" | {f(r['tokens_per_sec'], '.0f')} | {f(r['flops_per_token'] / 1e9, '.4f')} /"
                  f" {f(r['executed_flops_per_token'] / 1e9, '.4f')} | {f(r['memory_bytes'] / 2**20, '.0f')} |")
   return (f"{cfg['steps']} steps of {cfg['batch_size']} x {cfg['seq_len']} bytes, d_model {cfg['d_model']},"

@@ -73,10 +73,11 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
 
 def summarize(cfg: dict, rows: list[dict]) -> str:
   f = _lm.fmt
-  lines = ["| variant | val loss | bits/byte | train loss | median step ms | tokens/s | compiled temp MiB |"
-           " train GFLOP/token (ideal / XLA) |", "|---|---|---|---|---|---|---|---|"]
+  lines = ["| variant | val loss | val ppl | bits/byte | train loss | median step ms | tokens/s | compiled temp MiB |"
+           " train GFLOP/token (ideal / XLA) |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['variant']} | {f(r['val_loss'], '.3f')} | {f(r['val_bpb'], '.3f')} | {f(r['loss'], '.3f')}"
+    lines.append(f"| {r['variant']} | {f(r['val_loss'], '.3f')} | {f(r.get('val_perplexity'), '.2f')}"
+                 f" | {f(r['val_bpb'], '.3f')} | {f(r['loss'], '.3f')}"
                  f" | {f(r['step_time_s'] * 1e3, '.0f')} | {f(r['tokens_per_sec'], '.0f')}"
                  f" | {f(r['memory_bytes'] / 2**20, '.1f')}"
                  f" | {f(r['flops_per_token'] / 1e9, '.3f')} / {f((r['xla_flops_per_token'] or 0) / 1e9, '.3f')} |")

@@ -20,19 +20,25 @@ if _CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Token stores and trained tokenizers (efficient_attn.data.store) go to a fresh dir, not ~/.cache.
+_DATA_CACHE = None if "EFFICIENT_ATTN_DATA_CACHE" in os.environ else tempfile.mkdtemp(prefix="efficient_attn_data_")
+if _DATA_CACHE:
+  os.environ["EFFICIENT_ATTN_DATA_CACHE"] = _DATA_CACHE
 
 
 def pytest_sessionfinish(session, exitstatus):
-  if _CACHE:
-    import shutil
+  import shutil
 
-    shutil.rmtree(_CACHE, ignore_errors=True)
+  for path in (_CACHE, _DATA_CACHE):
+    if path:
+      shutil.rmtree(path, ignore_errors=True)
 
 
 # Attention code must never rely on implicit rank promotion (users run with
 # jax_numpy_rank_promotion="raise"): every attention test module runs under it.
 _STRICT_MODULES = {"test_softmax", "test_local", "test_sparse", "test_linear", "test_performer", "test_masks",
-                   "test_causality", "test_registry", "test_dropin", "test_dropin_families"}
+                   "test_causality", "test_registry", "test_dropin", "test_dropin_families",
+                   "test_gated_delta"}
 
 import pytest  # noqa: E402  (after the environment above)
 

@@ -67,7 +67,7 @@ def test_a_mesh_larger_than_the_devices_says_how_to_get_more(overrides, devices,
 
 def test_unknown_key_and_bad_type():
   with pytest.raises(ConfigError, match="unknown key 'model.atention' for the training config; did you mean"
-                                        " 'model.attention'\\? valid keys are data.files, .*, train.z_loss_weight."):
+                                        " 'model.attention'\\? valid keys are data.cache_dir, .*, train.z_loss_weight."):
     with_overrides(Config(), {"model.atention": "linear"})
   with pytest.raises(ConfigError, match="unknown key 'steps'.*did you mean 'train.steps'"):  # the section left out
     with_overrides(Config(), {"steps": 3})

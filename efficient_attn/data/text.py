@@ -13,6 +13,9 @@ to predict the first byte of the next document.
 
 Batch i of the stream is a pure function of (seed, i): the iterator position
 saved in a checkpoint is one integer, and resuming reproduces the same batches.
+
+Training reads the same packing from a memory-mapped token store (`store.TokenStream`, any
+tokenizer and source); `PackedStream` is the in-memory reference it is tested against.
 """
 
 from __future__ import annotations

@@ -1,0 +1,269 @@
+"""Building a token store: stream documents, split, tokenize, append, rename into place.
+
+    build(source, tokenizer, d, path)
+      PATH.tmp-HOST-PID/            written here first; renamed to PATH when complete (atomic), so a
+                                    killed build leaves no store (and its tmp dir is cleared next time)
+        train.bin / .idx, validation.bin / .idx, token_bytes.npy, meta.json
+
+Documents stream from the source in chunks of a few MB (memory stays flat whatever the corpus or
+document sizes), go to train or validation by a CRC of their bytes (as `text.split_documents`; or
+come from data.validation_split), and are tokenized a chunk at a time (`tokenizers` encodes a batch
+in parallel threads). With data.num_proc > 1 and several local files, the files are tokenized by
+`datasets.Dataset.map(batched=True, num_proc=...)` over contiguous groups of files, each worker
+writing its own part, and the parts are concatenated in file order: the store is the same
+whatever num_proc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+import zlib
+
+import numpy as np
+
+from efficient_attn.data import sources
+from efficient_attn.data.text import DataError
+
+FORMAT = 1
+SPLITS = ("train", "validation")
+
+
+def dtype_for(vocab_size: int):
+  return np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def split_settings(d) -> dict:
+  return {"val_fraction": 0.0 if d.validation_split else d.val_fraction, "validation_split": d.validation_split}
+
+
+def is_val(doc: str | bytes, val_fraction: float) -> bool:
+  """The document's split, by a CRC of its UTF-8 bytes (as `text.split_documents`)."""
+  return zlib.crc32(doc if isinstance(doc, bytes) else doc.encode("utf-8")) % 10_000 < val_fraction * 10_000
+
+
+def chunks(batches, budget: int = 4 << 20, max_docs: int = 2048):
+  """Regroups document batches into lists of at most ~`budget` characters (or `max_docs` documents), so
+  the text, bytes and ids held at once stay small whatever the documents' sizes."""
+  buf, size = [], 0
+  for docs in batches:
+    for t in docs:
+      buf.append(t)
+      size += len(t)
+      if size >= budget or len(buf) >= max_docs:
+        yield buf
+        buf, size = [], 0
+  if buf:
+    yield buf
+
+
+class SplitWriter:
+  """Appends documents' tokens to DIR/NAME.bin and their end offsets to DIR/NAME.idx (int64, from 0)."""
+
+  def __init__(self, directory: str, name: str, dtype):
+    self.dtype = dtype
+    self.bin = open(os.path.join(directory, f"{name}.bin"), "wb", buffering=1 << 22)
+    self.idx = open(os.path.join(directory, f"{name}.idx"), "wb", buffering=1 << 20)
+    self.idx.write(np.zeros(1, np.int64).tobytes())
+    self.docs = self.tokens = self.bytes = 0
+
+  def add(self, ids_list: list[np.ndarray], nbytes: list[int]) -> None:
+    kept = [(ids, b) for ids, b in zip(ids_list, nbytes) if len(ids)]
+    if not kept:
+      return
+    lengths = np.fromiter((len(ids) for ids, _ in kept), np.int64, len(kept))
+    self.bin.write(np.concatenate([ids for ids, _ in kept]).astype(self.dtype, copy=False).tobytes())
+    self.idx.write((self.tokens + np.cumsum(lengths)).tobytes())
+    self.docs, self.tokens = self.docs + len(kept), self.tokens + int(lengths.sum())
+    self.bytes += sum(b for _, b in kept)
+
+  def close(self) -> dict:
+    self.bin.close()
+    self.idx.close()
+    return {"docs": self.docs, "tokens": self.tokens, "bytes": self.bytes}
+
+
+def _tokenize_into(writers: dict, batches, tok, val_fraction: float, bar=None):
+  """Tokenizes document batches into the train / validation writers; returns the last document's
+  (ids, bytes) or None."""
+  last = None
+  for docs in chunks(batches):
+    raw = [t.encode("utf-8") for t in docs]
+    ids, nbytes = tok.encode_batch(docs, raw), [len(r) for r in raw]
+    val = [is_val(r, val_fraction) for r in raw]
+    for s, want in (("train", False), ("validation", True)):
+      writers[s].add([x for x, v in zip(ids, val) if v == want], [b for b, v in zip(nbytes, val) if v == want])
+    last = (ids[-1], nbytes[-1])
+    if bar is not None:
+      bar.update(sum(nbytes))
+  return last
+
+
+def build(source: sources.Source, tok, d, path: str, progress: bool | None) -> None:
+  """Tokenizes `source` into a temporary directory and renames it to `path` once complete."""
+  from tqdm.auto import tqdm
+
+  host = socket.gethostname()
+  for old in glob.glob(f"{glob.escape(path)}.tmp-{glob.escape(host)}-*"):  # builds killed on this host
+    pid = old.rsplit("-", 1)[-1]
+    if pid.isdigit() and not alive(int(pid)):
+      shutil.rmtree(old, ignore_errors=True)
+  tmp = f"{path}.tmp-{host}-{os.getpid()}"
+  os.makedirs(tmp)
+  t0 = time.perf_counter()
+  dtype, settings = dtype_for(tok.vocab_size), split_settings(d)
+  progress = sys.stderr.isatty() if progress is None else progress
+  num_proc = min(getattr(d, "num_proc", 1), len(source.files))
+  parallel = num_proc > 1 and source.kind == "files" and not settings["validation_split"]
+  say(f"building the token store of {what(source)} with data.tokenizer={d.tokenizer}"
+      f"{f' (num_proc={num_proc})' if parallel else ''} in {path}")
+  bar = tqdm(total=source.total_bytes if source.builder == "text" else None, unit="B", unit_scale=True,
+             desc="tokenizing", disable=not progress or parallel, file=sys.stderr)
+  try:
+    if parallel:
+      stats, last = _build_parallel(source, tok, tmp, dtype, settings["val_fraction"], num_proc, progress)
+    else:
+      writers = {s: SplitWriter(tmp, s, dtype) for s in SPLITS}
+      last = _tokenize_into(writers, source.documents("train", batch_size=32), tok, settings["val_fraction"], bar)
+      if settings["validation_split"]:
+        for docs in chunks(source.documents("validation", batch_size=32)):
+          writers["validation"].add(tok.encode_batch(docs), [len(t.encode("utf-8")) for t in docs])
+      stats = {s: w.close() for s, w in writers.items()}
+    if last is None:
+      raise DataError(f"data.name={d.name!r} (files={d.files!r}) holds no non-empty document.")
+    stats = _tiny_corpus_fallback(tmp, stats, last, settings, dtype)
+    np.save(os.path.join(tmp, "token_bytes.npy"), tok.token_bytes())
+    meta = {"format": FORMAT, "source": source.fingerprint(), "tokenizer": d.tokenizer,
+            "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
+            "split": settings, "splits": stats, "build_s": time.perf_counter() - t0}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump(meta, f, indent=1)
+    os.rename(tmp, path)  # atomic: the store appears complete or not at all
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  finally:
+    bar.close()
+  gb = (stats["train"]["bytes"] + stats["validation"]["bytes"]) / 1e9
+  rate = f", {meta['build_s'] / gb:.0f} s/GB" if gb >= 0.01 else ""
+  say(f"built the token store in {meta['build_s']:.1f} s ({stats['train']['tokens']} train tokens,"
+      f" {stats['validation']['tokens']} validation tokens{rate})")
+
+
+def _build_parallel(source, tok, tmp: str, dtype, val_fraction: float, num_proc: int, progress: bool):
+  """`datasets.map(batched=True, num_proc)` over the file list: each call tokenizes a contiguous group of
+  files into its own part (named by its first file's index); the parts are concatenated in order."""
+  import datasets
+
+  parts = os.path.join(tmp, "parts")
+  os.makedirs(parts)
+
+  def work(batch, indices):
+    name = f"{indices[0]:09d}"
+    writers = {s: SplitWriter(parts, f"{name}.{s}", dtype) for s in SPLITS}
+    group = dataclasses.replace(source, files=tuple(batch["file"]))
+    last = _tokenize_into(writers, group.documents("train", batch_size=32), tok, val_fraction)
+    stats = {s: w.close() for s, w in writers.items()}
+    if last is not None:
+      np.save(os.path.join(parts, f"{name}.last.npy"), last[0])
+    return {"part": [name], "stats": [json.dumps(stats)], "last_bytes": [last[1] if last else -1]}
+
+  files = datasets.Dataset.from_dict({"file": list(source.files)})
+  group = max(1, math.ceil(len(source.files) / (4 * num_proc)))  # a few groups per worker: balance
+  if progress:
+    datasets.enable_progress_bars()
+  try:
+    out = files.map(work, batched=True, batch_size=group, with_indices=True, num_proc=num_proc,
+                    remove_columns=["file"], keep_in_memory=True, load_from_cache_file=False,
+                    desc="tokenizing files")
+  finally:
+    datasets.disable_progress_bars()
+  stats, last = {}, None
+  for s in SPLITS:
+    with open(os.path.join(tmp, f"{s}.bin"), "wb") as fbin, open(os.path.join(tmp, f"{s}.idx"), "wb") as fidx:
+      fidx.write(np.zeros(1, np.int64).tobytes())
+      total = {"docs": 0, "tokens": 0, "bytes": 0}
+      for name, part_stats in zip(out["part"], out["stats"]):
+        st = json.loads(part_stats)[s]
+        with open(os.path.join(parts, f"{name}.{s}.bin"), "rb") as f:
+          shutil.copyfileobj(f, fbin, 1 << 22)
+        idx = np.fromfile(os.path.join(parts, f"{name}.{s}.idx"), np.int64)[1:]
+        fidx.write((idx + total["tokens"]).tobytes())
+        total = {k: total[k] + st[k] for k in total}
+      stats[s] = total
+  for name, nbytes in zip(out["part"], out["last_bytes"]):
+    if nbytes >= 0:
+      last = (np.load(os.path.join(parts, f"{name}.last.npy")), nbytes)
+  shutil.rmtree(parts)
+  return stats, last
+
+
+def _tiny_corpus_fallback(tmp: str, stats: dict, last, settings: dict, dtype) -> dict:
+  """As `text.split_documents`: no train document -> train on all; a validation split that the CRC left
+  empty -> the last document (so tiny corpora still validate)."""
+  if settings["val_fraction"] > 0 and (not stats["train"]["docs"] or not stats["validation"]["docs"]):
+    if not stats["train"]["docs"]:  # every document fell into validation: train on them all
+      for ext in ("bin", "idx"):
+        shutil.copyfile(os.path.join(tmp, f"validation.{ext}"), os.path.join(tmp, f"train.{ext}"))
+      stats["train"] = dict(stats["validation"])
+    w = SplitWriter(tmp, "validation", dtype)
+    w.add([last[0]], [last[1]])
+    stats["validation"] = w.close()
+  return stats
+
+
+class BuildLock:
+  """`PATH.lock` created with O_EXCL (pid and host inside); a lock of a dead process on this host is removed."""
+
+  def __init__(self, path: str):
+    self.path, self.mine = path, f"{os.getpid()} {socket.gethostname()}"
+
+  def acquire(self) -> bool:
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        with open(self.path) as f:
+          pid, _, host = f.read().strip().partition(" ")
+      except FileNotFoundError:
+        return False
+      if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
+        try:
+          os.unlink(self.path)
+        except FileNotFoundError:
+          pass
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(self.mine)
+    return True
+
+  def release(self) -> None:
+    try:
+      os.unlink(self.path)
+    except FileNotFoundError:
+      pass
+
+
+def alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def what(source: sources.Source) -> str:
+  return source.name or source.describe()
+
+
+def say(msg: str) -> None:
+  print(f"efficient-attn: {msg}", file=sys.stderr, flush=True)
