@@ -7,7 +7,8 @@ Dimension legend (docstrings, einsum strings, shape-suffixed names):
     M random features · G token groups · L layers · V vocab.
 
 Public API:
-    efficient_attn.attention   softmax / local / block-sparse / linear / Performer attention,
+    efficient_attn.attention   softmax / local / block-sparse / linear / Performer attention, the
+                               gated (RetNet, GLA, Mamba-2) and delta-rule (DeltaNet) recurrences,
                                the registry `ATTENTION`, `attend`, `flax_attention_fn`, decoding.
     efficient_attn.moe         `moe_ffn`: switch / top-k / experts-choose MoE, expert parallelism.
 """
@@ -17,7 +18,9 @@ from efficient_attn.attention import (
     ATTENTION,
     attend,
     block_sparse_attention,
+    delta_rule_attention,
     flax_attention_fn,
+    gated_linear_attention,
     linear_attention,
     local_attention,
     performer_attention,
@@ -31,4 +34,5 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "moe", "moe_ffn", "ATTENTION", "attend", "flax_attention_fn", "softmax_attention", "local_attention",
     "block_sparse_attention", "linear_attention", "performer_attention", "performer_projection",
+    "gated_linear_attention", "delta_rule_attention",
 ]

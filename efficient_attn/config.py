@@ -370,8 +370,11 @@ def _check_tokenizer(m: ModelConfig, d: DataConfig) -> None:
         f" {n} tokens of data.tokenizer={d.tokenizer!r}; use at least {n} (or leave model.vocab_size unset).")
 
 
-def validate(cfg: Config, num_devices: int) -> dict[str, int]:
-  """Checks every field before anything compiles; returns the resolved mesh shape."""
+def validate(cfg: Config, num_devices: int, *, text_data: bool = True) -> dict[str, int]:
+  """Checks every field before anything compiles; returns the resolved mesh shape.
+
+  text_data=False: the model trains on something other than `cfg.data` (the synthetic tasks, with their
+  own vocabulary), so model.vocab_size is not held against data.tokenizer."""
   m, t, d = cfg.model, cfg.train, cfg.data
   _ = m.family  # a ConfigError naming the registered families if model.attention is unknown
   for sec, obj in (("model", m), ("train", t)):
@@ -408,7 +411,8 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
   _need(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1).")
   _need(d.name not in ("text", "json", "parquet", "arrow") or d.files,
         f"data.name={d.name!r} needs data.files (a path, a glob or a directory).")
-  _check_tokenizer(m, d)
+  if text_data:
+    _check_tokenizer(m, d)
   _need(d.num_proc >= 1, f"data.num_proc={d.num_proc} must be a positive integer.")
   _need(d.sample_by in ("document", "paragraph", "line"),
         f"data.sample_by={d.sample_by!r} is not document, paragraph or line.")

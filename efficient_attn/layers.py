@@ -176,6 +176,8 @@ class MultiHeadAttention(nn.Module):
 
   `attention` names the family (`efficient_attn.attention.names()`); `options` are its typed
   options (its `Family.options` dataclass, or a mapping turned into it; None = defaults).
+  A family with per-token inputs (`Family.inputs`: GLA / Mamba-2 gates, DeltaNet's β) declares
+  their params here and computes them from x.
   A family with buffers (the Performer's projection) keeps them in the "buffers" collection,
   drawn at init from the "params" rng of this layer (so every layer draws its own), saved in
   checkpoints with the params and redrawn with `redraw_buffers`.
@@ -201,6 +203,19 @@ class MultiHeadAttention(nn.Module):
       kw.update(self.variable("buffers", family.name, init).value)
     return kw
 
+  def token_inputs(self, x_BTD, H: int) -> dict:
+    """The family's per-token inputs from x (gates, β: `Family.inputs`), its params declared here."""
+    family = attention_lib.get(self.attention)
+    if family.inputs is None:
+      return {}
+    options = family.make_options(self.options)
+    shape = attention_lib.Shape(x_BTD.shape[1], x_BTD.shape[1], self.num_heads, self.num_kv_heads or self.num_heads,
+                                H, self.is_causal)
+    spec = family.input_params(options, shape, x_BTD.shape[-1])
+    params = {name: self.param(name, nn.with_logical_partitioning(init, axes), shape_)
+              for name, (shape_, axes, init) in spec.items()}
+    return family.inputs(params, x_BTD, options, shape)
+
   @nn.compact
   def __call__(self, x_BTD, segment_ids=None, positions=None, decode_state=None):
     B, T, D = x_BTD.shape
@@ -215,7 +230,7 @@ class MultiHeadAttention(nn.Module):
       positions = segment_positions(segment_ids) if segment_ids is not None else jnp.broadcast_to(jnp.arange(T), (B, T))
     if self.rope_base:
       q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
-    kw = self.family_kwargs(T, H)
+    kw = {**self.family_kwargs(T, H), **self.token_inputs(x_BTD, H)}
     if decode_state is None:
       out = attention_lib.attend(self.attention, q, k, v, is_causal=self.is_causal, segment_ids=segment_ids, **kw)
     else:

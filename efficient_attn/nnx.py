@@ -121,6 +121,13 @@ class MultiHeadAttention(nnx.Module):
     self.key = Projection((D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
     self.value = Projection((D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
     self.out = Projection((N, H), (D,), ("heads", "head_dim", "embed"), **kw)
+    # Per-token input params (gates, β: `Family.inputs`) sit beside the projections, as in Linen.
+    self.input_names = ()
+    if family.inputs is not None:
+      spec = family.input_params(self.options, self._shape(1), D)
+      self.input_names = tuple(spec)
+      for name, (shape, axes, init) in spec.items():
+        setattr(self, name, _param(init, rngs.params(), shape, param_dtype, axes))
     self.buffers = nnx.data(None)
     if family.buffers is not None:
       self.buffers = Buffer(self._draw_buffers(rngs.params()))
@@ -143,6 +150,13 @@ class MultiHeadAttention(nnx.Module):
     if self.buffers is not None:
       kw.update(self.buffers.get_value())
     return kw
+
+  def token_inputs(self, x_BTD) -> dict:
+    """The family's per-token inputs [B, T, ...] computed from x (empty for most families)."""
+    if not self.input_names:
+      return {}
+    params = {name: getattr(self, name)[...] for name in self.input_names}
+    return attention_lib.get(self.attention).inputs(params, x_BTD, self.options, self._shape(x_BTD.shape[1]))
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> None:
     """An empty decoding state in `self.cache` (nnx.Cache): a KV cache of `max_len` positions
@@ -170,24 +184,26 @@ class MultiHeadAttention(nnx.Module):
       positions = segment_positions(segment_ids) if segment_ids is not None else jnp.broadcast_to(jnp.arange(T), (B, T))
     if self.rope_base:
       q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+    inputs = self.token_inputs(x_BTD)
     if decode:
-      out = self._decode(q, k, v)
+      out = self._decode(q, k, v, inputs)
     else:
       out = attention_lib.attend(self.attention, q, k, v, is_causal=self.is_causal, segment_ids=segment_ids,
-                                 **self.family_kwargs(T))
+                                 **self.family_kwargs(T), **inputs)
     return self.out(out)
 
-  def _decode(self, q_BTNH, k_BTKH, v_BTKH):
+  def _decode(self, q_BTNH, k_BTKH, v_BTKH, inputs=None):
     """T decoding steps from the cache (a scan over tokens); updates the cache."""
     kw = self.family_kwargs(1)
 
-    def step(state, qkv):
-      q1, k1, v1 = (a[:, None] for a in qkv)
-      out, state = attention_lib.decode_step(self.attention, state, q1, k1, v1, **kw)
+    def step(state, xs):
+      (q1, k1, v1), extra = jax.tree.map(lambda a: a[:, None], xs)  # one token, its inputs too
+      out, state = attention_lib.decode_step(self.attention, state, q1, k1, v1, **kw, **extra)
       return state, out[:, 0]
 
     cache = self.cache.get_value()
-    xs = tuple(jnp.swapaxes(a, 0, 1) for a in (q_BTNH, k_BTKH, v_BTKH))
+    xs = (tuple(jnp.swapaxes(a, 0, 1) for a in (q_BTNH, k_BTKH, v_BTKH)),
+          {n: jnp.swapaxes(a, 0, 1) for n, a in (inputs or {}).items()})
     state, out_TBNH = jax.lax.scan(step, cache["state"], xs)
     self.cache.set_value({"state": state, "index": cache["index"] + q_BTNH.shape[1]})
     return jnp.swapaxes(out_TBNH, 0, 1)
@@ -321,6 +337,13 @@ class Block(nnx.Module):
                                 dtype=dtype, rngs=rngs, **(moe_options or {}))
     else:
       self.ffn = FeedForward(d_model, ffn_dim, activation=ffn_activation, dtype=dtype, rngs=rngs)
+
+  def token_inputs(self, x_BTD) -> dict:
+    """The family's per-token inputs [B, T, ...] computed from x (empty for most families)."""
+    if not self.input_names:
+      return {}
+    params = {name: getattr(self, name)[...] for name in self.input_names}
+    return attention_lib.get(self.attention).inputs(params, x_BTD, self.options, self._shape(x_BTD.shape[1]))
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> None:
     self.attention.init_cache(batch, max_len, dtype)

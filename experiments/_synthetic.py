@@ -46,7 +46,8 @@ def check_counts(cfg: dict, experiment: str, keys: tuple[str, ...], hint: str = 
 def check_model(m, *, seq_len: int, batch_size: int, what: str) -> None:
   """ConfigError (one sentence, prefixed by `what`) if ModelConfig `m` cannot train on [batch_size, seq_len]."""
   try:
-    validate(Config(model=m, train=TrainConfig(seq_len=seq_len, batch_size=batch_size), mesh=MeshConfig(data=1)), 1)
+    validate(Config(model=m, train=TrainConfig(seq_len=seq_len, batch_size=batch_size), mesh=MeshConfig(data=1)), 1,
+             text_data=False)  # the task's own tokens, not data.tokenizer's
   except ConfigError as e:
     raise ConfigError(f"{what}: {e}") from None
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from efficient_attn import moe, platform
-from efficient_attn.moe import dispatch, gmm, parallel
+from efficient_attn.moe import dispatch, parallel
 
 B, T, D, F, E = 8, 16, 8, 16, 8
 CONFIGS = {

@@ -26,11 +26,12 @@ def _opts(kind):
       "sparse": {"layout": A.masks.local_layout(T // 8, T // 8, window=2, causal=True), "block_size": 8},
       "linear": {"chunk_size": 8},
       "performer": {"projection": A.performer_projection(jax.random.PRNGKey(1), 16, H), "chunk_size": 8},
-  }[kind]
+  }.get(kind, {})
 
 
 def test_registry_names():
-  assert set(A.ATTENTION) == {"softmax", "local", "sparse", "linear", "performer"}
+  assert set(A.ATTENTION) >= {"softmax", "local", "sparse", "linear", "performer", "retnet", "gla", "mamba2",
+                              "deltanet", "gated_deltanet", "based"}
 
 
 @pytest.mark.parametrize("kind", sorted(A.ATTENTION))
@@ -47,7 +48,7 @@ def test_attend_unknown_kind():
   with pytest.raises(ValueError, match="unknown attention kind 'flash'; valid kinds"):
     A.attend("flash", q, k, v)
   with pytest.raises(ValueError, match="unknown attention kind 'lineer'; did you mean 'linear'\\? valid kinds are"
-                                       " \\['linear', 'local', 'performer', 'softmax', 'sparse'\\]."):
+                                       " \\['based', .*'linear', 'local', .*'performer', .*'softmax', 'sparse'\\]."):
     A.get("lineer")
   with pytest.raises(ValueError, match="has no option 'num_feature'; did you mean 'num_features'\\? its options"):
     A.get("performer").make_options({"num_feature": 8})

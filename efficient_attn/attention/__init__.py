@@ -6,8 +6,11 @@
 Families (one per file, each defining a `FAMILY` record, see `registry.py`): softmax
 (exact; xla / chunked / cudnn), local (sliding window), sparse (block-sparse layouts),
 linear (kernelized, chunkwise-parallel), performer (FAVOR+ random features on the
-linear core). Every module of this package that defines `FAMILY` is registered on
-import, so a new built-in family is one new file; a user's family is
+linear core); on the decay-gated core `gated_linear_attention` (gated.py): retnet, gla,
+mamba2; on the delta-rule core `delta_rule_attention` (delta.py): deltanet,
+gated_deltanet; based (Taylor features on the linear core + a sliding window).
+Every module of this package that defines `FAMILY` is registered on import, so a new
+built-in family is one new file; a user's family is
 `register(Family(name="mine", fn=my_attention))` in their own file.
 
 Decoding: `init_decode_state(kind, ...)` and `decode_step(kind, state, ...)` give
@@ -28,6 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from efficient_attn.attention import masks
+from efficient_attn.attention.delta import delta_rule_attention, delta_step
+from efficient_attn.attention.gated import gated_init_state, gated_linear_attention, gated_step
 from efficient_attn.attention.linear import linear_attention, linear_init_state, linear_step
 from efficient_attn.attention.local import local_attention
 from efficient_attn.attention.performer import performer_attention, performer_projection, performer_step
@@ -241,7 +246,8 @@ __all__ = [
     "ATTENTION", "FAMILIES", "Family", "NoOptions", "Shape", "register", "get", "names",
     "attend", "flax_attention_fn", "init_decode_state", "decode_step", "masks",
     "softmax_attention", "softmax_weights", "local_attention", "block_sparse_attention", "linear_attention",
-    "performer_attention", "performer_projection",
+    "performer_attention", "performer_projection", "gated_linear_attention", "delta_rule_attention",
     # each family's own decoding functions (the shared API above dispatches to them)
     "softmax_init_state", "softmax_step", "linear_init_state", "linear_step", "performer_step",
+    "gated_init_state", "gated_step", "delta_step",
 ]

@@ -68,6 +68,14 @@ class Family:
       None: XLA's count of `fn` at that shape (ideal = executed).
     check: (options, Shape) -> None, raising ValueError on an impossible combination
       (e.g. a length that is not a multiple of the block size), before anything compiles.
+    input_params: (options, Shape, d_model) -> {name: (shape, logical_axes, init)}: the params
+      of per-token inputs the family computes from the layer input x (gates, β, ...); `init` is
+      a JAX initializer (key, shape, dtype); they must not depend on seq_len. The attention
+      layers declare them beside q / k / v under these names (Linen `layers.MultiHeadAttention`
+      and `nnx.MultiHeadAttention`, same paths) and train them with the rest.
+    inputs: (params, x_BTD, options, Shape) -> dict of keyword arrays [B, T, ...] for `fn`
+      (and, on a one-token x [B, 1, D], for `step`). Both or neither; without them `fn` and
+      `step` must run on their own defaults (a pure call, `bench attention`).
     description: one line for listings.
   """
   name: str
@@ -79,6 +87,8 @@ class Family:
   step: Callable[..., Any] | None = None
   flops: Callable[[Any, Shape], dict] | None = None
   check: Callable[[Any, Shape], None] | None = None
+  input_params: Callable[[Any, Shape, int], dict] | None = None
+  inputs: Callable[..., dict] | None = None
   description: str = ""
 
   def __post_init__(self):
@@ -90,6 +100,8 @@ class Family:
       raise ValueError(f"Family {self.name!r}: `options` must be a frozen dataclass type, got {self.options!r}.")
     if (self.init_state is None) != (self.step is None):
       raise ValueError(f"Family {self.name!r}: decoding needs both `init_state` and `step` (or neither).")
+    if (self.input_params is None) != (self.inputs is None):
+      raise ValueError(f"Family {self.name!r}: per-token inputs need both `input_params` and `inputs` (or neither).")
 
   # --------------------------------------------------------------------------- options
 

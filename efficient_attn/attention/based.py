@@ -1,0 +1,98 @@
+"""Based: Taylor-feature linear attention beside a sliding-window softmax, in one layer
+(Arora et al. 2024, "Simple linear attention language models balance the recall-throughput tradeoff").
+
+    o_t = φ(q'_t)ᵀ Σ_{s≤t} φ(k'_s) v_sᵀ / φ(q'_t)ᵀ Σ_{s≤t} φ(k'_s)  +  softmax attention over s ∈ (t − w, t]
+
+q', k' are the first `feature_dim` (d' = 16, the paper's; at most H) channels of each head's query and
+key (a learned d'-dim projection, since q / k are learned); φ(x) = [1, x̃, x̃ ⊗ x̃ / √2] with
+x̃ = x / d'^¼ is the 2nd-order Taylor expansion of exp(q'·k' / √d') (M = 1 + d' + d'²
+features), run on the linear core (`linear.linear_attention`, chunkwise). The window part is
+`local.local_attention` (w = `window_size`, 64 by default as in the paper). Based alternates
+the two in separate layers; here one layer sums them, so every layer has both exact local
+recall and the global linear state. Decoding: the linear state plus a ring buffer of w keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from efficient_attn.attention import local
+from efficient_attn.attention._common import leading_batch_dims
+from efficient_attn.attention.linear import kernelized_flops, linear_attention, linear_init_state, linear_step
+from efficient_attn.attention.registry import Family, Shape
+
+
+@dataclasses.dataclass(frozen=True)
+class BasedOptions:
+  """feature_dim: d', the query / key channels the Taylor map sees (at most H). window_size: w of the sliding
+  softmax. chunk_size: positions per chunk of the linear part (None = its default)."""
+  feature_dim: int = 16
+  window_size: int = 64
+  chunk_size: int | None = None
+
+  def __post_init__(self):
+    for name in ("feature_dim", "window_size"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer.")
+    if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+      raise ValueError(f"chunk_size={self.chunk_size!r} must be a positive integer or None.")
+
+
+def taylor_features(x):
+  """[..., d'] -> [..., 1 + d' + d'²]: φ(q)·φ(k) = 1 + z + z²/2 with z = q·k / √d' (always > 0)."""
+  d = x.shape[-1]
+  x = x * d ** -0.25
+  outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], d * d) * 0.5 ** 0.5
+  return jnp.concatenate([jnp.ones_like(x[..., :1]), x, outer], axis=-1)
+
+
+@leading_batch_dims(query_mask=False)
+def based_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
+                    feature_dim=16, window_size=64, chunk_size=None):
+  """Based: query [B, T, N, H], key [B, T, K, H], value [B, T, K, Hv] -> [B, T, N, Hv].
+
+  Taylor linear attention on the first `feature_dim` channels + sliding-window softmax
+  (`scale`, default H^-½, is the window's). O(T·(d'² + w)·H) time, O(T) memory.
+  """
+  d = min(feature_dim, query.shape[-1])
+  lin = linear_attention(query[..., :d], key[..., :d], value, mask=mask, is_causal=is_causal,
+                         segment_ids=segment_ids, feature_map=taylor_features, chunk_size=chunk_size)
+  win = local.local_attention(query, key, value, bias, mask, is_causal=is_causal, segment_ids=segment_ids,
+                              scale=scale, window=window_size)
+  return (lin.astype(jnp.float32) + win.astype(jnp.float32)).astype(query.dtype)
+
+
+def _init_state(batch, num_kv_heads, head_dim, *, dtype=None, feature_dim=16, window_size=64, value_head_dim=None,
+                **_):
+  Hv, d = value_head_dim or head_dim, min(feature_dim, head_dim)
+  return {"linear": linear_init_state(batch, num_kv_heads, 1 + d + d * d, Hv,
+                                      dtype or jnp.float32),
+          "local": local.FAMILY.init_state(batch, num_kv_heads, head_dim, dtype=dtype, window=window_size,
+                                           value_head_dim=value_head_dim)}
+
+
+def _step(state, query_B1NH, key_B1KH, value_B1KH, *, feature_dim=16, window_size=64, scale=None, **_):
+  d = min(feature_dim, query_B1NH.shape[-1])
+  lin, s_lin = linear_step(state["linear"], query_B1NH[..., :d], key_B1KH[..., :d], value_B1KH,
+                           feature_map=taylor_features)
+  win, s_loc = local.FAMILY.step(state["local"], query_B1NH, key_B1KH, value_B1KH, window=window_size, scale=scale)
+  out = (lin.astype(jnp.float32) + win.astype(jnp.float32)).astype(query_B1NH.dtype)
+  return out, {"linear": s_lin, "local": s_loc}
+
+
+def _check(o: BasedOptions, shape: Shape) -> None:
+  local.FAMILY.check(local.LocalOptions(window=o.window_size), shape)
+
+
+def _flops(o: BasedOptions, shape: Shape) -> dict:
+  d, N, K = min(o.feature_dim, shape.head_dim), shape.num_heads, shape.num_kv_heads
+  lin = kernelized_flops(shape, 1 + d + d * d, o.chunk_size, (N + K) * d * d)
+  win = local.FAMILY.flops_per_token(local.LocalOptions(window=o.window_size), shape)
+  return {"ideal": lin["ideal"] + win["ideal"], "executed": lin["executed"] + win["executed"]}
+
+
+FAMILY = Family(
+    name="based", fn=based_attention, options=BasedOptions, init_state=_init_state, step=_step, flops=_flops,
+    check=_check, description="Based: Taylor linear attention + sliding-window softmax (Arora et al. 2024)")
