@@ -153,6 +153,22 @@ def splash_kernel(T: int, num_heads: int, causal: bool, window: tuple[int, int] 
   return jax.tree.map(np.asarray, kernel)
 
 
+def xla_or_splash(fn_name: str, implementation, refusal: str | None, xla, splash):
+  """The rule of the families whose kernel is splash only (local, sparse): "xla" -> `xla()`; "splash" ->
+  `splash(interpret)` compiled on TPU, interpreted elsewhere (refused in one sentence when it cannot run);
+  None -> splash when lowered for TPU and not refused, else xla."""
+  if implementation not in (None, "xla", "splash"):
+    raise ValueError(f"{fn_name}: `implementation`={implementation!r} is not one of None, 'xla', 'splash'.")
+  if implementation == "splash" and refusal:
+    raise ValueError(f"{fn_name}: implementation='splash': {refusal}; use None or 'xla'.")
+  if implementation == "xla":
+    return xla()
+  compiled = lambda: splash(False)
+  if implementation == "splash":
+    return by_platform((), cpu=lambda: splash(True), tpu=compiled)
+  return by_platform((), cpu=xla, tpu=xla if refusal else compiled)
+
+
 def layout_key(layout: np.ndarray, block: int) -> tuple:
   """The hashable form of a static bool layout [h, nq, nk] for `splash_kernel`."""
   layout = np.ascontiguousarray(layout, bool)

@@ -100,22 +100,11 @@ def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
   mask, bias = check_mask(mask, dims, _FN), check_bias(bias, dims, _FN)
   ids = split_segment_ids(segment_ids, dims, _FN)
   scale = resolve_scale(scale, H)
-  if implementation not in (None, "xla", "splash"):
-    raise ValueError(f"{_FN}: `implementation`={implementation!r} is not one of None, 'xla', 'splash'.")
-  refusal = kernels.splash_refusal(T, S, bias=bias, mask=mask)
-  if implementation == "splash" and refusal:
-    raise ValueError(f"{_FN}: implementation='splash': {refusal}; use None or 'xla'.")
   xla = lambda: _local_blocks(query, key, value, bias, mask, ids, is_causal, scale, window, block)
-
-  def splash(interpret):
-    return lambda: kernels.splash_attention(query, key, value, causal=is_causal, segment_ids=ids, scale=scale,
-                                            window=(window - 1, window - 1), interpret=interpret)
-
-  if implementation == "xla":
-    return xla()
-  if implementation == "splash":
-    return kernels.by_platform((), cpu=splash(True), tpu=splash(False))
-  return kernels.by_platform((), cpu=xla, tpu=xla if refusal else splash(False))
+  splash = lambda interpret: kernels.splash_attention(query, key, value, causal=is_causal, segment_ids=ids,
+                                                      scale=scale, window=(window - 1, window - 1),
+                                                      interpret=interpret)
+  return kernels.xla_or_splash(_FN, implementation, kernels.splash_refusal(T, S, bias=bias, mask=mask), xla, splash)
 
 
 def _local_blocks(query, key, value, bias, mask, ids, is_causal, scale, window, block):
