@@ -122,8 +122,12 @@ def build(source: sources.Source, tok, d, path: str, progress: bool | None) -> N
   progress = sys.stderr.isatty() if progress is None else progress
   num_proc = min(getattr(d, "num_proc", 1), len(source.files))
   parallel = num_proc > 1 and source.kind == "files" and not settings["validation_split"]
-  say(f"building the token store of {what(source)} with data.tokenizer={d.tokenizer}"
-      f"{f' (num_proc={num_proc})' if parallel else ''} in {path}")
+  # Announced unless the source is known to be small (under 1 MB builds in well under a second): a bad
+  # small input then reads as the one sentence that refuses it.
+  loud = source.total_bytes is None or source.total_bytes >= 1_000_000
+  if loud:
+    say(f"building the token store of {what(source)} with data.tokenizer={d.tokenizer}"
+        f"{f' (num_proc={num_proc})' if parallel else ''} in {path}")
   bar = tqdm(total=source.total_bytes if source.builder == "text" else None, unit="B", unit_scale=True,
              desc="tokenizing", disable=not progress or parallel, file=sys.stderr)
   try:
@@ -153,8 +157,9 @@ def build(source: sources.Source, tok, d, path: str, progress: bool | None) -> N
     bar.close()
   gb = (stats["train"]["bytes"] + stats["validation"]["bytes"]) / 1e9
   rate = f", {meta['build_s'] / gb:.0f} s/GB" if gb >= 0.01 else ""
-  say(f"built the token store in {meta['build_s']:.1f} s ({stats['train']['tokens']} train tokens,"
-      f" {stats['validation']['tokens']} validation tokens{rate})")
+  if loud:
+    say(f"built the token store in {meta['build_s']:.1f} s ({stats['train']['tokens']} train tokens,"
+        f" {stats['validation']['tokens']} validation tokens{rate})")
 
 
 def _build_parallel(source, tok, tmp: str, dtype, val_fraction: float, num_proc: int, progress: bool):
