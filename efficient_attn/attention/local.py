@@ -100,16 +100,16 @@ def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
   mask, bias = check_mask(mask, dims, _FN), check_bias(bias, dims, _FN)
   ids = split_segment_ids(segment_ids, dims, _FN)
   scale = resolve_scale(scale, H)
-  xla = lambda: _local_blocks(query, key, value, bias, mask, ids, is_causal, scale, window, block)
+  xla = lambda: _local_blocks(query, key, value, bias, mask, ids, is_causal, scale, window, block, dims)
   splash = lambda interpret: kernels.splash_attention(query, key, value, causal=is_causal, segment_ids=ids,
                                                       scale=scale, window=(window - 1, window - 1),
                                                       interpret=interpret)
   return kernels.xla_or_splash(_FN, implementation, kernels.splash_refusal(T, S, bias=bias, mask=mask), xla, splash)
 
 
-def _local_blocks(query, key, value, bias, mask, ids, is_causal, scale, window, block):
-  """The XLA path on checked arguments: each query block against its neighbour key blocks."""
-  dims = check_qkv(query, key, value, _FN, value_head_dim=True)
+def _local_blocks(query, key, value, bias, mask, ids, is_causal, scale, window, block, dims):
+  """The XLA path on checked arguments (`dims` from `check_qkv`): each query block against its
+  neighbour key blocks."""
   B, T, S, N, K, H = dims
   Hv = value.shape[-1]
   nb = -(-T // block)
