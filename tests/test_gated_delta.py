@@ -18,6 +18,7 @@ from efficient_attn import flops
 from efficient_attn import layers
 from efficient_attn import nnx as enx
 from efficient_attn.attention.delta import delta_rule_attention
+from efficient_attn.attention import gated
 from efficient_attn.attention.gated import gated_linear_attention
 from efficient_attn.config import ModelConfig
 
@@ -94,16 +95,19 @@ def _ref(kind, q, k, v, g, beta, *, mask=None, is_causal=True, **kw):
 CASES = [("gated", False), ("gated", True), ("delta", False)]
 
 
-@pytest.mark.parametrize("kind,channel", CASES)
-def test_outputs_and_gradients_match_the_recurrence_in_float64(kind, channel):
+@pytest.mark.parametrize("kind,channel,chunk,sub", [*(c + (5, 16) for c in CASES), ("gated", True, 6, 2)])
+def test_outputs_and_gradients_match_the_recurrence_in_float64(kind, channel, chunk, sub, monkeypatch):
   """Causal, GQA (N = 4, K = 2), Hv != H, packed segments, padded keys, a chunk (5) that does not divide
-  T = 12: outputs and d loss / d (q, k, v, g, β) of the chunkwise form equal the recurrence's."""
+  T = 12: outputs and d loss / d (q, k, v, g, β) of the chunkwise form equal the recurrence's. Per-channel
+  decays also with chunks of 6 cut into sub-chunks of 2 (the two-level form: pairs across sub-chunks and
+  documents that start inside a chunk)."""
+  monkeypatch.setattr(gated, "SUBCHUNK_SIZE", sub)
   with jax.enable_x64(True):
     args = tuple(x.astype(jnp.float64) for x in _inputs(3, channel))
     w = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, N, HV)))
     kw = dict(segment_ids=jnp.asarray(SEG), mask=jnp.asarray(np.random.default_rng(2).uniform(size=(B, T)) > 0.3))
     vjp = lambda f: jax.jit(lambda *a: (lambda o, back: (o, back(w)))(*jax.vjp(f, *a)))  # noqa: E731
-    out, grads = vjp(lambda *a: _call(kind, *a, chunk_size=5, **kw))(*args)
+    out, grads = vjp(lambda *a: _call(kind, *a, chunk_size=chunk, **kw))(*args)
     ref, ref_grads = vjp(lambda *a: _ref(kind, *a, **kw))(*args)
     np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-12)
     for name, a, b in zip("qkvgb", grads, ref_grads):
@@ -149,6 +153,32 @@ def test_bfloat16_at_8192_with_strong_decays_and_beta_one(kind, channel):
   assert float(jnp.max(err)) < 0.1 * float(jnp.max(jnp.abs(full))) and float(jnp.mean(err)) < 0.02
 
 
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_based_linear_half_equals_the_dense_taylor_kernel(is_causal):
+  """Based's linear half (symmetric 1 + d + d(d+1)/2 features between chunks, 1 + z + z²/2 from the raw
+  dot product inside them) against the dense quadratic form Σ_s w_ts v_s / Σ_s w_ts, w = 1 + z + z²/2,
+  z = q·k / √d, in float64: GQA, packed segments, padded keys, a chunk (8) that does not divide T = 37."""
+  from efficient_attn.attention import based
+
+  r, Tn, d = np.random.default_rng(8), 37, 5
+  with jax.enable_x64(True):
+    q, k, v = (jnp.asarray(r.normal(size=(B, Tn, h, w))) for h, w in ((N, d), (K, d), (K, HV)))
+    seg = jnp.asarray(np.array([[1] * 10 + [2] * 20 + [3] * 7, [5] * Tn]))
+    mask = jnp.asarray(r.uniform(size=(B, Tn)) > 0.3)
+    out = based.taylor_attention(q, k, v, is_causal=is_causal, segment_ids=seg, mask=mask, chunk_size=8)
+    z = jnp.einsum("btnd,bsnd->bnts", q, jnp.repeat(k, N // K, 2)) / np.sqrt(d)
+    vis = (jnp.tril(jnp.ones((Tn, Tn), bool)) if is_causal else jnp.ones((Tn, Tn), bool))[None, None]
+    w = (1 + z + z * z / 2) * (vis & (seg[:, None, :, None] == seg[:, None, None, :]) & mask[:, None, None, :])
+    den = w.sum(-1).transpose(0, 2, 1)[..., None]
+    ref = jnp.einsum("bnts,bsnh->btnh", w, jnp.repeat(v, N // K, 2)) / jnp.where(den > 0, den, 1.0)
+    np.testing.assert_allclose(out, jnp.where(den > 0, ref, 0.0), rtol=1e-10, atol=1e-12)
+    x = jnp.asarray(r.normal(size=(3, d)))
+    phi = based.taylor_features(x)
+    assert phi.shape == (3, based.num_features(d)) == (3, 1 + d + d * (d + 1) // 2)
+    zz = x @ x.T / np.sqrt(d)
+    np.testing.assert_allclose(phi @ phi.T, 1 + zz + zz * zz / 2, rtol=1e-12)
+
+
 def _family_inputs(kind, Tn, seed=7):
   """The per-token inputs a layer would compute (random but in range), as the family's keywords."""
   r = np.random.default_rng(seed)
@@ -178,6 +208,24 @@ def test_causal_gradients_and_family_decoding(kind):
     o, state = step(state, *jax.tree.map(lambda x: x[:, t:t + 1], (q, k, v, extra)))
     outs.append(o)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), f(k, v, extra), rtol=2e-4, atol=2e-5)
+
+
+def test_bench_feeds_each_family_its_per_token_inputs():
+  """`bench attention` times GLA with per-channel gates and DeltaNet with β from random inputs (as the layer
+  computes them), differentiating through them, not on the pure call's defaults (fixed decays, β = 1/2)."""
+  from efficient_attn.attention import bench
+
+  s = bench.bench_settings(bench.ATTENTION_DEFAULTS, {"variants": ["gla", "gated_deltanet", "retnet"],
+                                                      "seq_lens": [16], "num_heads": 4, "num_kv_heads": 2,
+                                                      "head_dim": 8, "rounds": 1, "min_time": 0}, "t")
+  _, extra = bench._attention_variant("gla", s, 16)
+  assert extra["log_decay"].shape == (1, 16, 2, 8) and float(jnp.max(extra["log_decay"])) < 0
+  assert float(jnp.std(extra["log_decay"])) > 0  # data-dependent, not RetNet's fixed decays
+  _, extra = bench._attention_variant("gated_deltanet", s, 16)
+  assert set(extra) == {"beta", "log_decay"} and extra["beta"].shape == (1, 16, 2)
+  assert bench._attention_variant("retnet", s, 16)[1] == {}
+  rows = bench.bench_attention(s, progress=False)
+  assert [r["variant"] for r in rows] == ["gla", "gated_deltanet", "retnet"] and all(r["time_s"] > 0 for r in rows)
 
 
 def test_bad_inputs_are_one_sentence():

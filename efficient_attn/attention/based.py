@@ -5,11 +5,15 @@
 
 q', k' are the first `feature_dim` (d' = 16, the paper's; at most H) channels of each head's query and
 key (a learned d'-dim projection, since q / k are learned); φ(x) = [1, x̃, x̃ ⊗ x̃ / √2] with
-x̃ = x / d'^¼ is the 2nd-order Taylor expansion of exp(q'·k' / √d') (M = 1 + d' + d'²
-features), run on the linear core (`linear.linear_attention`, chunkwise). The window part is
-`local.local_attention` (w = `window_size`, 64 by default as in the paper). Based alternates
-the two in separate layers; here one layer sums them, so every layer has both exact local
-recall and the global linear state. Decoding: the linear state plus a ring buffer of w keys.
+x̃ = x / d'^¼ is the 2nd-order Taylor expansion of exp(q'·k' / √d'), so φ(q)·φ(k) = 1 + z + z²/2
+with z = q̃·k̃. x̃ ⊗ x̃ is symmetric, so the state keeps its d'(d'+1)/2 distinct products
+(x̃_i² / √2 and x̃_i x̃_j for i < j): M = 1 + d' + d'(d'+1)/2 = 153 features rather than
+1 + d' + d'² = 273, the same kernel. On the linear core (`linear.kernelized_attention`,
+chunkwise) the weights inside a chunk come straight from z (a d'-dim dot product), the
+features only carry earlier chunks. The window part is `local.local_attention`
+(w = `window_size`, 64 by default as in the paper). Based alternates the two in separate
+layers; here one layer sums them, so every layer has both exact local recall and the global
+linear state. Decoding: the linear state plus a ring buffer of w keys.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from efficient_attn.attention import local
+from efficient_attn.attention import linear, local
 from efficient_attn.attention._common import leading_batch_dims
-from efficient_attn.attention.linear import kernelized_flops, linear_attention, linear_init_state, linear_step
+from efficient_attn.attention.linear import kernelized_flops, linear_init_state, linear_step
 from efficient_attn.attention.registry import Family, Shape
 
 
@@ -41,11 +45,44 @@ class BasedOptions:
 
 
 def taylor_features(x):
-  """[..., d'] -> [..., 1 + d' + d'²]: φ(q)·φ(k) = 1 + z + z²/2 with z = q·k / √d' (always > 0)."""
+  """[..., d'] -> [..., 1 + d' + d'(d'+1)/2]: φ(q)·φ(k) = 1 + z + z²/2 with z = q·k / √d' (always > 0).
+
+  The quadratic block lists each distinct product of x̃ = x / d'^¼ once: x̃_i² / √2, then
+  x̃_i x̃_j (i < j), whose dot products sum to (q̃·k̃)² / 2."""
   d = x.shape[-1]
   x = x * d ** -0.25
-  outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], d * d) * 0.5 ** 0.5
-  return jnp.concatenate([jnp.ones_like(x[..., :1]), x, outer], axis=-1)
+  cross = [x[..., i:i + 1] * x[..., i + 1:] for i in range(d - 1)]
+  return jnp.concatenate([jnp.ones_like(x[..., :1]), x, x * x * 0.5 ** 0.5, *cross], axis=-1)
+
+
+def num_features(feature_dim: int) -> int:
+  """M = 1 + d' + d'(d'+1)/2, the length of `taylor_features`."""
+  return 1 + feature_dim + feature_dim * (feature_dim + 1) // 2
+
+
+def taylor_attention(query, key, value, *, mask=None, is_causal=False, segment_ids=None, chunk_size=None):
+  """The linear half of Based: Σ_s (1 + z + z²/2) v_s / Σ_s (1 + z + z²/2), z = q·k / √d (d = the last dim).
+
+  query [B, T, N, d], key [B, S, K, d], value [B, S, K, Hv] -> [B, T, N, Hv]. Chunkwise, the weights
+  inside a chunk come from z directly (O(L·d) per query rather than O(L·M)); earlier chunks
+  enter through the states of `taylor_features` (M = 1 + d + d(d+1)/2)."""
+  fn = "based_attention"
+  p = linear.prepare_kernelized(query, key, value, None, mask, segment_ids, chunk_size, fn)
+  d, dims = query.shape[-1], p.dims
+  q = jnp.asarray(query).astype(p.key_BSKH.dtype)
+  k = p.key_BSKH
+  Kc = k.shape[2]
+
+  def intra(chunks):
+    qc = chunks(q * d ** -0.25)
+    qc = qc.reshape(*qc.shape[:3], Kc, dims.N // Kc, d)  # [B, C, L, K, G, d]
+    z = jnp.einsum("bctkgd,bcskd->bckgts", qc, chunks(k * d ** -0.25))
+    return 1.0 + z + 0.5 * z * z
+
+  out = linear.kernelized_attention(taylor_features(q), taylor_features(k), p.value_BSKH, is_causal=is_causal,
+                                    key_mask_BSK=p.key_mask_BSK, segment_ids=p.segment_ids,
+                                    chunk_size=p.chunk_size, intra_weights=intra)
+  return out.astype(query.dtype)
 
 
 @leading_batch_dims(query_mask=False)
@@ -57,8 +94,8 @@ def based_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
   (`scale`, default H^-½, is the window's). O(T·(d'² + w)·H) time, O(T) memory.
   """
   d = min(feature_dim, query.shape[-1])
-  lin = linear_attention(query[..., :d], key[..., :d], value, mask=mask, is_causal=is_causal,
-                         segment_ids=segment_ids, feature_map=taylor_features, chunk_size=chunk_size)
+  lin = taylor_attention(query[..., :d], key[..., :d], value, mask=mask, is_causal=is_causal,
+                         segment_ids=segment_ids, chunk_size=chunk_size)
   win = local.local_attention(query, key, value, bias, mask, is_causal=is_causal, segment_ids=segment_ids,
                               scale=scale, window=window_size)
   return (lin.astype(jnp.float32) + win.astype(jnp.float32)).astype(query.dtype)
@@ -67,8 +104,7 @@ def based_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
 def _init_state(batch, num_kv_heads, head_dim, *, dtype=None, feature_dim=16, window_size=64, value_head_dim=None,
                 **_):
   Hv, d = value_head_dim or head_dim, min(feature_dim, head_dim)
-  return {"linear": linear_init_state(batch, num_kv_heads, 1 + d + d * d, Hv,
-                                      dtype or jnp.float32),
+  return {"linear": linear_init_state(batch, num_kv_heads, num_features(d), Hv, dtype or jnp.float32),
           "local": local.FAMILY.init_state(batch, num_kv_heads, head_dim, dtype=dtype, window=window_size,
                                            value_head_dim=value_head_dim)}
 
@@ -88,7 +124,8 @@ def _check(o: BasedOptions, shape: Shape) -> None:
 
 def _flops(o: BasedOptions, shape: Shape) -> dict:
   d, N, K = min(o.feature_dim, shape.head_dim), shape.num_heads, shape.num_kv_heads
-  lin = kernelized_flops(shape, 1 + d + d * d, o.chunk_size, (N + K) * d * d)
+  # Features: d(d+1)/2 products per query and key head; intra-chunk pair: z (2d), 1 + z + z²/2 (3).
+  lin = kernelized_flops(shape, num_features(d), o.chunk_size, (N + K) * d * (d + 1) / 2, pair=2 * d + 3)
   win = local.FAMILY.flops_per_token(local.LocalOptions(window=o.window_size), shape)
   return {"ideal": lin["ideal"] + win["ideal"], "executed": lin["executed"] + win["executed"]}
 

@@ -95,21 +95,33 @@ def _variant(name: str, s: dict) -> tuple[Any, Any]:
   return family, family.make_options({**s["attention_options"].get(family.name, {}), **extra})
 
 
-def _attention_variant(name: str, s: dict, T: int) -> Callable[..., Any]:
-  """The attention call `f(q, k, v)` that variant `name` benchmarks at length T, derived from its family
-  record: the prepared options (e.g. sparse's layout, built once) and its buffers (the Performer's projection)."""
+def _attention_variant(name: str, s: dict, T: int) -> tuple[Callable[..., Any], dict]:
+  """(f(q, k, v, inputs), inputs): the attention call variant `name` benchmarks at length T, derived from its
+  family record: the prepared options (e.g. sparse's layout, built once), its buffers (the Performer's
+  projection) and, for a family with per-token inputs (GLA / Mamba-2 gates, DeltaNet's β), those inputs as
+  its layer computes them from a random x [B, T, N·H] with freshly initialised input params; the bench
+  differentiates through them too, as training does."""
   from efficient_attn import attention
 
   causal = s["causal"]
   if name in (BASELINE, JAX_NN_CUDNN):
     impl = "xla" if name == BASELINE else "cudnn"
-    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+    return (lambda q, k, v, extra: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)), {}
   family, options = _variant(name, s)
   shape = attention.Shape(T, T, s["num_heads"], s["num_kv_heads"], s["head_dim"], causal)
   kw = family.call_kwargs(options, shape)
+  rng_buffers, rng_params, rng_x = jax.random.split(jax.random.PRNGKey(s["seed"]), 3)
   if family.buffers is not None:
-    kw.update(family.buffers(jax.random.PRNGKey(s["seed"]), options, shape))
-  return lambda q, k, v: family.fn(q, k, v, is_causal=causal, **kw)
+    kw.update(family.buffers(rng_buffers, options, shape))
+  extra = {}
+  if family.inputs is not None:
+    d_model = s["num_heads"] * s["head_dim"]
+    spec = family.input_params(options, shape, d_model)
+    params = {n: init(k, shp, jax.numpy.float32)
+              for (n, (shp, _, init)), k in zip(sorted(spec.items()), jax.random.split(rng_params, len(spec)))}
+    x = jax.random.normal(rng_x, (s["batch"], T, d_model), jax.numpy.dtype(s["dtype"]))
+    extra = family.inputs(params, x, options, shape)
+  return (lambda q, k, v, extra: family.fn(q, k, v, is_causal=causal, **kw, **extra)), extra
 
 
 def _flops(name: str, s: dict, T: int) -> dict:
@@ -195,16 +207,18 @@ def bench_attention(settings: dict | None = None, progress: bool = True) -> list
     args = (jax.random.normal(kq, (B, T, N, H), dtype), jax.random.normal(kk, (B, T, K, H), dtype),
             jax.random.normal(kv, (B, T, K, H), dtype), jax.random.normal(kc, (B, T, N, H), dtype))
     compiled = []
+    calls = []
     for name in names:
-      attn = _attention_variant(name, s, T)
+      attn, extra = _attention_variant(name, s, T)
 
-      def loss(q, k, v, ct, attn=attn):  # the cotangent is an argument, not a constant XLA could fold
-        return jnp.sum(attn(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32))
+      def loss(q, k, v, extra, ct, attn=attn):  # the cotangent is an argument, not a constant XLA could fold
+        return jnp.sum(attn(q, k, v, extra).astype(jnp.float32) * ct.astype(jnp.float32))
 
-      compiled.append(compile_fn(jax.grad(loss, argnums=(0, 1, 2)), *args))
+      # Gradients w.r.t. q, k, v and the family's per-token inputs (gates, β).
+      compiled.append(compile_fn(jax.grad(loss, argnums=(0, 1, 2, 3)), *args[:3], extra, args[3]))
+      calls.append(lambda c=compiled[-1], extra=extra: c(*args[:3], extra, args[3]))
       bar.update()
-    times = interleaved_times([lambda c=c: c(*args) for c in compiled], s["rounds"], s["repeats"], s["min_time"],
-                              on_round=bar.update)
+    times = interleaved_times(calls, s["rounds"], s["repeats"], s["min_time"], on_round=bar.update)
     for name, c, ts in zip(names, compiled, times):
       row = {"variant": name, "seq_len": T, **spread(ts), "times_s": ts, "temp_bytes": temp_bytes(c),
              **_flops(name, s, T), "options": _options(name, s), "settings": run,

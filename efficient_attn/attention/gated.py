@@ -36,7 +36,8 @@ import numpy as np
 from efficient_attn.attention._common import Dims, check_mask, check_qkv, split_segment_ids, stats_dtype
 
 DEFAULT_CHUNK_SIZE = 64          # scalar decays: the L x L form is a matmul
-DEFAULT_CHANNEL_CHUNK_SIZE = 16  # per-channel decays: an L x L x H elementwise form
+DEFAULT_CHANNEL_CHUNK_SIZE = 16  # per-channel decays: one l x l x H elementwise block (see `channel_scores`)
+SUBCHUNK_SIZE = 16               # per-channel decays: the l x l x H elementwise blocks on the diagonal
 
 
 class Recurrent(NamedTuple):
@@ -126,8 +127,16 @@ def runs(ids_BCL, L: int) -> Runs:
 
 
 def masked_exp(x, ok):
-  """exp(x) where ok, else exactly 0 (the mask is applied before exp: no inf·0, zero gradients)."""
-  return jnp.exp(jnp.where(ok, x, -jnp.inf)) if ok is not None else jnp.exp(x)
+  """exp(x) where ok, else exactly 0, for x ≤ 0 wherever ok (every exponent here is a log-decay difference).
+
+  exp(x − relu(x)) · ok: a masked entry (whose x may be large and positive) becomes exp(0) · 0, so
+  nothing overflows and its gradient is exactly 0; where x ≤ 0 it is exp(x) with the gradient of
+  exp. Written with a float mask rather than `where(ok, x, -inf)`: XLA:CPU's select is ~3x slower
+  than a multiply on these [.., L, L, ..] tensors.
+  """
+  if ok is None:
+    return jnp.exp(x)
+  return jnp.exp(x - jax.nn.relu(x)) * ok.astype(x.dtype)
 
 
 def incoming_states(decay, update):
@@ -147,6 +156,70 @@ def incoming_states(decay, update):
   return jnp.moveaxis(s_in, 0, 1)
 
 
+def _diag_decay(b, ok):
+  """exp(b_t − b_s) where ok[t, s], else 0: b [B, C, n, l, K, H], ok [B|1, C|1, n, l, l] -> [B, C, n, l, l, K, H]."""
+  return masked_exp(b[:, :, :, :, None] - b[:, :, :, None, :], ok[..., None, None])
+
+
+@jax.custom_vjp
+def _diag_scores(q, k, b, ok):
+  """a[.., n, k, g, t, s] = Σ_h q_t[h] k_s[h] exp(b_t[h] − b_s[h]) for t, s in sub-chunk n where ok (else 0).
+
+  q [B, C, n, l, K, G, H], k and b [B, C, n, l, K, H], ok bool [B|1, C|1, n, l, l]. The backward
+  recomputes the decays and uses ∂/∂b_i = Σ_g q_ig ⊙ dq_ig − k_i ⊙ dk_i (b_i enters every pair as
+  +b_t when i = t and −b_s when i = s), instead of materialising the gradient of the [l, l, H] decays.
+  """
+  return jnp.einsum("bcntkgh,bcnskh,bcntskh->bcnkgts", q, k, _diag_decay(b, ok))
+
+
+def _diag_fwd(q, k, b, ok):
+  return _diag_scores(q, k, b, ok), (q, k, b, ok)
+
+
+def _diag_bwd(res, da):
+  q, k, b, ok = res
+  w = _diag_decay(b, ok)
+  dq = jnp.einsum("bcnkgts,bcnskh,bcntskh->bcntkgh", da, k, w)
+  dk = jnp.einsum("bcnkgts,bcntkgh,bcntskh->bcnskh", da, q, w)
+  return dq, dk, jnp.sum(q * dq, axis=-2) - k * dk, None
+
+
+_diag_scores.defvjp(_diag_fwd, _diag_bwd)
+
+
+def channel_scores(q, k, b, pairs, l: int):
+  """Intra-chunk scores with per-channel decays, A_ts = Σ_h q_t[h] k_s[h] exp(b_t[h] − b_s[h]) where pairs[t, s].
+
+  q [B, C, L, K, G, H], k and b [B, C, L, K, H] (b: cumulative log-decay from the chunk start),
+  pairs bool [B|1, C|1, L, L] -> [B, C, K, G, L, L]. Two levels (GLA §4, secondary chunking): the
+  chunk is cut into sub-chunks of l; a pair inside one sub-chunk takes the exact elementwise
+  decay (an l x l x H block); a pair across sub-chunks (query sub-chunk i, earlier key) factors
+  through the position r_i just before sub-chunk i, exp(b_t − b_s) = exp(b_t − b_r) · exp(b_r − b_s),
+  both exponents ≤ 0, so it is a matmul of (q ⊙ exp(b − b_r)) with each earlier key ⊙ exp(b_r − b_s).
+  Elementwise work per token O((l + L/l)·H) instead of O(L·H).
+  """
+  B, C, L = q.shape[:3]
+  n = L // l if L % l == 0 else 1
+  l = L // n
+  sub = lambda x: x.reshape(x.shape[0], x.shape[1], n, l, *x.shape[3:])  # noqa: E731
+  qs, bs = sub(q), sub(b)
+  blocks = pairs.reshape(*pairs.shape[:2], n, l, n, l)
+  ok = jnp.moveaxis(jnp.diagonal(blocks, axis1=2, axis2=4), -1, 2)     # [B|1, C|1, n, l, l]
+  a_diag = _diag_scores(qs, sub(k), bs, ok)                             # [B, C, n, K, G, l, l]
+  if n == 1:
+    return a_diag[:, :, 0]
+  eye = jnp.eye(n, dtype=a_diag.dtype)
+  a = jnp.einsum("bcnkgts,nm->bckgntms", a_diag, eye).reshape(B, C, *a_diag.shape[3:5], L, L)
+  ref = jnp.concatenate([jnp.zeros_like(bs[:, :, :1, -1]), bs[:, :, :-1, -1]], axis=2)   # [B, C, n, K, H]
+  q_hat = qs * jnp.exp(bs - ref[:, :, :, None])[:, :, :, :, :, None]                   # [B, C, n, l, K, G, H]
+  earlier = jnp.arange(L)[None, :] < (jnp.arange(n) * l)[:, None]                      # [n, L]: s before sub-chunk i
+  k_hat = k[:, :, None] * masked_exp(ref[:, :, :, None] - b[:, :, None], earlier[None, None, :, :, None, None])
+  a_off = jnp.einsum("bcitkgh,bciskh->bckgits", q_hat, k_hat).reshape(a.shape)
+  if pairs.shape[0] > 1 or pairs.shape[1] > 1:  # segments: drop cross-document pairs
+    a_off = jnp.where(pairs[:, :, None, None], a_off, 0.0)
+  return a + a_off
+
+
 def _gated_causal(q_BTKGH, k_BTKH, v_BTKV, g, ids_BT, L):
   """Causal chunkwise gated recurrence; g [B, T, K] or [B, T, K, H]. Returns [B, T, K, G, Hv]."""
   T = q_BTKGH.shape[1]
@@ -156,11 +229,10 @@ def _gated_causal(q_BTKGH, k_BTKH, v_BTKV, g, ids_BT, L):
   b = jnp.cumsum(chunks(g if per_channel else g[..., None], L), axis=2)  # [B, C, L, K, H or 1]
   b_end = b[:, :, -1:]
   # Intra-chunk: weight of key s for query t is q_t·(k_s ⊙ exp(b_t − b_s)), t ≥ s in one run.
-  rel = b[:, :, :, None] - b[:, :, None, :]                            # [B, C, T, S, K, H or 1]
-  w = masked_exp(rel, r.pairs_BCTS[..., None, None])
   if per_channel:
-    a_BCKGTS = jnp.einsum("bctkgh,bcskh,bctskh->bckgts", q, k, w)
+    a_BCKGTS = channel_scores(q, k, b, r.pairs_BCTS, min(SUBCHUNK_SIZE, L))
   else:
+    w = masked_exp(b[:, :, :, None] - b[:, :, None, :], r.pairs_BCTS[..., None, None])  # [B, C, T, S, K, 1]
     a_BCKGTS = jnp.einsum("bctkgh,bcskh->bckgts", q, k) * jnp.moveaxis(w[..., 0], 4, 2)[:, :, :, None]
   out = jnp.einsum("bckgts,bcskv->bctkgv", a_BCKGTS, v)
   # Chunk states: key s enters at exp(b_end − b_s); the carried state decays by exp(b_end).

@@ -177,8 +177,11 @@ def _add_carry(num, den, phi_q_BCTKGM, kv_BCKMH, z_BCKM, use_BCT, m_in_BCK=None,
   return num, den
 
 
-def _chunked(phi_q_BCTKGM, phi_k_BCSKM, v_BCSKH, ids, is_causal, m_BCSK=None):
-  """Numerator [B,C,T,K,G,H] and denominator [B,C,T,K,G] of chunked kernelized attention."""
+def _chunked(phi_q_BCTKGM, phi_k_BCSKM, v_BCSKH, ids, is_causal, m_BCSK=None, a_BCKGTS=None):
+  """Numerator [B,C,T,K,G,H] and denominator [B,C,T,K,G] of chunked kernelized attention.
+
+  a_BCKGTS: the intra-chunk weights φq·φk if the caller has a cheaper exact form (Based's
+  Taylor kernel from the raw dot product), with masked / padded keys already zero."""
   L = phi_q_BCTKGM.shape[2]
   vis_BCTS = jnp.ones((1, 1, L, L), bool)
   if is_causal:
@@ -187,7 +190,8 @@ def _chunked(phi_q_BCTKGM, phi_k_BCSKM, v_BCSKH, ids, is_causal, m_BCSK=None):
     q_ids_BCT, kv_ids_BCS = ids
     vis_BCTS = vis_BCTS & (q_ids_BCT[:, :, :, None] == kv_ids_BCS[:, :, None, :])
   # Exact quadratic form inside each chunk.
-  a_BCKGTS = jnp.einsum("bctkgm,bcskm->bckgts", phi_q_BCTKGM, phi_k_BCSKM)
+  if a_BCKGTS is None:
+    a_BCKGTS = jnp.einsum("bctkgm,bcskm->bckgts", phi_q_BCTKGM, phi_k_BCSKM)
   if m_BCSK is not None:  # weight exp(m_s − m_t) <= 1 for visible pairs; masked before exp (no inf · 0)
     rel_BCKTS = jnp.moveaxis(m_BCSK, -1, 2)[:, :, :, None, :] - jnp.moveaxis(m_BCSK, -1, 2)[:, :, :, :, None]
     rel_BCKTS = jnp.where(vis_BCTS[:, :, None], rel_BCKTS, -jnp.inf)
@@ -209,7 +213,7 @@ def _chunked(phi_q_BCTKGM, phi_k_BCSKM, v_BCSKH, ids, is_causal, m_BCSK=None):
 
 
 def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False, key_mask_BSK=None,
-                         segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE, key_max_BSK=None):
+                         segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE, key_max_BSK=None, intra_weights=None):
   """Masked kernel attention from features: Σ vis·(φq·φk) v / Σ vis·(φq·φk), [B, T, N, Hv].
 
   Computed in float32, or float64 for float64 inputs; value [B, S, K, Hv] may have its own head dim.
@@ -226,6 +230,11 @@ def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False,
   key s <= t by exp(m_s − m_t) <= 1, so every feature is relative to the keys t has seen:
   output t depends on keys <= t only (the Performer's causal stabiliser; decoding
   rescales its state the same way).
+
+  intra_weights (chunked path only): a callable `chunks -> a [B, C, K, G, L, L]` giving the
+  exact φq·φk inside each chunk more cheaply than from the features (e.g. Based's Taylor
+  kernel, 1 + z + z²/2 from the raw dot product z); `chunks(x)` pads [B, T, ...] to whole
+  chunks and returns [B, C, L, ...]. Masked and padded keys are zeroed here.
   """
   B, T, N, M = phi_q_BTNM.shape
   _, S, K, _ = phi_k_BSKM.shape
@@ -255,7 +264,17 @@ def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False,
     m = chunks(pad(jax.lax.stop_gradient(key_max_BSK.astype(acc)), S, mode="edge"))
     if m.shape[-1] != K:
       m = jnp.broadcast_to(m, (*m.shape[:-1], K))
-  num, den = _chunked(chunks(pad(phi_q, T)), chunks(pad(phi_k, S)), chunks(pad(v, S)), ids, is_causal, m)
+  a = None
+  if intra_weights is not None:
+    if key_max_BSK is not None:
+      raise ValueError("kernelized_attention: `intra_weights` does not take a running stabiliser `key_max_BSK`.")
+    a = intra_weights(lambda x: chunks(pad(x, x.shape[1])))
+    keep_BS1 = jnp.arange(P)[None, :, None] < S
+    if key_mask_BSK is not None:
+      keep_BS1 = keep_BS1 & pad(key_mask_BSK, S)
+    keep_BCSK = chunks(jnp.broadcast_to(keep_BS1, (B, P, K)))
+    a = a * jnp.moveaxis(keep_BCSK, 3, 2)[:, :, :, None, None, :].astype(acc)
+  num, den = _chunked(chunks(pad(phi_q, T)), chunks(pad(phi_k, S)), chunks(pad(v, S)), ids, is_causal, m, a)
   return _normalise(num, den).reshape(B, P, N, H)[:, :T]
 
 
@@ -381,11 +400,12 @@ class LinearOptions:
       raise ValueError(f"chunk_size={self.chunk_size!r} must be a positive integer or None.")
 
 
-def kernelized_flops(shape: Shape, M: int, chunk_size: int | None, features: float) -> dict:
+def kernelized_flops(shape: Shape, M: int, chunk_size: int | None, features: float, pair: float | None = None) -> dict:
   """FLOPs per token of the kernelized core with M features (+ `features` for computing them).
 
   A state update 2·K·M·H (+ K·M for Σφ(k)) and a read-out 2·N·M·(H+1) per token; causal is
   chunkwise: the exact L x L form inside a chunk, its causal half ideal, all of it executed.
+  `pair`: FLOPs of one intra-chunk weight φq·φk per query head (default 2·M).
   """
   T, _, N, K, H, causal = shape
   update = K * M * (2 * H + 1)   # Σφ(k)vᵀ and Σφ(k)
@@ -394,7 +414,7 @@ def kernelized_flops(shape: Shape, M: int, chunk_size: int | None, features: flo
     return {"ideal": features + update + readout, "executed": features + update + readout}
   L = min(chunk_size or DEFAULT_CHUNK_SIZE, T)
   padded = -(-T // L) * L
-  intra = N * (2 * M + 2 * H + 1)  # per (query, key) pair inside a chunk: φq·φk, a·v, Σa
+  intra = N * ((2 * M if pair is None else pair) + 2 * H + 1)  # per (query, key) pair inside a chunk: φq·φk, a·v, Σa
   r = T % L
   pairs = ((T // L) * L * (L + 1) / 2 + r * (r + 1) / 2) / T  # causal half, per real token
   return {"ideal": features + update + readout + intra * pairs,
