@@ -20,7 +20,7 @@ import os
 from efficient_attn.config import ConfigError
 from efficient_attn.experiment import attention_option, check_attention_variants, line_plot
 
-from ._papers import ZOOLOGY_NOTE
+from ._papers import MQAR_PUBLISHED, MQAR_PUBLISHED_NOTE, ZOOLOGY_NOTE
 
 
 
@@ -130,10 +130,11 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
   widths = sorted({r["d_model"] for r in rows})
   cell = {(r["family"], r["d_model"]): r for r in rows}
   head = "| family | " + " | ".join(f"d={w}" for w in widths) + " |"
-  acc = [head, "|---|" + "---|" * len(widths)]
+  acc = [head + " published: source; setting; outcome |", "|---|" + "---|" * (len(widths) + 1)]
   speed = [head, "|---|" + "---|" * len(widths)]
   for f in dict.fromkeys(r["family"] for r in rows):
-    acc.append(f"| {f} | " + " | ".join(_accuracy(cell.get((f, w))) for w in widths) + " |")
+    acc.append(f"| {f} | " + " | ".join(_accuracy(cell.get((f, w))) for w in widths)
+               + f" | {'; '.join(MQAR_PUBLISHED.get(f, ('-',)))} |")
     speed.append(f"| {f} | " + " | ".join(f"{cell[f, w]['tokens_per_sec']:.0f}" if (f, w) in cell else "-"
                                           for w in widths) + " |")
   chance = 100 / (cfg["vocab_size"] - cfg["vocab_size"] // 2)
@@ -152,6 +153,7 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
       f" {attention_option(cfg, 'performer', 'num_features')}, linear = elu+1 features (M = head dim). Accuracy (%) on"
       f" {cfg['eval_examples']} held-out rows ({cfg['eval_examples'] * cfg['num_kv_pairs']} queries); guessing"
       f" a value scores {chance:.1f}%.\n\n" + "\n".join(acc)
+      + f"\n\n{MQAR_PUBLISHED_NOTE}"
       + f"\n\n90% accuracy reached by: {'; '.join(verdict)}. Zoology sweeps learning rates and trains to"
       " convergence; here every variant gets the same short run at one learning rate, so a model near chance"
       " may need more steps as well as more width. NaN: the loss became non-finite and training stopped there."

@@ -43,6 +43,27 @@ def test_packing_keeps_documents_apart():
   np.testing.assert_array_equal(ex["weights"] == 1.0, same)
 
 
+def test_packing_equals_joining_the_epochs_documents_in_order():
+  """The stream against the plain definition: epoch e joins the documents in the order
+  permutation(seed, e) and cuts consecutive rows of seq_len + 1; segment ids count document
+  pieces from 1 in every row. Documents of uneven lengths, batches inside and across epochs."""
+  docs = [bytes([65 + i % 26]) * (3 + (7 * i) % 11) for i in range(30)]
+  s = PackedStream(docs, 6, 3, seed=4)
+  L, per_epoch = 7, s.batches_per_epoch
+  for i in (0, 1, per_epoch - 1, per_epoch, 2 * per_epoch + 2):
+    epoch, j = divmod(i, per_epoch)
+    order = np.random.default_rng([4, epoch]).permutation(len(docs))
+    joined = b"".join(docs[d] for d in order)
+    owner = np.concatenate([[k] * len(docs[d]) for k, d in enumerate(order)])
+    rows = slice(j * 3 * L, (j + 1) * 3 * L)
+    want = np.frombuffer(joined, np.uint8)[rows].reshape(3, L)
+    doc = owner[rows].reshape(3, L)
+    seg = np.cumsum(np.concatenate([np.ones((3, 1), int), (doc[:, 1:] != doc[:, :-1])], 1), 1)
+    got = s.batch(i)
+    np.testing.assert_array_equal(got["tokens"], want)
+    np.testing.assert_array_equal(got["segment_ids"], seg)
+
+
 def test_batches_are_a_pure_function_of_the_index():
   docs = [bytes([i]) * (10 + i) for i in range(20)]
   a, b = PackedStream(docs, 7, 3, seed=1), PackedStream(docs, 7, 3, seed=1)

@@ -71,7 +71,7 @@ def test_listops_smoke_resume(tmp_path, monkeypatch):
 
 
 def test_mqar_smoke_resume(tmp_path, monkeypatch):
-  from efficient_attn._experiments._papers import ZOOLOGY_NOTE
+  from efficient_attn._experiments._papers import MQAR_PUBLISHED, MQAR_PUBLISHED_NOTE, ZOOLOGY_NOTE
 
   out = _run("mqar", tmp_path)
   cfg = experiment.resolve_config(mqar, {"smoke": True})
@@ -81,7 +81,8 @@ def test_mqar_smoke_resume(tmp_path, monkeypatch):
   for r in out["rows"]:
     _check_row(r, cfg["steps"])
     assert f"| {r['family']} | {100 * r['accuracy']:.1f} |" in summary
-  assert ZOOLOGY_NOTE in summary and "| family | d=16 |" in summary
+  assert ZOOLOGY_NOTE in summary and "| family | d=16 | published: source; setting; outcome |" in summary
+  assert MQAR_PUBLISHED_NOTE in summary and "; ".join(MQAR_PUBLISHED["softmax"]) in summary
   _no_rerun(mqar, monkeypatch)
   assert _run("mqar", tmp_path)["rows"] == out["rows"]
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from efficient_attn.data import build, sources, tokenizer as tokenizers_lib
-from efficient_attn.data.text import DataError
+from efficient_attn.data.text import TokenStream  # noqa: F401  (re-exported: the stream a Store opens)
 
 FORMAT = build.FORMAT
 
@@ -127,53 +127,6 @@ def open_store(d, *, progress: bool | None = None) -> Store:
       time.sleep(0.5)  # another process is building this store
   with open(os.path.join(path, "meta.json")) as f:
     return Store(path, json.load(f))
-
-
-class TokenStream:
-  """Packed rows of `seq_len + 1` tokens over a memory-mapped split (same batches as `text.PackedStream`).
-
-  `batch(i)` returns global batch i: tokens [B, seq_len + 1] int32, segment_ids [B, seq_len + 1] int32.
-  Epoch e uses a document order permuted by (seed, e); batches never straddle epochs.
-  """
-
-  def __init__(self, tokens: np.ndarray, offsets: np.ndarray, *, seq_len: int, batch_size: int, seed: int = 0):
-    self.tokens, self.offsets = tokens, offsets
-    self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-    self.lengths = np.diff(np.asarray(offsets))
-    total = int(offsets[-1]) if len(offsets) else 0
-    self.rows_per_epoch = total // (seq_len + 1)
-    self.batches_per_epoch = self.rows_per_epoch // batch_size
-    if self.batches_per_epoch < 1:
-      raise DataError(f"the corpus has {total} tokens, fewer than one batch of {batch_size} x"
-                      f" {seq_len + 1}; lower train.batch_size or train.seq_len, or add data.")
-    self._epoch, self._cache = None, None
-
-  def _epoch_arrays(self, epoch: int):
-    if self._epoch != epoch:
-      order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
-      self._epoch, self._cache = epoch, (order, np.cumsum(self.lengths[order]))
-    return self._cache
-
-  def batch(self, i: int, shard: int = 0, num_shards: int = 1) -> dict[str, np.ndarray]:
-    """Global batch i, or its contiguous block of rows `shard` of `num_shards` (one per process)."""
-    epoch, j = divmod(i, self.batches_per_epoch)
-    order, ends = self._epoch_arrays(epoch)
-    L, rows = self.seq_len + 1, self.batch_size // num_shards
-    start = (j * self.batch_size + shard * rows) * L
-    stop = start + rows * L
-    tok, doc = np.empty(rows * L, np.int32), np.empty(rows * L, np.int64)
-    k, pos = int(np.searchsorted(ends, start, side="right")), start
-    while pos < stop:  # copy the pieces of the documents that cover [start, stop)
-      d = order[k]
-      doc_start = int(ends[k]) - int(self.lengths[d])
-      a, b = pos - doc_start, min(stop, int(ends[k])) - doc_start
-      base = int(self.offsets[d])
-      tok[pos - start:pos - start + b - a] = self.tokens[base + a:base + b]
-      doc[pos - start:pos - start + b - a] = k
-      pos, k = pos + b - a, k + 1
-    tok, doc = tok.reshape(rows, L), doc.reshape(rows, L)
-    seg = np.cumsum(np.concatenate([np.ones((rows, 1), np.int64), np.diff(doc, axis=1) != 0], 1), 1)
-    return {"tokens": tok, "segment_ids": seg.astype(np.int32)}
 
 
 def resolve_vocab(cfg):

@@ -14,8 +14,9 @@ to predict the first byte of the next document.
 Batch i of the stream is a pure function of (seed, i): the iterator position
 saved in a checkpoint is one integer, and resuming reproduces the same batches.
 
-Training reads the same packing from a memory-mapped token store (`store.TokenStream`, any
-tokenizer and source); `PackedStream` is the in-memory reference it is tested against.
+One packing core, `TokenStream` (documents laid end to end in a token array + offsets), serves both
+the in-memory bytes of the default corpus (`PackedStream`) and a memory-mapped token store split
+(`store.Store.stream`, any tokenizer and source).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import glob
 import os
 import sysconfig
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -100,48 +100,69 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[bytes], 
   return train, val
 
 
-@dataclass
-class PackedStream:
-  """Packed rows of `seq_len + 1` byte tokens from a list of documents.
+class TokenStream:
+  """Packed rows of `seq_len + 1` tokens from documents laid end to end in one token array
+  (a memory-mapped store split, `store.Store.stream`, or in-memory bytes, `PackedStream`).
 
-  `batch(i)` returns global batch i as numpy arrays:
-    tokens [B, seq_len + 1] int32, segment_ids [B, seq_len + 1] int32.
-  Epoch e uses a document order permuted by (seed, e); batches never straddle epochs.
+  tokens [total] (any integer dtype), offsets [num_docs + 1]: document d is tokens[offsets[d]:offsets[d + 1]].
+  `batch(i)` returns global batch i: tokens [B, seq_len + 1] int32, segment_ids [B, seq_len + 1] int32.
+  Epoch e uses a document order permuted by (seed, e); batches never straddle epochs. Per epoch only the
+  order and its cumulative ends are held (~16 bytes per document); a batch copies just its rows.
   """
 
-  docs: list[bytes]
-  seq_len: int
-  batch_size: int
-  seed: int = 0
+  unit = "tokens"  # how the refusal of a too-small corpus counts it
 
-  def __post_init__(self):
-    total = sum(len(d) for d in self.docs)
-    self.rows_per_epoch = total // (self.seq_len + 1)
-    self.batches_per_epoch = self.rows_per_epoch // self.batch_size
+  def __init__(self, tokens: np.ndarray, offsets: np.ndarray, *, seq_len: int, batch_size: int, seed: int = 0):
+    self.tokens, self.offsets = tokens, offsets
+    self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+    self.lengths = np.diff(np.asarray(offsets))
+    total = int(offsets[-1]) if len(offsets) else 0
+    self.rows_per_epoch = total // (seq_len + 1)
+    self.batches_per_epoch = self.rows_per_epoch // batch_size
     if self.batches_per_epoch < 1:
-      raise DataError(f"the corpus has {total} bytes, fewer than one batch of {self.batch_size} x"
-                      f" {self.seq_len + 1}; lower train.batch_size or train.seq_len, or add data.")
+      raise DataError(f"the corpus has {total} {self.unit}, fewer than one batch of {batch_size} x"
+                      f" {seq_len + 1}; lower train.batch_size or train.seq_len, or add data.")
     self._epoch, self._cache = None, None
 
   def _epoch_arrays(self, epoch: int):
     if self._epoch != epoch:
-      order = np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
-      tokens = np.frombuffer(b"".join(self.docs[j] for j in order), np.uint8)
-      doc_of = np.repeat(np.arange(len(order), dtype=np.int64), [len(self.docs[j]) for j in order])
-      self._epoch, self._cache = epoch, (tokens, doc_of)
+      order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+      self._epoch, self._cache = epoch, (order, np.cumsum(self.lengths[order]))
     return self._cache
 
   def batch(self, i: int, shard: int = 0, num_shards: int = 1) -> dict[str, np.ndarray]:
     """Global batch i, or its contiguous block of rows `shard` of `num_shards` (one per process)."""
     epoch, j = divmod(i, self.batches_per_epoch)
-    tokens, doc_of = self._epoch_arrays(epoch)
+    order, ends = self._epoch_arrays(epoch)
     L, rows = self.seq_len + 1, self.batch_size // num_shards
     start = (j * self.batch_size + shard * rows) * L
-    tok = tokens[start:start + rows * L].reshape(rows, L).astype(np.int32)
-    doc = doc_of[start:start + rows * L].reshape(rows, L)
-    # Segment ids restart at 1 in every row: a new id wherever the document changes.
+    stop = start + rows * L
+    tok, doc = np.empty(rows * L, np.int32), np.empty(rows * L, np.int64)
+    k, pos = int(np.searchsorted(ends, start, side="right")), start
+    while pos < stop:  # copy the pieces of the documents that cover [start, stop)
+      d = order[k]
+      doc_start = int(ends[k]) - int(self.lengths[d])
+      a, b = pos - doc_start, min(stop, int(ends[k])) - doc_start
+      base = int(self.offsets[d])
+      tok[pos - start:pos - start + b - a] = self.tokens[base + a:base + b]
+      doc[pos - start:pos - start + b - a] = k
+      pos, k = pos + b - a, k + 1
+    tok, doc = tok.reshape(rows, L), doc.reshape(rows, L)
     seg = np.cumsum(np.concatenate([np.ones((rows, 1), np.int64), np.diff(doc, axis=1) != 0], 1), 1)
     return {"tokens": tok, "segment_ids": seg.astype(np.int32)}
+
+
+class PackedStream(TokenStream):
+  """`TokenStream` over a list of byte documents (tokens are bytes, V = 256): the default corpus's
+  stream. `PackedStream(docs, seq_len, batch_size, seed)`; the documents are joined once."""
+
+  unit = "bytes"
+
+  def __init__(self, docs: list[bytes], seq_len: int, batch_size: int, seed: int = 0):
+    self.docs = docs
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs], dtype=np.int64)])
+    super().__init__(np.frombuffer(b"".join(docs), np.uint8), offsets, seq_len=seq_len, batch_size=batch_size,
+                     seed=seed)
 
 
 def lm_example(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
