@@ -3,15 +3,15 @@
 All of it must be set before jax (or datasets) is first imported, which is why it
 lives at the top of conftest.py rather than in a fixture. The persistent
 compilation cache (a fresh temp dir per session, shared with the subprocesses the
-tests start) lets the many identical tiny train steps compile once.
+tests start and with pytest-xdist's workers, which inherit this environment from the
+controller) lets the many identical tiny train steps compile once.
 """
 
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit it
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -176,19 +176,20 @@ FAMILY_OPTIONS = {"softmax": {}, "local": {"window": 32}, "sparse": {"block_size
 def _export_step(cfg: ModelConfig, platform: str, dtype=jnp.float32, T=128) -> str:
   """StableHLO of one AdamW train step of a tiny LM, lowered for `platform` on this CPU host."""
   model, tx = TransformerLM(cfg), optax.adamw(1e-3)
-  tokens = jnp.zeros((2, T), jnp.int32)
-  variables = model.init(jax.random.PRNGKey(0), tokens)
-  params = jax.tree.map(lambda p: p.astype(dtype), variables["params"])
-  batch = {"inputs": tokens, "targets": tokens, "segment_ids": jnp.ones((2, T), jnp.int32),
-           "weights": jnp.ones((2, T), jnp.float32)}
+  tokens = jax.ShapeDtypeStruct((2, T), jnp.int32)
+  # Shapes only (an eager init compiles every op on its own: most of this test's time once).
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, dtype), variables["params"])
+  batch = {"inputs": tokens, "targets": tokens, "segment_ids": tokens,
+           "weights": jax.ShapeDtypeStruct((2, T), jnp.float32)}
 
-  def step(params, opt_state, batch):
-    grads, _ = jax.grad(loss_fn, has_aux=True)(params, batch, model, TrainConfig(), variables.get("buffers"))
+  def step(params, opt_state, batch, buffers):
+    grads, _ = jax.grad(loss_fn, has_aux=True)(params, batch, model, TrainConfig(), buffers)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   exported = jax.export.export(jax.jit(step), platforms=[platform], disabled_checks=TRITON)(
-      params, tx.init(params), batch)
+      params, jax.eval_shape(tx.init, params), batch, variables.get("buffers"))
   return exported.mlir_module()
 
 

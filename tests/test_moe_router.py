@@ -77,8 +77,8 @@ def test_aux_is_one_mean_over_moe_layers_looped_or_scanned(scan):
 
   cfg = ModelConfig(num_layers=2, d_model=16, num_heads=2, ffn_dim=32, num_experts=E, scan_layers=scan)
   model, tokens = TransformerLM(cfg), jnp.zeros((2, 8), jnp.int32)
-  variables = model.init(jax.random.key(0), tokens)
-  _, state = model.apply(variables, tokens, mutable=["intermediates"])
+  variables = jax.jit(model.init)(jax.random.key(0), tokens)
+  _, state = jax.jit(lambda v, t: model.apply(v, t, mutable=["intermediates"]))(variables, tokens)
   aux = moe.collect_aux(state["intermediates"])
   assert aux["expert_fraction"].shape == (E,) and aux["load_balancing_loss"].shape == ()
   np.testing.assert_allclose(jnp.sum(aux["expert_fraction"]), 1.0, rtol=1e-6)
