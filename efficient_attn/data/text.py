@@ -159,7 +159,6 @@ class PackedStream(TokenStream):
   unit = "bytes"
 
   def __init__(self, docs: list[bytes], seq_len: int, batch_size: int, seed: int = 0):
-    self.docs = docs
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs], dtype=np.int64)])
     super().__init__(np.frombuffer(b"".join(docs), np.uint8), offsets, seq_len=seq_len, batch_size=batch_size,
                      seed=seed)
