@@ -115,6 +115,28 @@ def test_outputs_and_gradients_match_the_recurrence_in_float64(kind, channel, ch
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10, err_msg=name)
 
 
+@pytest.mark.parametrize("L", [1, 5, 8])
+def test_unit_lower_inverse_and_scale_rows_against_dense_algebra(L):
+  """The blockwise inverse (L padded to a power of two) equals numpy's inverse of I + strict_tril(A), reads
+  only A's strictly lower part, and its gradient equals autodiff through a dense triangular solve; the
+  row scaling's hand-written gradient (s broadcast over an axis) equals autodiff of x * s."""
+  from efficient_attn.attention.delta import unit_lower_inverse
+  with jax.enable_x64(True):
+    r = np.random.default_rng(L)
+    a = jnp.asarray(r.normal(size=(3, L, L)))
+    full = np.eye(L) + np.tril(np.asarray(a), -1)
+    np.testing.assert_allclose(unit_lower_inverse(a), np.linalg.inv(full), rtol=1e-12, atol=1e-12)
+    w = jnp.asarray(r.normal(size=(3, L, L)))
+    dense = lambda a: jax.lax.linalg.triangular_solve(  # noqa: E731
+        jnp.eye(L)[None] + jnp.tril(a, -1), jnp.broadcast_to(jnp.eye(L), a.shape), left_side=True, lower=True)
+    got, want = (jax.grad(lambda a, f=f: jnp.sum(f(a) * w))(a) for f in (unit_lower_inverse, dense))
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    x, s, dy = (jnp.asarray(r.normal(size=z)) for z in ((2, 3, L, 4), (2, 1, L), (2, 3, L, 4)))
+    got, want = (jax.vjp(f, x, s)[1](dy) for f in (gated.scale_rows, lambda x, s: x * s[..., None]))
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind,channel", CASES)
 def test_float32_bidirectional_with_segments_matches_the_recurrence(kind, channel):
   """float32 against the float64 recurrence; a chunk (4) that divides T; is_causal=False sums the

@@ -13,8 +13,9 @@ b_t = Σ_{i ≤ t} g_i (relative to the chunk start) and D_ti = exp(b_t − b_i)
 
     S_t = exp(b_t) S_0 + Σ_{i ≤ t} D_ti k_i u_iᵀ,   u_t = β_t (v_t − exp(b_t) S_0ᵀ k_t − Σ_{i<t} D_ti u_i k_iᵀ k_t)
 
-so (I + strict_tril(diag(β) (K Kᵀ ⊙ D))) U = diag(β) V − diag(β exp(b)) K S_0: one unit
-lower-triangular solve per chunk gives U = Ũ − W S_0 (Ũ, W independent of S_0). Then
+so (I + strict_tril(diag(β) (K Kᵀ ⊙ D))) U = diag(β) V − diag(β exp(b)) K S_0: the inverse of
+that unit lower-triangular matrix (one per chunk, `unit_lower_inverse`) gives U = Ũ − W S_0
+(Ũ, W independent of S_0). Then
 
     O = diag(exp(b)) Q S_0 + (tril(Q Kᵀ) ⊙ D) U,     S_L = (exp(b_L) I − K̂ᵀ W) S_0 + K̂ᵀ Ũ,  K̂_i = exp(b_L − b_i) k_i
 
@@ -29,64 +30,87 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn.attention.gated import (
-    bidirectional, check_one_token, chunks, incoming_states, masked_exp, prepare_recurrent, runs, token_input)
+    bidirectional, check_one_token, chunks, incoming_states, masked_exp, prepare_recurrent, runs, scale_rows, token_input)
 
 DEFAULT_CHUNK_SIZE = 64
 
 
 @jax.custom_vjp
-def unit_lower_solve(a, b):
-  """X = A⁻¹ B for unit lower-triangular A [..., L, L] (its diagonal and upper part are not read)."""
-  return jax.lax.linalg.triangular_solve(a, b, left_side=True, lower=True, unit_diagonal=True)
+def unit_lower_inverse(a):
+  """A⁻¹ for unit lower-triangular A [..., L, L]; only A's strictly lower part is read.
+
+  Blockwise, bottom-up: with the inverses T11, T22 of two diagonal blocks, the inverse of
+  [[A11, 0], [A21, A22]] is [[T11, 0], [−T22 A21 T11, T22]]. log2(L) levels of batched
+  matmuls (L is padded to a power of two with identity): exact substitution reordered, but
+  matmuls instead of LAPACK's per-matrix strsm (XLA:CPU calls it once per chunk and head).
+  The backward is matmuls too: dA = −strict_tril(Tᵀ dT Tᵀ).
+  """
+  L = a.shape[-1]
+  P = 1 << max(L - 1, 0).bit_length()
+  a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, P - L)] * 2)
+  batch, n = a.shape[:-2], 1
+  t = jnp.ones(batch + (P, 1, 1), a.dtype)          # the inverses of the 1 x 1 diagonal blocks
+  while n < P:
+    m = P // (2 * n)
+    blocks = a.reshape(*batch, m, 2 * n, m, 2 * n)
+    a21 = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)[..., n:, :n]  # [..., m, n, n]
+    t = t.reshape(*batch, m, 2, n, n)
+    t11, t22 = t[..., 0, :, :], t[..., 1, :, :]
+    t21 = -(t22 @ (a21 @ t11))
+    t = jnp.concatenate([jnp.concatenate([t11, jnp.zeros_like(t11)], -1), jnp.concatenate([t21, t22], -1)], -2)
+    n *= 2
+  return t.reshape(*batch, P, P)[..., :L, :L]
 
 
-def _solve_fwd(a, b):
-  x = unit_lower_solve(a, b)
-  return x, (a, x)
+def _inverse_fwd(a):
+  t = unit_lower_inverse(a)
+  return t, t
 
 
-def _solve_bwd(res, dx):
-  # dB = A⁻ᵀ dX, dA = −dB Xᵀ on the strictly lower part. Written out because XLA:CPU's own
-  # transpose of the batched solve ran for minutes at T = 8192.
-  a, x = res
-  db = jax.lax.linalg.triangular_solve(a, dx, left_side=True, lower=True, transpose_a=True, unit_diagonal=True)
-  return jnp.tril(-jnp.einsum("...ir,...jr->...ij", db, x), -1), db
+def _inverse_bwd(t, dt):
+  return (jnp.tril(-jnp.einsum("...ji,...jk,...lk->...il", t, dt, t), -1),)
 
 
-unit_lower_solve.defvjp(_solve_fwd, _solve_bwd)
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 
 def _delta_causal(q_BTKGH, k_BTKH, v_BTKV, beta_BTK, g_BTK, ids_BT, L):
-  """Causal chunkwise delta rule. Returns [B, T, K, G, Hv]."""
-  T, H = q_BTKGH.shape[1], k_BTKH.shape[-1]
-  q, k, v = chunks(q_BTKGH, L), chunks(k_BTKH, L), chunks(v_BTKV, L)
-  beta = chunks(beta_BTK, L)                                  # [B, C, L, K]; padding: β = 0
+  """Causal chunkwise delta rule. Returns [B, T, K, G, Hv].
+
+  Works per (chunk, kv head) in [B, C, K, L, ...] layout, with the query heads of a kv head
+  stacked along L (rows t = g·L + l), so that Q Kᵀ and K Kᵀ are one matmul, K̂ᵀ Ũ and K̂ᵀ W
+  one, and Q S_0 and W S_0 one.
+  """
+  T, H, G, Hv = q_BTKGH.shape[1], k_BTKH.shape[-1], q_BTKGH.shape[3], v_BTKV.shape[-1]
+  to_bckl = lambda x: jnp.moveaxis(chunks(x, L), 2, 3)  # noqa: E731  [B, T, K, ...] -> [B, C, K, L, ...]
+  q = jnp.moveaxis(chunks(q_BTKGH, L), 2, 4)            # [B, C, K, G, L, H]
+  B, C, K = q.shape[:3]
+  k, v, beta = to_bckl(k_BTKH), to_bckl(v_BTKV), to_bckl(beta_BTK)  # padding: β = 0
   r = runs(None if ids_BT is None else chunks(ids_BT, L, "edge"), L)
   b = jnp.moveaxis(jnp.cumsum(chunks(g_BTK, L), axis=2), 2, 3)  # [B, C, K, L]
   b_end = b[..., -1:]
-  to_bckl = lambda x: jnp.moveaxis(x, 2, 3)  # noqa: E731  [B, C, L, K, ...] -> [B, C, K, L, ...]
-  d_BCKTS = masked_exp(b[..., :, None] - b[..., None, :], r.pairs_BCTS[:, :, None])
-  gam_BCKL = masked_exp(b, None if r.use_BCT is None else r.use_BCT[:, :, None])
-  kc, vc, bc = to_bckl(k), to_bckl(v), to_bckl(beta)
-  kk = jnp.einsum("bckth,bcksh->bckts", kc, kc)
-  strict = jnp.tril(jnp.ones((1, 1, 1, L, L), bool), -1)
-  tm = jnp.eye(L, dtype=kk.dtype)[None, None, None] + jnp.where(strict, bc[..., None] * kk * d_BCKTS, 0.0)
-  rhs = jnp.concatenate([bc[..., None] * vc, (bc * gam_BCKL)[..., None] * kc], axis=-1)
-  sol = unit_lower_solve(tm, rhs)
-  u0, w = sol[..., :vc.shape[-1]], sol[..., vc.shape[-1]:]    # Ũ [B, C, K, L, Hv], W [B, C, K, L, H]
+  d = masked_exp(b[..., :, None] - b[..., None, :], r.pairs_BCTS[:, :, None])  # [B, C, K, L, L]
+  gam = masked_exp(b, None if r.use_BCT is None else r.use_BCT[:, :, None])
+  scores = jnp.einsum("bckth,bcksh->bckts", jnp.concatenate([q.reshape(B, C, K, G * L, H), k], axis=3), k)
+  a = scores[..., :G * L, :].reshape(B, C, K, G, L, L) * d[:, :, :, None]  # (Q Kᵀ ⊙ D), causal within runs
+  strict = jnp.tril(jnp.ones((L, L), bool), -1)
+  tm = scale_rows(jnp.where(strict, scores[..., G * L:, :] * d, 0.0), beta)  # I + tm is the UT system
+  rhs = scale_rows(jnp.concatenate([v, scale_rows(k, gam)], axis=-1), beta)
+  sol = jnp.einsum("bckts,bcksx->bcktx", unit_lower_inverse(tm), rhs)  # [Ũ | W]: [B, C, K, L, Hv + H]
   # Chunk maps S_0 -> S_L = M S_0 + D, composed over chunks.
-  run = None if r.run_BCS is None else r.run_BCS[:, :, None]
-  k_hat = kc * masked_exp(b_end - b, run)[..., None]
+  k_hat = scale_rows(k, masked_exp(b_end - b, None if r.run_BCS is None else r.run_BCS[:, :, None]))
   decay = jnp.exp(b_end[..., 0])
   if r.keep_BC is not None:
     decay = jnp.where(r.keep_BC[:, :, None], decay, 0.0)
-  m = decay[..., None, None] * jnp.eye(H, dtype=kk.dtype)[None, None, None] - jnp.einsum("bckli,bcklj->bckij", k_hat, w)
-  s_in = incoming_states(m, jnp.einsum("bckli,bcklv->bckiv", k_hat, u0))  # [B, C, K, H, Hv]
-  u = u0 - jnp.einsum("bcklh,bckhv->bcklv", w, s_in)
-  out = jnp.einsum("bctkgh,bckhv->bctkgv", q * jnp.moveaxis(gam_BCKL, 2, 3)[..., None, None], s_in)
-  a = jnp.einsum("bctkgh,bcskh->bckgts", q, k) * d_BCKTS[:, :, :, None]
-  out = out + jnp.einsum("bckgts,bcksv->bctkgv", a, u)
-  return out.reshape(out.shape[0], -1, *out.shape[3:])[:, :T]
+  kts = jnp.einsum("bckli,bcklx->bckix", k_hat, sol)                  # [K̂ᵀ Ũ | K̂ᵀ W]
+  m = decay[..., None, None] * jnp.eye(H, dtype=k.dtype)[None, None, None] - kts[..., Hv:]
+  s_in = incoming_states(m, kts[..., :Hv])                             # [B, C, K, H, Hv]
+  q_in = scale_rows(q, gam[:, :, :, None]).reshape(B, C, K, G * L, H)
+  read = jnp.einsum("bckth,bckhv->bcktv", jnp.concatenate([q_in, sol[..., Hv:]], axis=3), s_in)
+  u = sol[..., :Hv] - read[..., G * L:, :]                             # U = Ũ − W S_0
+  out = read[..., :G * L, :].reshape(B, C, K, G, L, Hv) + jnp.einsum("bckgts,bcksv->bckgtv", a, u)
+  out = jnp.moveaxis(out, 4, 2)                                        # [B, C, L, K, G, Hv]
+  return out.reshape(B, -1, *out.shape[3:])[:, :T]
 
 
 def delta_rule_attention(query, key, value, beta, *, log_decay=None, mask=None, is_causal=True, segment_ids=None,
@@ -99,8 +123,9 @@ def delta_rule_attention(query, key, value, beta, *, log_decay=None, mask=None, 
   as given: the update is a contraction only for ‖k‖ ≤ 1 (the layer L2-normalises q and k).
   `mask`, `segment_ids`, GQA, `scale` (default H^-½) and `is_causal=False` as in
   `gated_linear_attention`. Chunkwise parallel with L = `chunk_size` (default 64; T need
-  not divide it): per chunk one L x L unit-triangular solve (the UT transform) with H + Hv
-  right-hand sides; O(T·L·(H + Hv) + T·H²·Hv/L) time, O(T·L + T·H·(H + Hv)·K/L) memory.
+  not divide it): per chunk the inverse of one L x L unit-triangular matrix (the UT
+  transform) applied to H + Hv right-hand sides; O(T·L·(L + H + Hv) + T·H²·Hv/L) time,
+  O(T·L + T·H·(H + Hv)·K/L) memory.
   Papers: DeltaNet (Schlag et al. 2021; Yang et al. 2024), Gated DeltaNet (Yang et al. 2024).
   """
   fn = "delta_rule_attention"
@@ -139,12 +164,13 @@ def delta_step(state, query_B1NH, key_B1KH, value_B1KH, beta, *, log_decay=None,
 
 def delta_flops(shape, chunk_size, extra: float = 0.0) -> dict:
   """Forward FLOPs per token: ideal = the recurrence (kᵀS, the rank-1 write, the read-out:
-  4·K·H·Hv + 2·N·H·Hv); executed = the chunkwise form (K Kᵀ, the triangular solve with
-  H + Hv right-hand sides, W S_0, Q Kᵀ and A U over all L x L pairs, chunk maps)."""
+  4·K·H·Hv + 2·N·H·Hv); executed = the chunkwise form (K Kᵀ, the blockwise L x L inverse,
+  ≈ ⅔·L³ per chunk, its product with H + Hv right-hand sides, W S_0, Q Kᵀ and A U over all
+  L x L pairs, chunk maps)."""
   T, _, N, K, H, causal = shape
   L = min(chunk_size or DEFAULT_CHUNK_SIZE, T)
   ideal = 4 * K * H * H + 2 * N * H * H + extra
-  pairs = K * 2 * H + K * (2 * H) + N * (2 * H + 2 * H)   # K Kᵀ, solve (≈ L²·(H+Hv) per chunk), Q Kᵀ, A U
+  pairs = K * (2 * H + 2 * L / 3 + 2 * 2 * H) + N * (2 * H + 2 * H)  # K Kᵀ, inverse, T·[V | K], Q Kᵀ, A U
   states = 2 * K * H * H * 3 + 2 * N * H * H + 2 * K * H * H * H / L  # K̂ᵀW, K̂ᵀŨ, W S_0, read-out, M S
   executed = (pairs * L + states) * (-(-T // L) * L) / T + extra
   return {"ideal": ideal * (1 if causal else 2), "executed": executed * (1 if causal else 2)}

@@ -139,6 +139,33 @@ def masked_exp(x, ok):
   return jnp.exp(x - jax.nn.relu(x)) * ok.astype(x.dtype)
 
 
+@jax.custom_vjp
+def scale_rows(x, s):
+  """x * s[..., None]: x [..., n], s [...] (broadcastable against x's leading axes).
+
+  The same product, with the gradient of s written as a contraction (einsum) instead of the
+  multiply-then-reduce autodiff emits: XLA:CPU (jax 0.10, its YNN reduce fusions) runs that
+  reduction over the last axis 20-40x slower than the equivalent dot.
+  """
+  return x * s[..., None]
+
+
+def _scale_rows_fwd(x, s):
+  return x * s[..., None], (x, s)
+
+
+def _scale_rows_bwd(res, dy):
+  x, s = res
+  ds = jnp.einsum("...i,...i->...", dy, x)
+  lead = ds.ndim - s.ndim                     # s may broadcast against x's leading axes
+  ds = jnp.sum(ds, axis=tuple(range(lead)) + tuple(lead + i for i, n in enumerate(s.shape) if n == 1 != ds.shape[lead + i]),
+               keepdims=False)
+  return dy * s[..., None], ds.reshape(s.shape)
+
+
+scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
+
+
 def incoming_states(decay, update):
   """State at each chunk's start from per-chunk (decay, update): S_{c+1} = decay_c ∘ S_c + update_c, S_0 = 0.
 
