@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from efficient_attn.attention import linear, local
 from efficient_attn.attention._common import leading_batch_dims
@@ -47,12 +49,26 @@ class BasedOptions:
 def taylor_features(x):
   """[..., d'] -> [..., 1 + d' + d'(d'+1)/2]: φ(q)·φ(k) = 1 + z + z²/2 with z = q·k / √d' (always > 0).
 
-  The quadratic block lists each distinct product of x̃ = x / d'^¼ once: x̃_i² / √2, then
-  x̃_i x̃_j (i < j), whose dot products sum to (q̃·k̃)² / 2."""
+  φ = [1, x̃, then each distinct product x̃_i x̃_j (i ≤ j), x̃_i² scaled by 1/√2] with x̃ = x / d'^¼;
+  the products' dot products sum to (q̃·k̃)² / 2. Computed as (x̂ P_i) ⊙ (x̂ P_j) with x̂ = [x̃, 1] and
+  0/1 selection matrices P (two small matmuls; a concatenation of d' slices ran ~2x slower on CPU).
+  """
   d = x.shape[-1]
   x = x * d ** -0.25
-  cross = [x[..., i:i + 1] * x[..., i + 1:] for i in range(d - 1)]
-  return jnp.concatenate([jnp.ones_like(x[..., :1]), x, x * x * 0.5 ** 0.5, *cross], axis=-1)
+  i, j, w = _feature_pairs(d)
+  x1 = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1)
+  eye = np.eye(d + 1)
+  pick = lambda p: jnp.matmul(x1, jnp.asarray(p, x.dtype), precision=jax.lax.Precision.HIGHEST)  # noqa: E731  exact on TPU too
+  return pick(eye[:, i]) * pick(eye[:, j] * w)
+
+
+def _feature_pairs(d: int):
+  """Index pairs (i, j) into [x̃, 1] and weights: (d, d) -> 1, (i, d) -> x̃_i, (i, j ≥ i) -> x̃_i x̃_j (√½ if i = j)."""
+  i, j = np.triu_indices(d)
+  i = np.concatenate([[d], np.arange(d), i])
+  j = np.concatenate([[d], np.full(d, d), j])
+  w = np.where((i == j) & (i < d), 0.5 ** 0.5, 1.0)
+  return i, j, w
 
 
 def num_features(feature_dim: int) -> int:

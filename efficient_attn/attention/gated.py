@@ -176,7 +176,7 @@ def incoming_states(decay, update):
 
   def step(S, x):
     d, u = x
-    return (d @ S if matrix else d * S) + u, S
+    return (d @ S if matrix else scale_rows(S, d[..., 0])) + u, S
 
   first = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
   _, s_in = jax.lax.scan(step, jnp.zeros_like(update[:, 0]), (first(decay), first(update)))
