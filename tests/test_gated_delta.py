@@ -95,13 +95,22 @@ def _ref(kind, q, k, v, g, beta, *, mask=None, is_causal=True, **kw):
 CASES = [("gated", False), ("gated", True), ("delta", False)]
 
 
-@pytest.mark.parametrize("kind,channel,chunk,sub", [*(c + (5, 16) for c in CASES), ("gated", True, 6, 2)])
-def test_outputs_and_gradients_match_the_recurrence_in_float64(kind, channel, chunk, sub, monkeypatch):
+# Per-channel decays have two exact forms, chosen at run time: "factorised" (one matmul per chunk, taken
+# when every chunk's log-decay range is at most gated.FACTORISED_MAX_RANGE) and "elementwise" (any decay).
+PATHS = {"factorised": float("inf"), "elementwise": -1.0}
+
+
+@pytest.mark.parametrize("kind,channel,chunk,sub,path", [
+    ("gated", False, 5, 16, None), ("gated", True, 5, 16, "factorised"), ("gated", True, 5, 16, "elementwise"),
+    ("delta", False, 5, 16, None), ("gated", True, 6, 2, "elementwise")])
+def test_outputs_and_gradients_match_the_recurrence_in_float64(kind, channel, chunk, sub, path, monkeypatch):
   """Causal, GQA (N = 4, K = 2), Hv != H, packed segments, padded keys, a chunk (5) that does not divide
   T = 12: outputs and d loss / d (q, k, v, g, β) of the chunkwise form equal the recurrence's. Per-channel
-  decays also with chunks of 6 cut into sub-chunks of 2 (the two-level form: pairs across sub-chunks and
-  documents that start inside a chunk)."""
+  decays through both forms, the elementwise one also with chunks of 6 cut into sub-chunks of 2 (the
+  two-level form: pairs across sub-chunks and documents that start inside a chunk)."""
   monkeypatch.setattr(gated, "SUBCHUNK_SIZE", sub)
+  if path:
+    monkeypatch.setattr(gated, "FACTORISED_MAX_RANGE", PATHS[path])
   with jax.enable_x64(True):
     args = tuple(x.astype(jnp.float64) for x in _inputs(3, channel))
     w = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, N, HV)))
@@ -119,7 +128,9 @@ def test_outputs_and_gradients_match_the_recurrence_in_float64(kind, channel, ch
 def test_unit_lower_inverse_and_scale_rows_against_dense_algebra(L):
   """The blockwise inverse (L padded to a power of two) equals numpy's inverse of I + strict_tril(A), reads
   only A's strictly lower part, and its gradient equals autodiff through a dense triangular solve; the
-  row scaling's hand-written gradient (s broadcast over an axis) equals autodiff of x * s."""
+  row scaling's and linear attention's normaliser's hand-written gradients (s broadcast over an axis; a
+  zero denominator) equal autodiff of the plain expressions."""
+  from efficient_attn.attention import linear
   from efficient_attn.attention.delta import unit_lower_inverse
   with jax.enable_x64(True):
     r = np.random.default_rng(L)
@@ -135,12 +146,22 @@ def test_unit_lower_inverse_and_scale_rows_against_dense_algebra(L):
     got, want = (jax.vjp(f, x, s)[1](dy) for f in (gated.scale_rows, lambda x, s: x * s[..., None]))
     for a, b in zip(got, want):
       np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # linear attention's normaliser num / den (0 where den = 0), same hand-written-gradient idea
+    den = jnp.asarray(np.abs(r.normal(size=(2, 3, L)))).at[0, 0, 0].set(0.0)
+    ref = lambda n, d: jnp.where((d > 0)[..., None], n / jnp.where(d > 0, d, 1.0)[..., None], 0.0)  # noqa: E731
+    (o1, b1), (o2, b2) = ((lambda o, back: (o, back(dy)))(*jax.vjp(f, x, den)) for f in (linear._normalise, ref))
+    np.testing.assert_allclose(o1, o2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(b1, b2):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind,channel", CASES)
-def test_float32_bidirectional_with_segments_matches_the_recurrence(kind, channel):
+@pytest.mark.parametrize("kind,channel,path", [
+    ("gated", False, None), ("gated", True, "factorised"), ("gated", True, "elementwise"), ("delta", False, None)])
+def test_float32_bidirectional_with_segments_matches_the_recurrence(kind, channel, path, monkeypatch):
   """float32 against the float64 recurrence; a chunk (4) that divides T; is_causal=False sums the
   forward and backward recurrences; the delta rule here without a decay (DeltaNet)."""
+  if path:
+    monkeypatch.setattr(gated, "FACTORISED_MAX_RANGE", PATHS[path])
   q, k, v, g, beta = _inputs(1, channel)
   g = jnp.zeros_like(g) if kind == "delta" else g
   mask = jnp.asarray(np.random.default_rng(2).uniform(size=(B, T)) > 0.3)

@@ -272,3 +272,30 @@ def gather_block_pairs(x, block: int, kv_blocks, q_blocks=None):
   qi = q_blocks.reshape(1, u, 1) if mt > 1 else zero
   ki = np.clip(kv_blocks, 0, tk - 1) if ms > 1 else zero
   return x[:, hi, qi, ki].transpose(0, 1, 2, 4, 3, 5)
+
+
+@jax.custom_vjp
+def scale_rows(x, s):
+  """x * s[..., None]: x [..., n], s [...] (broadcastable against x's leading axes).
+
+  The same product, with the gradient of s written as a contraction (einsum) instead of the
+  multiply-then-reduce autodiff emits: XLA:CPU (jax 0.10, its YNN reduce fusions) runs that
+  reduction over the last axis 20-40x slower than the equivalent dot.
+  """
+  return x * s[..., None]
+
+
+def _scale_rows_fwd(x, s):
+  return x * s[..., None], (x, s)
+
+
+def _scale_rows_bwd(res, dy):
+  x, s = res
+  ds = jnp.einsum("...i,...i->...", dy, x)
+  lead = ds.ndim - s.ndim                     # s may broadcast against x's leading axes
+  summed = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(s.shape) if n == 1 != ds.shape[lead + i])
+  ds = jnp.sum(ds, axis=summed)
+  return dy * s[..., None], ds.reshape(s.shape)
+
+
+scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)

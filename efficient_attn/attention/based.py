@@ -58,7 +58,8 @@ def taylor_features(x):
   i, j, w = _feature_pairs(d)
   x1 = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1)
   eye = np.eye(d + 1)
-  pick = lambda p: jnp.matmul(x1, jnp.asarray(p, x.dtype), precision=jax.lax.Precision.HIGHEST)  # noqa: E731  exact on TPU too
+  # HIGHEST: TPU's default f32 matmul would round x̃ to bfloat16 here.
+  pick = lambda p: jnp.matmul(x1, jnp.asarray(p, x.dtype), precision=jax.lax.Precision.HIGHEST)  # noqa: E731
   return pick(eye[:, i]) * pick(eye[:, j] * w)
 
 

@@ -29,8 +29,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from efficient_attn.attention._common import scale_rows
 from efficient_attn.attention.gated import (
-    bidirectional, check_one_token, chunks, incoming_states, masked_exp, prepare_recurrent, runs, scale_rows, token_input)
+    bidirectional, check_one_token, chunks, incoming_states, masked_exp, prepare_recurrent, runs, token_input)
 
 DEFAULT_CHUNK_SIZE = 64
 

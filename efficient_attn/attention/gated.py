@@ -15,8 +15,15 @@ cumulative log-decay *relative to the chunk start*, so every exponent the code t
 difference b_t − b_s ≤ 0 (masked before exp): nothing overflows however strong the decay.
 Inside a chunk the exact masked form Σ_s (q_t ⊙ exp(b_t − b_s))·k_s v_s; earlier chunks
 enter through the state at the chunk start, read as (q_t ⊙ exp(b_t))ᵀ S_in; chunk states
-go through a `lax.scan` over chunks. Memory O(T·L + T·H·Hv·K/L) (per-channel
-decays: O(T·L·H), hence their smaller default chunk).
+go through a `lax.scan` over chunks. Memory O(T·L + T·H·Hv·K/L).
+
+Per-channel decays make the in-chunk weights an [L, L, H] elementwise product, not a matmul.
+When every chunk's log-decay range −b_L is at most FACTORISED_MAX_RANGE (decays no stronger
+than e^-60 over a chunk of 64, e.g. every GLA gate at initialisation), they are computed as one
+matmul of q_t ⊙ exp(b_t − m) with k_s ⊙ exp(m − b_s), m = b_L / 2, whose factors then lie
+within e^±30 (GLA §4.1's factorisation, with the chunk's middle as reference); otherwise by the
+elementwise form in chunks of 16 (`channel_scores`), exact for any decay. `lax.cond` picks one
+per call at run time; both are compiled.
 
 Segments (packing) reset the state at document starts exactly; they are contiguous runs
 of equal id, as in `linear.py`. Masked (padded) keys leave the state untouched: no k vᵀ
@@ -33,11 +40,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.attention._common import Dims, check_mask, check_qkv, split_segment_ids, stats_dtype
+from efficient_attn.attention._common import Dims, check_mask, check_qkv, scale_rows, split_segment_ids, stats_dtype
 
 DEFAULT_CHUNK_SIZE = 64          # scalar decays: the L x L form is a matmul
 DEFAULT_CHANNEL_CHUNK_SIZE = 16  # per-channel decays: one l x l x H elementwise block (see `channel_scores`)
 SUBCHUNK_SIZE = 16               # per-channel decays: the l x l x H elementwise blocks on the diagonal
+# Per-channel decays take the factorised (matmul) form, chunks of DEFAULT_CHUNK_SIZE, when no chunk's
+# cumulative log-decay spans more than this (every factor then lies in [e^-30, e^30]); else the exact
+# elementwise form above. See `_factorisable`.
+FACTORISED_MAX_RANGE = 60.0
 
 
 class Recurrent(NamedTuple):
@@ -139,33 +150,6 @@ def masked_exp(x, ok):
   return jnp.exp(x - jax.nn.relu(x)) * ok.astype(x.dtype)
 
 
-@jax.custom_vjp
-def scale_rows(x, s):
-  """x * s[..., None]: x [..., n], s [...] (broadcastable against x's leading axes).
-
-  The same product, with the gradient of s written as a contraction (einsum) instead of the
-  multiply-then-reduce autodiff emits: XLA:CPU (jax 0.10, its YNN reduce fusions) runs that
-  reduction over the last axis 20-40x slower than the equivalent dot.
-  """
-  return x * s[..., None]
-
-
-def _scale_rows_fwd(x, s):
-  return x * s[..., None], (x, s)
-
-
-def _scale_rows_bwd(res, dy):
-  x, s = res
-  ds = jnp.einsum("...i,...i->...", dy, x)
-  lead = ds.ndim - s.ndim                     # s may broadcast against x's leading axes
-  ds = jnp.sum(ds, axis=tuple(range(lead)) + tuple(lead + i for i, n in enumerate(s.shape) if n == 1 != ds.shape[lead + i]),
-               keepdims=False)
-  return dy * s[..., None], ds.reshape(s.shape)
-
-
-scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
-
-
 def incoming_states(decay, update):
   """State at each chunk's start from per-chunk (decay, update): S_{c+1} = decay_c ∘ S_c + update_c, S_0 = 0.
 
@@ -247,8 +231,13 @@ def channel_scores(q, k, b, pairs, l: int):
   return a + a_off
 
 
-def _gated_causal(q_BTKGH, k_BTKH, v_BTKV, g, ids_BT, L):
-  """Causal chunkwise gated recurrence; g [B, T, K] or [B, T, K, H]. Returns [B, T, K, G, Hv]."""
+def _gated_causal(q_BTKGH, k_BTKH, v_BTKV, g, ids_BT, L, factorised=False):
+  """Causal chunkwise gated recurrence; g [B, T, K] or [B, T, K, H]. Returns [B, T, K, G, Hv].
+
+  factorised (per-channel g only): the intra-chunk weights as one matmul of q ⊙ exp(b_t − m) and
+  k ⊙ exp(m − b_s), m = b_end / 2 the middle of the chunk's log-decay range; exact, and safe when
+  that range is at most FACTORISED_MAX_RANGE (`_factorisable`), since then both factors lie within
+  e^±30. Otherwise the [L, L, H] elementwise form (`channel_scores`), safe for any decay."""
   T = q_BTKGH.shape[1]
   per_channel = g.ndim == 4
   q, k, v = chunks(q_BTKGH, L), chunks(k_BTKH, L), chunks(v_BTKV, L)
@@ -256,7 +245,12 @@ def _gated_causal(q_BTKGH, k_BTKH, v_BTKV, g, ids_BT, L):
   b = jnp.cumsum(chunks(g if per_channel else g[..., None], L), axis=2)  # [B, C, L, K, H or 1]
   b_end = b[:, :, -1:]
   # Intra-chunk: weight of key s for query t is q_t·(k_s ⊙ exp(b_t − b_s)), t ≥ s in one run.
-  if per_channel:
+  if per_channel and factorised:
+    mid = jax.lax.stop_gradient(0.5 * b_end)  # cancels exactly; no (rounding-level) gradient to later gates
+    q_rel = q * jnp.exp(b - mid)[:, :, :, :, None, :]
+    a_BCKGTS = jnp.einsum("bctkgh,bcskh->bckgts", q_rel, k * jnp.exp(mid - b))
+    a_BCKGTS = a_BCKGTS * r.pairs_BCTS[:, :, None, None].astype(a_BCKGTS.dtype)
+  elif per_channel:
     a_BCKGTS = channel_scores(q, k, b, r.pairs_BCTS, min(SUBCHUNK_SIZE, L))
   else:
     w = masked_exp(b[:, :, :, None] - b[:, :, None, :], r.pairs_BCTS[..., None, None])  # [B, C, T, S, K, 1]
@@ -273,6 +267,12 @@ def _gated_causal(q_BTKGH, k_BTKH, v_BTKV, g, ids_BT, L):
   q_in = q * masked_exp(b, use)[:, :, :, :, None, :]
   out = out + jnp.einsum("bctkgh,bckhv->bctkgv", q_in, s_in)
   return out.reshape(out.shape[0], -1, *out.shape[3:])[:, :T]
+
+
+def _factorisable(g_BTKH, L: int):
+  """True when no chunk of L positions has a cumulative log-decay range above FACTORISED_MAX_RANGE
+  (g ≤ 0, so the range of a chunk is −Σ g over it; both directions of a non-causal call are covered)."""
+  return jnp.max(-jnp.sum(chunks(g_BTKH, L), axis=2)) <= FACTORISED_MAX_RANGE
 
 
 def bidirectional(causal_fn, arrays, ids, is_causal):
@@ -294,9 +294,10 @@ def gated_linear_attention(query, key, value, log_decay, *, mask=None, is_causal
   `mask`: key-padding (bool [B, T] or [B, 1, 1, T]); a masked key adds nothing and decays
   nothing. `segment_ids` [B, T]: contiguous packed documents; the state resets at each start.
   `scale` defaults to H^-½. `is_causal=False`: forward + backward recurrences summed.
-  Chunkwise parallel with L = `chunk_size` (default 64 for scalar decays, 16 per channel;
-  T need not divide it): O(T·L·H + T·H·Hv) time, O(T·L + T·H·Hv·K/L) memory (per-channel:
-  O(T·L·H)). Papers: RetNet (Sun et al. 2023), GLA (Yang et al. 2024), Mamba-2 SSD (Dao & Gu 2024).
+  Chunkwise parallel with L = `chunk_size` (default 64; per-channel decays stronger than
+  FACTORISED_MAX_RANGE over a chunk: 16, elementwise; T need not divide it): O(T·L·H + T·H·Hv)
+  time, O(T·L + T·H·Hv·K/L) memory (the elementwise form: O(T·L·H)). Papers: RetNet (Sun et
+  al. 2023), GLA (Yang et al. 2024), Mamba-2 SSD (Dao & Gu 2024).
   """
   fn = "gated_linear_attention"
   p = prepare_recurrent(query, key, value, bias, mask, segment_ids, chunk_size, fn)
@@ -311,6 +312,12 @@ def gated_linear_attention(query, key, value, log_decay, *, mask=None, is_causal
     k = jnp.where(p.key_mask_BTK[..., None], k, 0.0)
     g = jnp.where(p.key_mask_BTK[..., None] if g.ndim == 4 else p.key_mask_BTK, g, 0.0)
   causal = lambda q, k, v, g, ids: _gated_causal(q, k, v, g, ids, L)  # noqa: E731
+  if g.ndim == 4:  # per-channel: the matmul form when the decays allow it (decided at run time), else elementwise
+    L_fast = min(chunk_size or DEFAULT_CHUNK_SIZE, d.T)
+    fast = lambda q, k, v, g, ids: _gated_causal(q, k, v, g, ids, L_fast, factorised=True)  # noqa: E731
+    exact = causal
+    causal = lambda q, k, v, g, ids: jax.lax.cond(  # noqa: E731
+        _factorisable(g, L_fast), fast, exact, q, k, v, g, ids)
   out = bidirectional(causal, (q, k, v, g), p.segment_ids_BT, is_causal)
   return out.reshape(d.B, d.T, d.N, -1).astype(query.dtype)
 
@@ -357,11 +364,14 @@ def retnet_log_decay(num_heads: int):
 
 def gated_flops(shape, chunk_size, per_channel: bool, extra: float = 0.0) -> dict:
   """Forward FLOPs per token: ideal = the recurrence (state update 2·K·H·Hv, read-out 2·N·H·Hv);
-  executed = the chunkwise form (half / all of the L x L pairs, + chunk states)."""
+  executed = the chunkwise form (all of the L x L pairs, + chunk states). Per-channel decays are
+  counted in their factorised form (the usual one; the elementwise fallback for decays stronger
+  than FACTORISED_MAX_RANGE does ~1.5x the pair work in chunks of 16)."""
   T, _, N, K, H, causal = shape
-  L = min(chunk_size or (DEFAULT_CHANNEL_CHUNK_SIZE if per_channel else DEFAULT_CHUNK_SIZE), T)
+  L = min(chunk_size or DEFAULT_CHUNK_SIZE, T)
   ideal = 2 * K * H * H + 2 * N * H * H + extra
-  pair = N * ((3 if per_channel else 2) * H + 2 * H + 2)  # q·k (⊙ decay), a·v, the decay
+  pair = N * (2 * H + 2 * H + 2)  # q·k, a·v, the decay / mask
+  scaling = 3 * (N + K) * H if per_channel else 0  # q ⊙ exp(b − m), k ⊙ exp(m − b)
   states = 2 * K * H * H + 2 * N * H * H + 2 * K * H * H / L  # chunk update, read-out, the scan
-  executed = (pair * L + states) * (-(-T // L) * L) / T + extra
+  executed = (pair * L + states + scaling) * (-(-T // L) * L) / T + extra
   return {"ideal": ideal * (1 if causal else 2), "executed": executed * (1 if causal else 2)}

@@ -25,7 +25,7 @@ from efficient_attn.attention.retnet import _init_state, fixed_log_decay
 @dataclasses.dataclass(frozen=True)
 class GLAOptions:
   """gate_rank: r of the low-rank gate projection. gate_temperature: τ (α = sigmoid(·)^(1/τ)).
-  chunk_size: positions per chunk (None = 16, the per-channel default)."""
+  chunk_size: positions per chunk (None = 64 in the factorised form, 16 in the elementwise fallback; see gated.py)."""
   gate_rank: int = 16
   gate_temperature: float = 16.0
   chunk_size: int | None = None
