@@ -200,7 +200,8 @@ def test_bfloat16_at_8192_with_strong_decays_and_beta_one(kind, channel):
 def test_based_linear_half_equals_the_dense_taylor_kernel(is_causal):
   """Based's linear half (symmetric 1 + d + d(d+1)/2 features between chunks, 1 + z + z²/2 from the raw
   dot product inside them) against the dense quadratic form Σ_s w_ts v_s / Σ_s w_ts, w = 1 + z + z²/2,
-  z = q·k / √d, in float64: GQA, packed segments, padded keys, a chunk (8) that does not divide T = 37."""
+  z = q·k / √d, in float64, outputs and gradients: GQA, packed segments, padded keys, a chunk (8) that does
+  not divide T = 37."""
   from efficient_attn.attention import based
 
   r, Tn, d = np.random.default_rng(8), 37, 5
@@ -208,14 +209,22 @@ def test_based_linear_half_equals_the_dense_taylor_kernel(is_causal):
     q, k, v = (jnp.asarray(r.normal(size=(B, Tn, h, w))) for h, w in ((N, d), (K, d), (K, HV)))
     seg = jnp.asarray(np.array([[1] * 10 + [2] * 20 + [3] * 7, [5] * Tn]))
     mask = jnp.asarray(r.uniform(size=(B, Tn)) > 0.3)
-    out = jax.jit(lambda *a: based.taylor_attention(*a, is_causal=is_causal, segment_ids=seg, mask=mask,
-                                                    chunk_size=8))(q, k, v)
-    z = jnp.einsum("btnd,bsnd->bnts", q, jnp.repeat(k, N // K, 2)) / np.sqrt(d)
-    vis = (jnp.tril(jnp.ones((Tn, Tn), bool)) if is_causal else jnp.ones((Tn, Tn), bool))[None, None]
-    w = (1 + z + z * z / 2) * (vis & (seg[:, None, :, None] == seg[:, None, None, :]) & mask[:, None, None, :])
-    den = w.sum(-1).transpose(0, 2, 1)[..., None]
-    ref = jnp.einsum("bnts,bsnh->btnh", w, jnp.repeat(v, N // K, 2)) / jnp.where(den > 0, den, 1.0)
-    np.testing.assert_allclose(out, jnp.where(den > 0, ref, 0.0), rtol=1e-10, atol=1e-12)
+    def dense(q, k, v):
+      z = jnp.einsum("btnd,bsnd->bnts", q, jnp.repeat(k, N // K, 2)) / np.sqrt(d)
+      vis = (jnp.tril(jnp.ones((Tn, Tn), bool)) if is_causal else jnp.ones((Tn, Tn), bool))[None, None]
+      w = (1 + z + z * z / 2) * (vis & (seg[:, None, :, None] == seg[:, None, None, :]) & mask[:, None, None, :])
+      den = w.sum(-1).transpose(0, 2, 1)[..., None]
+      ref = jnp.einsum("bnts,bsnh->btnh", w, jnp.repeat(v, N // K, 2)) / jnp.where(den > 0, den, 1.0)
+      return jnp.where(den > 0, ref, 0.0)
+
+    ct = jnp.asarray(r.normal(size=(B, Tn, N, HV)))
+    chunked = lambda *a: based.taylor_attention(*a, is_causal=is_causal, segment_ids=seg, mask=mask,  # noqa: E731
+                                                chunk_size=8)
+    (out, grads), (ref, ref_grads) = (jax.jit(lambda *a, f=f: (lambda o, back: (o, back(ct)))(*jax.vjp(f, *a)))(
+        q, k, v) for f in (chunked, dense))
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+    for name, a, b in zip("qkv", grads, ref_grads):
+      np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10, err_msg=name)
     x = jnp.asarray(r.normal(size=(3, d)))
     phi = based.taylor_features(x)
     assert phi.shape == (3, based.num_features(d)) == (3, 1 + d + d * (d + 1) // 2)
