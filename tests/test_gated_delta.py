@@ -124,35 +124,37 @@ def test_outputs_and_gradients_match_the_recurrence_in_float64(kind, channel, ch
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10, err_msg=name)
 
 
-@pytest.mark.parametrize("L", [1, 5, 8])
-def test_unit_lower_inverse_and_scale_rows_against_dense_algebra(L):
-  """The blockwise inverse (L padded to a power of two) equals numpy's inverse of I + strict_tril(A), reads
-  only A's strictly lower part, and its gradient equals autodiff through a dense triangular solve; the
-  row scaling's and linear attention's normaliser's hand-written gradients (s broadcast over an axis; a
-  zero denominator) equal autodiff of the plain expressions."""
+def test_unit_lower_inverse_and_scale_rows_against_dense_algebra():
+  """The blockwise inverse (L padded to a power of two: L = 1, 5, 8) equals numpy's inverse of
+  I + strict_tril(A), reads only A's strictly lower part, and its gradient equals autodiff through a dense
+  triangular solve; the row scaling's and linear attention's normaliser's hand-written gradients (s
+  broadcast over an axis; a zero denominator) equal autodiff of the plain expressions."""
   from efficient_attn.attention import linear
   from efficient_attn.attention.delta import unit_lower_inverse
-  with jax.enable_x64(True):
-    r = np.random.default_rng(L)
-    a = jnp.asarray(r.normal(size=(3, L, L)))
-    full = np.eye(L) + np.tril(np.asarray(a), -1)
-    np.testing.assert_allclose(unit_lower_inverse(a), np.linalg.inv(full), rtol=1e-12, atol=1e-12)
-    w = jnp.asarray(r.normal(size=(3, L, L)))
+
+  def inverse_and_grads(a, w):
+    L = a.shape[-1]
     dense = lambda a: jax.lax.linalg.triangular_solve(  # noqa: E731
         jnp.eye(L)[None] + jnp.tril(a, -1), jnp.broadcast_to(jnp.eye(L), a.shape), left_side=True, lower=True)
-    got, want = (jax.grad(lambda a, f=f: jnp.sum(f(a) * w))(a) for f in (unit_lower_inverse, dense))
-    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-    x, s, dy = (jnp.asarray(r.normal(size=z)) for z in ((2, 3, L, 4), (2, 1, L), (2, 3, L, 4)))
-    got, want = (jax.vjp(f, x, s)[1](dy) for f in (gated.scale_rows, lambda x, s: x * s[..., None]))
-    for a, b in zip(got, want):
-      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    # linear attention's normaliser num / den (0 where den = 0), same hand-written-gradient idea
-    den = jnp.asarray(np.abs(r.normal(size=(2, 3, L)))).at[0, 0, 0].set(0.0)
+    return unit_lower_inverse(a), *(jax.grad(lambda a, f=f: jnp.sum(f(a) * w))(a) for f in (unit_lower_inverse, dense))
+
+  def vjps(x, s, den, dy):
     ref = lambda n, d: jnp.where((d > 0)[..., None], n / jnp.where(d > 0, d, 1.0)[..., None], 0.0)  # noqa: E731
-    (o1, b1), (o2, b2) = ((lambda o, back: (o, back(dy)))(*jax.vjp(f, x, den)) for f in (linear._normalise, ref))
-    np.testing.assert_allclose(o1, o2, rtol=1e-12, atol=1e-12)
-    for a, b in zip(b1, b2):
-      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    pairs = ((gated.scale_rows, lambda x, s: x * s[..., None], s), (linear._normalise, ref, den))
+    return [[(lambda o, back: (o, *back(dy)))(*jax.vjp(f, x, y)) for f in fs] for *fs, y in pairs]
+
+  with jax.enable_x64(True):
+    r = np.random.default_rng(0)
+    for L in (1, 5, 8):
+      a, w = (jnp.asarray(r.normal(size=(3, L, L))) for _ in range(2))
+      inv, got, want = jax.jit(inverse_and_grads)(a, w)
+      np.testing.assert_allclose(inv, np.linalg.inv(np.eye(L) + np.tril(np.asarray(a), -1)), rtol=1e-12, atol=1e-12)
+      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    x, s, dy = (jnp.asarray(r.normal(size=z)) for z in ((2, 3, 5, 4), (2, 1, 5), (2, 3, 5, 4)))
+    den = jnp.asarray(np.abs(r.normal(size=(2, 3, 5)))).at[0, 0, 0].set(0.0)
+    for mine, plain in jax.jit(vjps)(x, s, den, dy):
+      for a, b in zip(mine, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind,channel,path", [
