@@ -13,21 +13,29 @@ Public API:
     efficient_attn.moe         `moe_ffn`: switch / top-k / experts-choose MoE, expert parallelism.
 """
 
-from efficient_attn import attention, moe
-from efficient_attn.attention import (
-    ATTENTION,
-    attend,
-    block_sparse_attention,
-    delta_rule_attention,
-    flax_attention_fn,
-    gated_linear_attention,
-    linear_attention,
-    local_attention,
-    performer_attention,
-    performer_projection,
-    softmax_attention,
-)
-from efficient_attn.moe import moe_ffn
+import importlib
+
+_LAZY = {"attention": "efficient_attn.attention", "moe": "efficient_attn.moe", "moe_ffn": "efficient_attn.moe"}
+_LAZY.update({name: "efficient_attn.attention" for name in (
+    "ATTENTION", "attend", "block_sparse_attention", "delta_rule_attention", "flax_attention_fn",
+    "gated_linear_attention", "linear_attention", "local_attention", "performer_attention", "performer_projection",
+    "softmax_attention")})
+
+
+def __getattr__(name: str):
+  """The public names load on first use: `import efficient_attn.data.build` (a tokenizing worker, the
+  CLI's argument parsing) does not pay for importing JAX and Flax."""
+  if name not in _LAZY:
+    raise AttributeError(f"module 'efficient_attn' has no attribute {name!r}")
+  module = importlib.import_module(_LAZY[name])
+  value = module if name in ("attention", "moe") else getattr(module, name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted([*globals(), *_LAZY])
+
 
 __version__ = "0.1.0"
 

@@ -204,7 +204,7 @@ class DataConfig:
   split: str = "train"                # the training split (hub / save_to_disk DatasetDict)
   validation_split: str = ""          # the dataset's own validation split, if it has one
   cache_dir: str = ""                 # token stores, trained tokenizers; "" = $EFFICIENT_ATTN_DATA_CACHE or ~/.cache/...
-  num_proc: int = 1                   # processes tokenizing local files (datasets.map) when the store is built
+  num_proc: int = 1                   # worker processes tokenizing local files when the store is built
   sample_by: str = "document"         # text files: document (one per file) | paragraph | line
 
 

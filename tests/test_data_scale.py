@@ -150,13 +150,35 @@ def test_clear_errors(corpus, tmp_path):
 
 
 def test_num_proc_builds_the_same_store(corpus, tmp_path):
+  """The same store for any num_proc, and the workers are not forks of this (JAX-threaded) process."""
+  import warnings
+
+  import jax
+
+  jax.devices()  # JAX's threads are running: a fork now would warn (and may deadlock)
   root, _ = corpus
-  one, two = (store_lib.open_store(DataConfig(name="text", files=root, cache_dir=str(tmp_path / str(n)),
-                                              tokenizer="bytes", val_fraction=0.2, num_proc=n)) for n in (1, 2))
-  assert one.meta["splits"] == two.meta["splits"]
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    one, two, three = (store_lib.open_store(DataConfig(name="text", files=root, cache_dir=str(tmp_path / str(n)),
+                                                       tokenizer="bytes", val_fraction=0.2, num_proc=n))
+                       for n in (1, 2, 3))
+  assert not [w for w in caught if "fork" in str(w.message)], [str(w.message) for w in caught]
+  assert one.meta["splits"] == two.meta["splits"] == three.meta["splits"]
   for split in ("train", "validation"):
-    for a, b in zip(one.arrays(split), two.arrays(split)):
+    for a, b, c in zip(one.arrays(split), two.arrays(split), three.arrays(split)):
       np.testing.assert_array_equal(a, b)
+      np.testing.assert_array_equal(a, c)
+
+
+def test_a_failing_tokenizing_worker_is_one_sentence(corpus, tmp_path):
+  root, _ = corpus
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  for i in range(4):
+    (bad / f"{i}.json").write_text('{"text": "ok"}\n' if i != 2 else '{"text": ', encoding="utf-8")
+  with pytest.raises(DataError, match="tokenizing worker"):
+    store_lib.open_store(DataConfig(name="json", files=str(bad), cache_dir=str(tmp_path / "c"), num_proc=2))
+  assert [p for p in os.listdir(tmp_path / "c" / "stores")] == []
 
 
 def test_killed_build_leaves_no_store(corpus, tmp_path, monkeypatch):

@@ -86,6 +86,8 @@ def reference(tmp_path_factory):
 
 
 def assert_same_losses(workdir, ref: list[float], atol=1e-5, rtol=0.0):
+  """A resumed run against the uninterrupted one: same program and device count, so bit-identical in
+  practice; atol=1e-5 also holds under another summation order (~1e-7 relative drift in 20 steps)."""
   got = rows(workdir)
   assert [r["step"] for r in got] == list(range(1, len(ref) + 1))
   np.testing.assert_allclose([r["loss"] for r in got], ref, atol=atol, rtol=rtol)

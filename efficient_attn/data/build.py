@@ -8,9 +8,9 @@
 Documents stream from the source in chunks of a few MB (memory stays flat whatever the corpus or
 document sizes), go to train or validation by a CRC of their bytes (as `text.split_documents`; or
 come from data.validation_split), and are tokenized a chunk at a time (`tokenizers` encodes a batch
-in parallel threads). With data.num_proc > 1 and several local files, the files are tokenized by
-`datasets.Dataset.map(batched=True, num_proc=...)` over contiguous groups of files, each worker
-writing its own part, and the parts are concatenated in file order: the store is the same
+in parallel threads). With data.num_proc > 1 and several local files, contiguous groups of files are tokenized
+by worker processes (fresh interpreters, never forks of this one: JAX's threads and fork do not mix),
+each writing its own part, and the parts are concatenated in file order: the store is the same
 whatever num_proc.
 """
 
@@ -163,51 +163,107 @@ def build(source: sources.Source, tok, d, path: str, progress: bool | None) -> N
 
 
 def _build_parallel(source, tok, tmp: str, dtype, val_fraction: float, num_proc: int, progress: bool):
-  """`datasets.map(batched=True, num_proc)` over the file list: each call tokenizes a contiguous group of
-  files into its own part (named by its first file's index); the parts are concatenated in order."""
-  import datasets
+  """Tokenizes contiguous groups of files in up to `num_proc` worker processes, each writing its own
+  part (named by its first file's index); the parts are concatenated in file order.
+
+  The workers are fresh interpreters (`python -m efficient_attn.data.build PARTS NAME...`), never forks:
+  this process may already run JAX's threads, and a fork of a multithreaded process can deadlock. They
+  read the job (source, tokenizer, dtype, split) from PARTS/job.pkl and each group's files from
+  NAME.files.json.
+  """
+  import pickle
+  import subprocess
+
+  from tqdm.auto import tqdm
 
   parts = os.path.join(tmp, "parts")
   os.makedirs(parts)
-
-  def work(batch, indices):
-    name = f"{indices[0]:09d}"
-    writers = {s: SplitWriter(parts, f"{name}.{s}", dtype) for s in SPLITS}
-    group = dataclasses.replace(source, files=tuple(batch["file"]))
-    last = _tokenize_into(writers, group.documents("train", batch_size=32), tok, val_fraction)
-    stats = {s: w.close() for s, w in writers.items()}
-    if last is not None:
-      np.save(os.path.join(parts, f"{name}.last.npy"), last[0])
-    return {"part": [name], "stats": [json.dumps(stats)], "last_bytes": [last[1] if last else -1]}
-
-  files = datasets.Dataset.from_dict({"file": list(source.files)})
+  with open(os.path.join(parts, "job.pkl"), "wb") as f:
+    pickle.dump({"source": source, "tok": tok, "dtype": np.dtype(dtype).str, "val_fraction": val_fraction}, f)
   group = max(1, math.ceil(len(source.files) / (4 * num_proc)))  # a few groups per worker: balance
-  if progress:
-    datasets.enable_progress_bars()
+  names = []
+  for start in range(0, len(source.files), group):
+    names.append(f"{start:09d}")
+    with open(os.path.join(parts, f"{names[-1]}.files.json"), "w") as f:
+      json.dump(source.files[start:start + group], f)
+  # Worker w takes groups w, w + num_proc, ...; it writes NAME.stats.json as each group completes.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the workers never touch JAX
+  workers, errs = [], []
+  bar = tqdm(total=len(names), unit="group", desc="tokenizing files", disable=not progress, file=sys.stderr)
   try:
-    out = files.map(work, batched=True, batch_size=group, with_indices=True, num_proc=num_proc,
-                    remove_columns=["file"], keep_in_memory=True, load_from_cache_file=False,
-                    desc="tokenizing files")
+    for w in range(min(num_proc, len(names))):
+      errs.append(os.path.join(parts, f"worker{w}.err"))
+      with open(errs[-1], "wb") as err:
+        workers.append(subprocess.Popen([sys.executable, "-m", "efficient_attn.data.build", parts,
+                                         *names[w::num_proc]], env=env, stdout=subprocess.DEVNULL, stderr=err))
+    done = 0
+    while True:
+      codes = [p.poll() for p in workers]  # before counting: a worker that exited 0 wrote all its groups
+      now = sum(os.path.exists(os.path.join(parts, f"{n}.stats.json")) for n in names)
+      bar.update(now - done)
+      done = now
+      for code, e in zip(codes, errs):
+        if code:  # a worker failed: one sentence from its last line
+          with open(e, encoding="utf-8", errors="replace") as f:
+            tail = f.read().strip().splitlines()[-1:] or ["(no message)"]
+          raise DataError(f"a tokenizing worker (data.num_proc={num_proc}) failed: {tail[0]}")
+      if all(code == 0 for code in codes):
+        if done < len(names):
+          raise DataError(f"the tokenizing workers (data.num_proc={num_proc}) exited before every file was read.")
+        break
+      time.sleep(0.05)
   finally:
-    datasets.disable_progress_bars()
+    bar.close()
+    for p in workers:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
   stats, last = {}, None
   for s in SPLITS:
     with open(os.path.join(tmp, f"{s}.bin"), "wb") as fbin, open(os.path.join(tmp, f"{s}.idx"), "wb") as fidx:
       fidx.write(np.zeros(1, np.int64).tobytes())
       total = {"docs": 0, "tokens": 0, "bytes": 0}
-      for name, part_stats in zip(out["part"], out["stats"]):
-        st = json.loads(part_stats)[s]
+      for name in names:
+        with open(os.path.join(parts, f"{name}.stats.json")) as f:
+          st = json.load(f)[s]
         with open(os.path.join(parts, f"{name}.{s}.bin"), "rb") as f:
           shutil.copyfileobj(f, fbin, 1 << 22)
         idx = np.fromfile(os.path.join(parts, f"{name}.{s}.idx"), np.int64)[1:]
         fidx.write((idx + total["tokens"]).tobytes())
         total = {k: total[k] + st[k] for k in total}
       stats[s] = total
-  for name, nbytes in zip(out["part"], out["last_bytes"]):
-    if nbytes >= 0:
-      last = (np.load(os.path.join(parts, f"{name}.last.npy")), nbytes)
+  for name in names:
+    if os.path.exists(os.path.join(parts, f"{name}.last.npy")):
+      with open(os.path.join(parts, f"{name}.last_bytes")) as f:
+        last = (np.load(os.path.join(parts, f"{name}.last.npy")), int(f.read()))
   shutil.rmtree(parts)
   return stats, last
+
+
+def _tokenize_groups(parts: str, *names: str) -> None:
+  """One worker's job (see `_build_parallel`): each NAME.files.json into NAME.{split}.bin / .idx."""
+  import pickle
+
+  with open(os.path.join(parts, "job.pkl"), "rb") as f:
+    job = pickle.load(f)
+  for name in names:
+    _tokenize_group(parts, name, job)
+
+
+def _tokenize_group(parts: str, name: str, job: dict) -> None:
+  with open(os.path.join(parts, f"{name}.files.json")) as f:
+    files = tuple(json.load(f))
+  writers = {s: SplitWriter(parts, f"{name}.{s}", np.dtype(job["dtype"])) for s in SPLITS}
+  group = dataclasses.replace(job["source"], files=files)
+  last = _tokenize_into(writers, group.documents("train", batch_size=32), job["tok"], job["val_fraction"])
+  stats = {s: w.close() for s, w in writers.items()}
+  if last is not None:
+    np.save(os.path.join(parts, f"{name}.last.npy"), last[0])
+    with open(os.path.join(parts, f"{name}.last_bytes"), "w") as f:
+      f.write(str(last[1]))
+  with open(os.path.join(parts, f"{name}.stats.tmp"), "w") as f:
+    json.dump(stats, f)
+  os.rename(os.path.join(parts, f"{name}.stats.tmp"), os.path.join(parts, f"{name}.stats.json"))  # complete
 
 
 def _tiny_corpus_fallback(tmp: str, stats: dict, last, settings: dict, dtype) -> dict:
@@ -272,3 +328,11 @@ def what(source: sources.Source) -> str:
 
 def say(msg: str) -> None:
   print(f"efficient-attn: {msg}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # a tokenizing worker of _build_parallel
+  try:
+    _tokenize_groups(*sys.argv[1:])
+  except DataError as e:  # the parent reports the last line of stderr
+    print(e, file=sys.stderr)
+    sys.exit(1)
