@@ -11,6 +11,9 @@ The fused attention kernels (`attention.kernels`), the MoE's grouped matmul (`mo
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import jax
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
@@ -23,12 +26,35 @@ def by_platform(args, *, cpu, tpu=None, cuda=None):
   All branches are traced and must return the same shapes; lowering keeps only the one of
   its platform (exporting for several platforms at once keeps a switch, and a compiled
   Pallas kernel in any branch then fails to lower for the others: export one at a time).
-  When every branch is `cpu`, nothing is staged and `cpu(*args)` runs directly.
+  When every branch is `cpu`, or inside `for_this_host()` on a CPU-only process, nothing is
+  staged and `cpu(*args)` runs directly.
   """
   tpu, cuda = tpu or cpu, cuda or cpu
-  if tpu is cpu and cuda is cpu:
+  if (tpu is cpu and cuda is cpu) or _HOST_ONLY.value == "cpu":
     return cpu(*args)
   return jax.lax.platform_dependent(*args, default=cpu, tpu=tpu, cuda=cuda)
+
+
+PLATFORMS_ENV = "EFFICIENT_ATTN_PLATFORMS"
+
+# Part of jit's cache key (jax.make_user_context): a trace made inside `for_this_host` is never reused by
+# a trace outside it, such as `jax.export(..., platforms=["tpu"])` of the same function later on.
+_HOST_ONLY = jax.make_user_context(default_value=None)
+
+
+@contextlib.contextmanager
+def for_this_host():
+  """Within: traces are for this process's own devices, so a CPU-only process stages only `by_platform`'s
+  CPU branch (tracing the Pallas kernels that lowering would drop cost ~0.45 s per compile of a softmax
+  LM step). The trainer, evaluation, generation and benchmarks run inside it; `jax.export` and
+  `.lower(lowering_platforms=...)` outside it see every branch, as does everything when
+  $EFFICIENT_ATTN_PLATFORMS names an accelerator (e.g. `cpu,tpu`).
+  """
+  env = os.environ.get(PLATFORMS_ENV, "")
+  wanted = [p.strip().lower() for p in env.split(",") if p.strip()]
+  host_only = jax.default_backend() == "cpu" and not any(p in ACCELERATORS for p in wanted)
+  with _HOST_ONLY("cpu" if host_only else None):
+    yield
 
 
 def platform_of(where=None) -> str:

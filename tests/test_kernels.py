@@ -166,6 +166,31 @@ def test_default_on_cpu_compiles_exactly_the_xla_path():
     assert not any("custom-call" in op for op in ops)
 
 
+def test_host_only_tracing_skips_accelerator_branches_but_never_an_export(monkeypatch):
+  """Inside platform.for_this_host a CPU-only process traces only by_platform's CPU branch; the same jitted
+  function exported afterwards for TPU (outside it) is traced anew and takes the TPU branch, and
+  $EFFICIENT_ATTN_PLATFORMS naming an accelerator keeps every branch staged."""
+  from efficient_attn import platform
+
+  traced = []
+
+  def f(x):
+    return platform.by_platform((x,), cpu=lambda x: traced.append("cpu") or x + 1.0,
+                                tpu=lambda x: traced.append("tpu") or x * 7.0)
+
+  g, x = jax.jit(f), jnp.ones(3)
+  with platform.for_this_host():
+    np.testing.assert_array_equal(g(x), 2.0)
+  assert traced == ["cpu"]
+  exported = jax.export.export(g, platforms=["tpu"])(x)
+  assert "multiply" in exported.mlir_module() and "add" not in exported.mlir_module()
+  monkeypatch.setenv(platform.PLATFORMS_ENV, "cpu,tpu")
+  traced.clear()
+  with platform.for_this_host():
+    jax.jit(lambda x: f(x)).trace(x)  # a new function: a cached trace would not call by_platform
+  assert sorted(set(traced)) == ["cpu", "tpu"]
+
+
 # ----------------------------------------------------------------------------- lowering for TPU / CUDA
 
 
