@@ -13,6 +13,10 @@ checkpoint (sample.max_new_tokens, temperature (0 = greedy), top_k, top_p, seed)
 `eval` prints one JSON object: val_loss (nats per byte), perplexity and bits_per_byte on
 DIR's validation split. Both read DIR/config.json, the config `train` resolved.
 
+`train` on a DIR that keeps a config.json (from an earlier run) starts from that config and changes only
+the keys given with --set (the model, data and optimiser keys only while DIR has no checkpoint yet);
+with --config FILE, FILE's config must match the stored one as before.
+
 Every subcommand takes `--plugin FILE.py` (repeatable), imported first: a user's attention
 family registered there is then selectable by name (`--set model.attention=NAME`).
 
@@ -90,9 +94,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench_keys_help() -> str:
-  from efficient_attn.attention import bench as attention_bench
+  from efficient_attn.bench import attention as attention_bench, moe as moe_bench
   from efficient_attn.measure import settings_help
-  from efficient_attn.moe import bench as moe_bench
 
   return ("keys of --set KEY=VALUE, with their defaults:\n\n"
           + settings_help("bench attention", attention_bench.ATTENTION_DEFAULTS, attention_bench.SETTINGS_HELP)
@@ -118,12 +121,12 @@ def _bench(args) -> None:
       raise ConfigError(f"--json {args.json}: directory {parent} does not exist.")
   progress = sys.stderr.isatty()
   if args.what == "attention":
-    from efficient_attn.attention import bench
+    from efficient_attn.bench import attention as bench
 
     rows = bench.bench_attention(overrides, progress=progress)
     header, table = bench.attention_header(rows), bench.attention_table(rows)
   else:
-    from efficient_attn.moe import bench as moe_bench
+    from efficient_attn.bench import moe as moe_bench
 
     rows = moe_bench.bench_moe(overrides, progress=progress)
     header, table = moe_bench.moe_header(rows), moe_bench.format_moe_table(rows)
@@ -209,16 +212,38 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def _train(args) -> int:
-  from efficient_attn.config import Config, load_config_file, with_overrides
+def _train_config(args):
+  """(config, note) of a `train` call: --config FILE (or the defaults) with the --set keys applied; on a
+  workdir that keeps a config.json (and no --config), that stored config with only the --set keys changed,
+  refused here already if the change would mix two runs (`reliability.check_same_run`), and a line saying so."""
+  from efficient_attn import reliability
+  from efficient_attn.config import CONFIG_JSON, Config, flatten, load_config_file, load_config_json, with_overrides
 
   overrides = parse_overrides(args.set)
-  cfg = load_config_file(args.config) if args.config else Config()
-  cfg = with_overrides(cfg, overrides)
+  path = os.path.join(args.workdir, CONFIG_JSON)
+  if args.config or not os.path.isfile(path):
+    return with_overrides(load_config_file(args.config) if args.config else Config(), overrides), None
+  stored = load_config_json(path)
+  cfg = with_overrides(stored, overrides)
+  resuming = reliability.has_checkpoints(args.workdir)
+  reliability.check_same_run(args.workdir, cfg, resuming)
+  old, new = flatten(stored), flatten(cfg)
+  changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+  why = ([] if resuming else ["no checkpoint yet"]) + ([f"changed: {', '.join(changed)}"] if changed else [])
+  return cfg, (f"{'continuing the run' if resuming else 'starting the run afresh'} in {args.workdir} from its"
+               f" {CONFIG_JSON}" + (f" ({'; '.join(why)})" if why else ""))
+
+
+def _train(args) -> int:
+  cfg, note = _train_config(args)
   _emulate_mesh_devices(cfg.mesh)
   maybe_initialize_distributed()
+  import jax
+
   from efficient_attn import train
 
+  if note and jax.process_index() == 0:
+    print(f"efficient-attn: {note}", file=sys.stderr, flush=True)
   row = dict(train.train(cfg, args.workdir))
   stopped_by, stopped_at = row.pop("stopped_by", None), row.pop("stopped_at", None)
   if row:

@@ -8,19 +8,10 @@ code (`ast.literal_eval` only).
 from __future__ import annotations
 
 import ast
-import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-
-class ConfigError(ValueError):
-  """A user-facing configuration error: one sentence, exit status 2 on the command line."""
-
-
-def did_you_mean(name, valid: Iterable) -> str:
-  """" did you mean 'x'?" for the valid name closest to `name` (difflib, ratio >= 0.6), else ""."""
-  match = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
-  return f" did you mean {match[0]!r}?" if match else ""
+from efficient_attn.errors import ConfigError, did_you_mean  # noqa: F401  (re-exported; below every layer)
 
 
 def parse_value(text: str) -> Any:
@@ -287,14 +278,24 @@ def save_config_json(cfg: Config, path: str) -> None:
 
 
 def load_config_json(path: str) -> Config:
-  """The Config a `save_config_json` file holds (checked like --set overrides)."""
+  """The Config a `save_config_json` file holds (checked like --set overrides); a missing, unreadable or
+  foreign file (an experiment's config.json) or a stale key is a ConfigError naming the file."""
   import json
 
   if not os.path.isfile(path):
     raise ConfigError(f"{path}: no such file; a training workdir keeps its config there once `train` has run.")
-  with open(path, encoding="utf-8") as f:
-    flat = json.load(f)
-  return with_overrides(Config(), flat)
+  try:
+    with open(path, encoding="utf-8") as f:
+      flat = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is not readable JSON ({e}); fix it or move it aside.") from None
+  if not isinstance(flat, dict) or "model.attention" not in flat:
+    raise ConfigError(f"{path} is not a training config (an experiment's?); pass a training workdir, such as an"
+                      " experiment's DIR/variants/NAME.")
+  try:
+    return with_overrides(Config(), flat)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
 
 
 def load_config_file(path: str) -> Config:
@@ -368,6 +369,23 @@ def _check_tokenizer(m: ModelConfig, d: DataConfig) -> None:
   follows = kind != "bytes" and m.vocab_size == ModelConfig.vocab_size  # the default follows the tokenizer
   _need(n is None or follows or m.vocab_size >= n, f"model.vocab_size={m.vocab_size} is smaller than the"
         f" {n} tokens of data.tokenizer={d.tokenizer!r}; use at least {n} (or leave model.vocab_size unset).")
+
+
+def resolve_vocab(cfg: Config) -> Config:
+  """`cfg` with model.vocab_size following data.tokenizer when left at its default (256); a smaller
+  explicit size than the tokenizer's is a ConfigError naming both (checked before anything compiles).
+  Unlike `validate`, this loads a tokenizer file to learn its size."""
+  from efficient_attn.data import tokenizer
+
+  m, d = cfg.model, cfg.data
+  if d.tokenizer == "bytes":
+    return cfg
+  n = tokenizer.vocab_size_of(d.tokenizer)
+  if m.vocab_size == ModelConfig.vocab_size:
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=n))
+  _need(m.vocab_size >= n, f"model.vocab_size={m.vocab_size} is smaller than the {n} tokens of"
+        f" data.tokenizer={d.tokenizer!r}; use at least {n} (or leave model.vocab_size unset).")
+  return cfg
 
 
 def validate(cfg: Config, num_devices: int, *, text_data: bool = True) -> dict[str, int]:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import config as config_lib
+from efficient_attn import config as config_lib, platform
 from efficient_attn.config import Config, ConfigError, apply_overrides
 from efficient_attn.model import TransformerLM, init_decode_states
 
@@ -242,6 +242,7 @@ def sample(model: TransformerLM, variables, prompt_T, *, max_new_tokens: int, te
   return np.asarray(jax.jit(run)(variables))
 
 
+@platform.for_this_host()
 def generate(workdir: str, prompt: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """Samples a continuation of `prompt` from the workdir's newest checkpoint.
 
@@ -287,16 +288,16 @@ def _nll_sum(model: TransformerLM):
 
 
 def validation_stream(cfg: Config):
-  """The packed validation batches `train` validates on (same split, seed and shapes)."""
-  from efficient_attn.data.text import PackedStream, load_documents, split_documents
+  """The packed validation batches `train` validates on: the same data pipeline (store, split, seed, shapes)."""
+  from efficient_attn.data import pipeline
 
   d, t = cfg.data, cfg.train
   if d.val_fraction <= 0:
     raise ConfigError("data.val_fraction=0 in the workdir's config: it has no validation split to evaluate.")
-  train_docs, val_docs = split_documents(load_documents(d.name, d.files or None, d.text_field), d.val_fraction)
-  return PackedStream(val_docs or train_docs, t.seq_len, t.batch_size, t.seed + 1)
+  return pipeline(d, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed).validation
 
 
+@platform.for_this_host()
 def evaluate(workdir: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """Validation loss of the workdir's newest checkpoint: {"step", "val_loss" (nats per byte), "perplexity",
   "bits_per_byte", "tokens", "batches", "split", "checkpoint"}.

@@ -7,9 +7,10 @@ where the backend reports them (GPU/TPU); executed FLOPs are XLA's
 `compiled.cost_analysis()`. FLOPs accounting per family (ideal, executed, MFU)
 is `efficient_attn.flops`.
 
-Also what both `efficient-attn bench attention|moe` share: the settings parser, the
+Also what both `efficient-attn bench attention|moe` (`efficient_attn.bench`) share: the
 interleaved timing rounds (median / min / max over rounds), the settings header and the
-`--help` listing of their keys.
+`--help` listing of their keys. This module imports nothing from efficient_attn: the
+attention registry counts FLOPs with it.
 """
 
 from __future__ import annotations
@@ -158,14 +159,3 @@ def write_json(rows: list[dict], path: str) -> None:
   """Writes `rows` to `path` as one indented JSON list (a value JSON cannot hold is written as its str)."""
   with open(path, "w") as f:
     json.dump(rows, f, indent=1, default=str)
-
-
-def bench_settings(defaults: dict[str, Any], overrides: dict[str, Any] | None, where: str) -> dict[str, Any]:
-  """`defaults` updated by `overrides` (`config.apply_overrides`: unknown keys and wrong types are a
-  ConfigError of one sentence), where a scalar given for a list-valued setting is a one-element list
-  (`--set seq_lens=1024` means [1024]). Each bench then checks its own values."""
-  from efficient_attn.config import apply_overrides
-
-  overrides = {k: [v] if isinstance(defaults.get(k), list) and not isinstance(v, (list, tuple)) else v
-               for k, v in (overrides or {}).items()}
-  return apply_overrides(defaults, overrides, where)

@@ -14,8 +14,9 @@
 - A checkpoint that fails to restore is moved aside to `<step>.corrupt` (never deleted,
   never overwritten) and the previous one is used, with a warning naming both steps;
   the noise orbax prints after a failed restore is kept out of the way.
-- A workdir keeps its resolved config (`config.json`); a rerun that changes the model, the data
-  or the optimiser is refused before compiling (`check_same_run`), so two runs never mix.
+- A workdir keeps its resolved config (`config.json`), which `efficient-attn train` starts a rerun
+  from; a rerun that changes the model, the data or the optimiser is refused before compiling
+  (`check_same_run`), so two runs never mix.
 - Multi-process: every process polls `requested()` at the same step and gets the same
   answer, though the signal may have reached only one of them; process 0 alone takes
   the lock and renames corrupt checkpoints, behind a barrier.
@@ -136,6 +137,12 @@ MAY_CHANGE_ON_RESUME = ("train.steps", "train.log_every", "train.eval_every", "t
                         "train.max_to_keep", "train.eval_batches", "train.on_nonfinite", "train.tensorboard",
                         "train.grad_accum", "model.remat", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.expert",
                         "data.cache_dir", "data.num_proc")
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """True when DIR/checkpoints holds a committed step (a killed save's tmp directory does not count)."""
+  ckpt = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
 
 
 def check_same_run(workdir: str, cfg, has_checkpoints: bool) -> str | None:

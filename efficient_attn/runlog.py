@@ -4,7 +4,11 @@
     log.say("resumed from step 100 (checkpoint ...)")
     log.step(row, eta_s)     # metrics.jsonl (+ TensorBoard); a bar on a terminal, else one plain line
     log.val(row)
-    log.summary(...)         # the last line: final losses, bits/byte, tokens/s, wall time
+    summary = log.summary(step=..., row=..., val=..., tokens_per_sec=..., wall_s=...)  # the row and last line
+
+A row holds the step's metrics (`to_host`), its time and throughput, MFU (`mfu_fields`: None with the
+reason when it cannot be trusted) and the compiled step's costs (`cost_fields`); a validation row
+`val_metrics`.
 
 On a terminal (or with progress=True) stderr shows a tqdm bar; otherwise (nohup, sbatch,
 a pipe) every logged step prints one line `step 40/200  loss 2.9133  tokens/s 3,412  eta 1m52s`,
@@ -18,7 +22,12 @@ import math
 import os
 import sys
 
+import jax
+import numpy as np
+
+from efficient_attn import flops
 from efficient_attn.config import ConfigError
+from efficient_attn.measure import temp_bytes, xla_flops
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -109,15 +118,20 @@ class RunLog:
         self.tb.add_scalar(f"{prefix}/{k}", v, step)
     self.tb.flush()
 
-  def summary(self, *, step: int, loss: float | None, val_loss: float | None, tokens_per_sec: float | None,
-              wall_s: float, val_bpb: float | None = None) -> None:
-    """The run's last line: final train loss (mean of the last logging window), val loss, bits/byte, tokens/s
-    (training steps only, this invocation), wall time (this invocation: data, compile, evaluation included)."""
+  def summary(self, *, step: int, row: dict, val: dict, tokens_per_sec: float | None, wall_s: float) -> dict:
+    """The run's summary row and its last line: final train loss (mean of the last logging window), val loss,
+    bits/byte, tokens/s (training steps only, this invocation), wall time (this invocation: data, compile,
+    evaluation included). `row`: the last logged step's; `val`: the final validation's ({} if none ran)."""
+    out = {"step": step, "loss": row.get("loss_avg"), "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"),
+           "val_perplexity": val.get("val_perplexity"), "tokens_per_sec": tokens_per_sec, "time_s": self.elapsed,
+           "wall_s": wall_s}
     f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    bpb = val_bpb if val_bpb is not None or val_loss is None else val_loss / math.log(2)  # bytes: loss / ln 2
+    loss, val_loss, bpb = out["loss"], out["val_loss"], out["val_bpb"]
+    bpb = bpb if bpb is not None or val_loss is None else val_loss / math.log(2)  # bytes: loss / ln 2
     done = "done" if step >= self.t.steps else "stopped"
     self.say(f"{done}: step {step}/{self.t.steps}, train loss {f(loss, '.4f')}, val loss {f(val_loss, '.4f')},"
              f" bits/byte {f(bpb, '.3f')}, tokens/s {f(tokens_per_sec, ',.0f')}, wall {duration(wall_s)}")
+    return out
 
   def close(self) -> None:
     if self.bar is not None:
@@ -150,3 +164,48 @@ def _json_or_none(line: str):
     return json.loads(line)
   except json.JSONDecodeError:
     return None
+
+
+# ----------------------------------------------------------------------------- what a row holds
+
+
+def to_host(metrics: dict) -> dict:
+  """A step's metrics as Python numbers (arrays as lists)."""
+  out = {}
+  for k, v in jax.device_get(metrics).items():
+    v = np.asarray(v)
+    out[k] = v.tolist() if v.ndim else v.item()
+  return out
+
+
+def val_metrics(nats: float, tokens: float, nbytes: float) -> dict:
+  """{"val_loss" (nats per token), "val_perplexity", "val_bpb" (total nats / total bytes / ln 2)}."""
+  loss = nats / max(tokens, 1.0)
+  return {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 700.0))),
+          "val_bpb": nats / max(nbytes, 1.0) / np.log(2)}
+
+
+def cost_fields(cfg, compiled, num_devices: int) -> dict:
+  """What every step row repeats: FLOPs per token (the model's, `flops.model_flops_per_token`, and those
+  the compiled step executes), its temporary bytes, the peak FLOP/s per device and where it came from."""
+  m, t = cfg.model, cfg.train
+  fpt = flops.model_flops_per_token(m, t.seq_len)["train"]
+  peak, peak_source = flops.peak_flops_per_device(m.dtype if m.dtype != "bfloat16" else "float32")
+  load_at_peak = flops.measured_load(m.dtype if m.dtype != "bfloat16" else "float32")
+  # cost_analysis of an SPMD program is one device's share: every device executes its partition. A scan
+  # (train.grad_accum > 1) is counted once by XLA, so its micro-batches are multiplied back in.
+  executed = xla_flops(compiled) * num_devices * t.grad_accum / (t.batch_size * t.seq_len)
+  return {"flops_per_token": fpt, "executed_flops_per_token": executed, "temp_bytes": temp_bytes(compiled),
+          "peak_flops": peak, "peak_source": peak_source,
+          **({"load_at_peak": load_at_peak} if load_at_peak is not None else {})}
+
+
+def mfu_fields(cost: dict, tps: float, num_devices: int) -> dict:
+  """{"mfu": value or None, "mfu_note": why None} (see `flops.honest_mfu`); on CPU the load average too.
+  `cost`: `cost_fields`' dict."""
+  on_cpu = jax.devices()[0].platform == "cpu"
+  load = flops.cpu_load() if on_cpu else None
+  # Emulated CPU devices share one machine, whose measured matmul rate is the peak.
+  value, note = flops.honest_mfu(cost["flops_per_token"], tps, 1 if on_cpu else num_devices, cost["peak_flops"],
+                                 loads=(cost.get("load_at_peak"), load), cores=flops.cpu_cores() if on_cpu else None)
+  return {"mfu": value, **({"mfu_note": note} if note else {}), **({"load_avg": load} if on_cpu else {})}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -52,6 +51,8 @@ def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
 
 def param_shardings(abstract_boxed_params, mesh) -> object:
   """NamedShardings for a (possibly `nn.Partitioned`-boxed) param tree, by RULES."""
+  import flax.linen as nn  # here only: the MoE's and the kernels' shard_maps read RULES without importing Flax
+
   specs = nn.get_partition_spec(abstract_boxed_params)
   return nn.logical_to_mesh_sharding(specs, mesh, RULES)
 

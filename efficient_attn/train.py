@@ -1,8 +1,8 @@
 """Training, top to bottom: data -> mesh -> state -> jitted step -> loop -> checkpoints.
 
-    state  = init_state(...)            eval_shape -> shardings -> jit(init, out_shardings)
+    state  = init_state(...)            eval_shape -> shardings -> jit(init, out_shardings)   (state.py)
     step   = jax.jit(train_step, in/out shardings, donate the state)
-    loop:  batch i is a pure function of (seed, i); log metrics.jsonl; save with orbax
+    loop:  batch i is a pure function of (seed, i); log metrics.jsonl (runlog.py); save with orbax (state.py)
     resume: the latest checkpoint holds the state and the data position (= step);
             DIR/config.json holds the config, and a rerun that changes the model / data is refused
 
@@ -17,22 +17,19 @@ import os
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from efficient_attn import flops, reliability, runlog, sharding
-from efficient_attn.config import CONFIG_JSON, Config, ConfigError, save_config_json, validate
-from efficient_attn.data import store as token_store
-from efficient_attn.data.text import lm_example
-from efficient_attn.layers import redraw_buffers
-from efficient_attn.measure import temp_bytes, xla_flops
+from efficient_attn import platform, reliability, runlog, sharding
+from efficient_attn.config import CONFIG_JSON, Config, ConfigError, resolve_vocab, save_config_json, validate
+from efficient_attn.data import pipeline
+from efficient_attn.data.text import TokenStream, lm_example
 from efficient_attn.model import TransformerLM
 from efficient_attn.moe import collect_aux
+from efficient_attn.state import (checkpoint_manager, compiled_redraw, init_state, restore_checkpoint,
+                                  save_checkpoint)
 
 
 class NonFiniteError(RuntimeError):
@@ -96,29 +93,6 @@ def token_nll(logits_BTV, targets_BT):
   """Negative log-likelihood [B, T] of each target under the logits (float32)."""
   logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32))
   return -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
-
-
-def init_state(model, tx, mesh, dummy, rng, *, abstract_only=False):
-  """Builds the sharded train state: eval_shape -> shardings by the rules table -> jit(init).
-
-  abstract_only: return ShapeDtypeStructs instead (a resume restores into them and
-  never compiles init, which for XLA's threefry takes longer than the train step).
-  """
-
-  def init(rng):
-    variables = model.init(rng, dummy)
-    params = variables["params"]
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    if variables.get("buffers"):  # non-trainable (Performer projections): saved, never optimised
-      state["buffers"] = variables["buffers"]
-    return state
-
-  abstract = jax.eval_shape(init, rng)  # boxed with logical axis names (nn.Partitioned)
-  state_sh = sharding.param_shardings(abstract, mesh)
-  if abstract_only:
-    return nn.unbox(abstract), state_sh
-  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=state_sh)(rng)
-  return state, state_sh
 
 
 def dropout_key(t, step):
@@ -205,70 +179,10 @@ def make_eval_step(model, t, state_sh, batch_sh, token_bytes_V):
   return jax.jit(eval_step, in_shardings=(state_sh["params"], state_sh.get("buffers"), batch_sh))
 
 
-def val_metrics(nats: float, tokens: float, nbytes: float) -> dict:
-  """{"val_loss" (nats per token), "val_perplexity", "val_bpb" (total nats / total bytes / ln 2)}."""
-  loss = nats / max(tokens, 1.0)
-  return {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 700.0))),
-          "val_bpb": nats / max(nbytes, 1.0) / np.log(2)}
-
-
-def make_redraw(model, t, state_sh, dummy):
-  """Jitted (state, step) -> state with every attention buffer drawn anew (FAVOR+ feature redraw).
-
-  The draw for step s uses fold_in(PRNGKey(train.seed + 1), s), so a resumed run redraws the same
-  features as an uninterrupted one. Only the buffers are computed (the forward pass is dead code).
-  """
-
-  def redraw(state, step):
-    rng = jax.random.fold_in(jax.random.PRNGKey(t.seed + 1), step)
-    variables = {"params": state["params"], "buffers": state["buffers"]}
-    return {**state, "buffers": redraw_buffers(model, variables, rng, dummy)["buffers"]}
-
-  return jax.jit(redraw, in_shardings=(state_sh, None), out_shardings=state_sh, donate_argnums=0)
-
-
-def _compiled_redraw(model, t, state_sh, dummy, state):
-  """`make_redraw` compiled ahead of the loop (its compile time is not training time); None if nothing to redraw."""
-  if not t.redraw_every or "buffers" not in state:
-    return None
-  compiled = make_redraw(model, t, state_sh, dummy).lower(state, jnp.int32(0)).compile()
-  return lambda state, step: compiled(state, jnp.int32(step))
-
-
-# ----------------------------------------------------------------------------- checkpoints and logs
-
-
-def checkpoint_manager(workdir: str, t) -> ocp.CheckpointManager:
-  # cleanup_tmp_directories: a save cut short by SIGKILL leaves only `<step>.orbax-checkpoint-tmp-*`.
-  options = ocp.CheckpointManagerOptions(max_to_keep=t.max_to_keep, create=True,
-                                         enable_async_checkpointing=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
-
-
-def save_checkpoint(mngr, step: int, state, position: int) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          data=ocp.args.JsonSave({"position": position})))
-
-
-def restore_checkpoint(mngr, step: int, state_like, state_sh):
-  """Restores onto `state_sh` (any mesh: orbax reshards), returns (state, data position)."""
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, state_sh)
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                   data=ocp.args.JsonRestore()))
-  return out["state"], int(out["data"]["position"])
-
-
-def _to_host(metrics: dict) -> dict:
-  out = {}
-  for k, v in jax.device_get(metrics).items():
-    v = np.asarray(v)
-    out[k] = v.tolist() if v.ndim else v.item()
-  return out
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
+@platform.for_this_host()
 def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=None,
           stop_after: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) a TransformerLM in `workdir`; returns the run's summary row.
@@ -279,7 +193,8 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
   has `stopped_by` (the signal's name) and `stopped_at` (the step saved).
   progress: a tqdm bar on stderr (default: when stderr is a terminal); without it every
   logged step prints one plain line. Either way a resume prints "resumed from step N
-  (checkpoint DIR)" and the run ends with a summary line (`runlog.RunLog.summary`).
+  (checkpoint DIR)" and the run ends with a summary line (`runlog.RunLog.summary`). The state is built,
+  saved and restored by `efficient_attn.state`; the rows' fields come from `runlog`.
   The workdir keeps the config in DIR/config.json; a rerun whose model / data / optimiser
   settings differ is refused before compiling (`reliability.check_same_run`).
   The summary row: step, loss (mean over the last logging window), val_loss (nats per token), val_bpb
@@ -295,13 +210,13 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
     runlog.require_tensorboard()
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} is a file, not a directory; pass a directory (it is created if missing).")
-  cfg = token_store.resolve_vocab(cfg)  # model.vocab_size follows data.tokenizer unless set
+  cfg = resolve_vocab(cfg)  # model.vocab_size follows data.tokenizer unless set
   m = cfg.model
-  note = reliability.check_same_run(workdir, cfg, _has_checkpoints(workdir))  # another run's workdir: refused
-  data = token_store.open_store(cfg.data, progress=progress)  # built (and the tokenizer trained) once, then mapped
-  stream = data.stream("train", t.seq_len, t.batch_size, t.seed)
-  val_stream = data.stream("validation", t.seq_len, t.batch_size, t.seed + 1) \
-      if data.has("validation") else None
+  # Another run's workdir is refused here; an older one without config.json gets a note.
+  note = reliability.check_same_run(workdir, cfg, reliability.has_checkpoints(workdir))
+  # The store is built (and the tokenizer trained) once, then mapped.
+  data = pipeline(cfg.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed, progress=progress)
+  stream, val_stream = data.train, data.validation
   os.makedirs(workdir, exist_ok=True)
   main = jax.process_index() == 0
   lock = reliability.workdir_lock(workdir) if main else contextlib.nullcontext()
@@ -324,17 +239,17 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
         save_config_json(cfg, os.path.join(workdir, CONFIG_JSON))
       shardings = {k: batch_sh for k in ("inputs", "targets", "segment_ids", "weights")}
       train_step = make_train_step(model, tx, schedule, t, state_sh, shardings)
-      eval_step = make_eval_step(model, t, state_sh, shardings, data.token_bytes())
+      eval_step = make_eval_step(model, t, state_sh, shardings, data.token_bytes)
 
-      def get_batch(s: token_store.TokenStream, i: int):  # each process reads only its own rows
+      def get_batch(s: TokenStream, i: int):  # each process reads only its own rows
         return sharding.global_batch(lm_example(s.batch(i, jax.process_index(), jax.process_count())), mesh)
 
       def evaluate(state) -> dict:  # the same eval_batches held-out batches every time, token-weighted
         sums = [eval_step(state["params"], state.get("buffers"), get_batch(val_stream, i))
                 for i in range(t.eval_batches)]
-        return val_metrics(*(float(sum(float(s[k]) for s in sums)) for k in range(3)))
+        return runlog.val_metrics(*(float(sum(float(s[k]) for s in sums)) for k in range(3)))
 
-      redraw = _compiled_redraw(model, t, state_sh, dummy, state)
+      redraw = compiled_redraw(model, t, state_sh, dummy, state)
 
       compiled = train_step.lower(state, get_batch(stream, start)).compile()
       log = runlog.RunLog(workdir, t, start, progress=progress, enabled=main)
@@ -344,9 +259,10 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
         if restored is not None:
           log.say(f"resumed from step {start} (checkpoint {os.path.join(str(mngr.directory), str(start))})")
         evaluate = evaluate if val_stream is not None else None
-        state, row, speed = _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, len(devices),
-                                  stop_after, evaluate, redraw)
-        summary = _finish(t, state, start, row, speed, evaluate, log, wall0)
+        state, row, val, speed = _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop,
+                                       len(devices), stop_after, evaluate, redraw)
+        summary = log.summary(step=int(state["step"]), row=row, val=val, tokens_per_sec=speed,
+                              wall_s=time.perf_counter() - wall0)
       finally:  # the checkpoint manager's close() waits for an in-flight save
         log.close()
   if stop.received:
@@ -354,38 +270,10 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
   return summary
 
 
-def _finish(t, state, start, row, speed, evaluate, log, wall0) -> dict:
-  """The final validation (when this call reached train.steps) and the summary row and line."""
-  done, val = int(state["step"]), {}
-  if evaluate is not None and start < t.steps and done == t.steps:
-    val = {"step": t.steps, **evaluate(state), "time_s": log.elapsed}
-    log.val(val)
-  summary = {"step": done, "loss": row.get("loss_avg"), "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"),
-             "val_perplexity": val.get("val_perplexity"),
-             "tokens_per_sec": speed, "time_s": log.elapsed, "wall_s": time.perf_counter() - wall0}
-  log.summary(step=done, loss=summary["loss"], val_loss=summary["val_loss"], tokens_per_sec=speed,
-              wall_s=summary["wall_s"], val_bpb=summary["val_bpb"])
-  return summary
-
-
-def _has_checkpoints(workdir: str) -> bool:
-  ckpt = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
-
-
-def _mfu_fields(fpt: float, tps: float, num_devices: int, peak, load_at_peak) -> dict:
-  """{"mfu": value or None, "mfu_note": why None} (see `flops.honest_mfu`); on CPU the load average too."""
-  on_cpu = jax.devices()[0].platform == "cpu"
-  load = flops.cpu_load() if on_cpu else None
-  # Emulated CPU devices share one machine, whose measured matmul rate is the peak.
-  value, note = flops.honest_mfu(fpt, tps, 1 if on_cpu else num_devices, peak, loads=(load_at_peak, load),
-                                 cores=flops.cpu_cores() if on_cpu else None)
-  return {"mfu": value, **({"mfu_note": note} if note else {}), **({"load_avg": load} if on_cpu else {})}
-
-
 def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_devices, stop_after,
           evaluate=None, redraw=None):
-  """Steps `start..train.steps`, logging and checkpointing; returns (state, last logged row, tokens/s).
+  """Steps `start..train.steps`, logging and checkpointing; returns (state, last logged row, final
+  validation row ({} unless this call reached train.steps), tokens/s).
 
   Each row has `loss` (the logged step's), `loss_avg` (mean over the steps since the last
   row), `time_s` (training seconds so far, compile and evaluation excluded, carried
@@ -393,17 +281,9 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
   trusted: see `flops.honest_mfu`). With train.eval_every, every eval_every-th step (a
   multiple of log_every) also logs {"step", "val_loss", "val_perplexity", "val_bpb", "time_s"} on the same
   held-out batches. tokens/s returned: over this call's training steps (None if none ran)."""
-  m, t = cfg.model, cfg.train
+  t = cfg.train
   tokens = t.batch_size * t.seq_len
-  fpt = flops.model_flops_per_token(m, t.seq_len)["train"]
-  peak, peak_source = flops.peak_flops_per_device(m.dtype if m.dtype != "bfloat16" else "float32")
-  load_at_peak = flops.measured_load(m.dtype if m.dtype != "bfloat16" else "float32")
-  # cost_analysis of an SPMD program is one device's share: every device executes its partition. A scan
-  # (train.grad_accum > 1) is counted once by XLA, so its micro-batches are multiplied back in.
-  executed = xla_flops(compiled) * num_devices * t.grad_accum / tokens
-  static = {"flops_per_token": fpt, "executed_flops_per_token": executed, "temp_bytes": temp_bytes(compiled),
-            "peak_flops": peak, "peak_source": peak_source,
-            **({"load_at_peak": load_at_peak} if load_at_peak is not None else {})}
+  cost = runlog.cost_fields(cfg, compiled, num_devices)
   row: dict[str, Any] = {}
   t_last, steps_since, loss_sum = time.perf_counter(), 0, 0.0
   t_start, train_s, timed, elapsed = t_last, 0.0, 0, log.elapsed
@@ -419,13 +299,12 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
                            f" stopped without saving it; the last checkpoint is step {mngr.latest_step()}.")
     done = step + 1
     if done % t.log_every == 0 or done == t.steps:
-      host = _to_host(metrics)
+      host = runlog.to_host(metrics)
       dt = time.perf_counter() - t_last
       tps = tokens * steps_since / dt
       elapsed, train_s, timed = elapsed + dt, train_s + dt, timed + steps_since
       row = {"step": done, "loss": host.pop("loss"), "loss_avg": float(loss_sum) / steps_since, **host,
-             "time_s": elapsed, "tokens_per_sec": tps, **_mfu_fields(fpt, tps, num_devices, peak, load_at_peak),
-             **static}
+             "time_s": elapsed, "tokens_per_sec": tps, **runlog.mfu_fields(cost, tps, num_devices), **cost}
       row.pop("ok", None)
       log.elapsed = elapsed
       eta = (time.perf_counter() - t_start) / (done - start) * (t.steps - done)
@@ -440,4 +319,8 @@ def _loop(cfg, compiled, state, get_batch, stream, start, mngr, log, stop, num_d
     if stopping:
       break
   mngr.wait_until_finished()
-  return state, row, (tokens * timed / train_s if timed else None)
+  val = {}
+  if evaluate is not None and start < t.steps and int(state["step"]) == t.steps:  # the final validation
+    val = {"step": t.steps, **evaluate(state), "time_s": log.elapsed}
+    log.val(val)
+  return state, row, val, (tokens * timed / train_s if timed else None)

@@ -27,8 +27,11 @@ def files(tmp_path) -> dict[str, str]:
   (tmp_path / "nan_config.py").write_text(NAN_CONFIG)
   (tmp_path / "no_get_config.py").write_text("x = 1\n")
   (tmp_path / "a_file").write_text("not a directory\n")
+  (tmp_path / "experiment").mkdir()  # an experiment's workdir: its config.json is not a training config
+  (tmp_path / "experiment" / "config.json").write_text('{"variants": ["softmax"], "steps": 3}\n')
   return {name.split(".")[0]: str(tmp_path / name) for name in ("empty.txt", "latin1.txt", "short.txt",
-                                                                  "nan_config.py", "no_get_config.py", "a_file")}
+                                                                  "nan_config.py", "no_get_config.py", "a_file",
+                                                                  "experiment")}
 
 
 # (id, argv after "train --workdir DIR" unless it starts with a command, fragments stderr must contain)
@@ -72,6 +75,8 @@ CASES = [
     ("corpus smaller than a batch", ["--set", "data.name=text", "--set", "data.files={short}"],
      ["train.batch_size", "train.seq_len", "fewer than one batch"]),
     ("workdir is a file", ["--workdir", "{a_file}"], ["--workdir", "a_file", "not a directory"]),
+    ("an experiment's workdir", ["--workdir", "{experiment}", "--set", "train.steps=5"],
+     ["experiment/config.json", "not a training config"]),
     ("malformed --set", ["--set", "nonsense"], ["KEY=VALUE", "'nonsense'"]),
     ("unknown experiment", ["experiment", "nope", "--workdir", "{workdir}"], ["experiment 'nope'", "quickstart"]),
     ("unknown bench", ["bench", "flops"], ["invalid choice: 'flops'", "attention"]),

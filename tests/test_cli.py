@@ -43,7 +43,7 @@ def test_apply_overrides_checks_keys_and_types():
 
 
 def test_bench_settings_one_parser_for_both_benches():
-  from efficient_attn.measure import bench_settings
+  from efficient_attn.bench import bench_settings
 
   d = {"seq_lens": [1024, 2048], "repeats": 3}
   assert bench_settings(d, {"seq_lens": 512}, "bench x") == {"seq_lens": [512], "repeats": 3}  # scalar -> [scalar]

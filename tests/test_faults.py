@@ -39,7 +39,8 @@ from efficient_attn import cli, reliability, sharding
 from efficient_attn.config import Config, with_overrides, parse_overrides, validate
 from efficient_attn.data.text import lm_example, PackedStream
 from efficient_attn.model import TransformerLM
-from efficient_attn.train import NonFiniteError, init_state, make_optimizer, make_train_step, train
+from efficient_attn.state import init_state
+from efficient_attn.train import NonFiniteError, make_optimizer, make_train_step, train
 
 TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.ffn_dim=64", "train.seq_len=32",
         "train.batch_size=8", "train.steps=10000", "train.warmup_steps=5", "train.log_every=1",

@@ -7,7 +7,7 @@ elementwise ops (max, sum, divide, compare, where, elu...) as FLOPs too, exp as 
 - the formulas are compared with XLA on configs whose loops run once, or whose loops are
   negligible: linear / Performer causal scan only a [B, K, M, H] state add over chunks;
 - the chunked softmax's multi-tile configs count the executed tiles at run time with
-  softmax.py's `_TILE_HOOK` and multiply by XLA's count of a one-tile config;
+  softmax_chunked.py's `_TILE_HOOK` and multiply by XLA's count of a one-tile config;
 - tolerance: XLA / formula in [0.98, 1.15] for one attention core (measured 1.03-1.11:
   elementwise work over matmul work, largest for linear's elu features at H=32) and
   [0.97, 1.10] / [0.90, 1.12] for a whole model forward / train step (measured 1.00-1.06
@@ -27,7 +27,7 @@ import pytest
 from efficient_attn import attention as A
 from efficient_attn import flops, measure
 from efficient_attn.attention import masks
-from efficient_attn.attention import softmax as softmax_lib
+from efficient_attn.attention import softmax_chunked
 from efficient_attn.attention import sparse as sparse_lib
 from efficient_attn.config import ModelConfig
 from efficient_attn.model import TransformerLM
@@ -113,7 +113,7 @@ def test_chunked_softmax_counts_executed_tiles(T, causal, monkeypatch):
   one_tile = xla_flops(lambda q, k, v: A.softmax_attention(q, k, v, is_causal=causal, implementation="chunked"),
                        q1, q1, q1)
   seen = []
-  monkeypatch.setattr(softmax_lib, "_TILE_HOOK", lambda name, i, j: seen.append((int(i), int(j))))
+  monkeypatch.setattr(softmax_chunked, "_TILE_HOOK", lambda name, i, j: seen.append((int(i), int(j))))
   q = jnp.asarray(np.random.default_rng(0).normal(size=(B, T, N, H)), jnp.float32)
   fn = jax.jit(lambda q: A.softmax_attention(q, q, q, is_causal=causal, implementation="chunked"))
   jax.block_until_ready(fn(q))

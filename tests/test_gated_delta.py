@@ -268,7 +268,7 @@ def test_causal_gradients_and_family_decoding(kind):
 def test_bench_feeds_each_family_its_per_token_inputs():
   """`bench attention` times GLA with per-channel gates and DeltaNet with β from random inputs (as the layer
   computes them), differentiating through them, not on the pure call's defaults (fixed decays, β = 1/2)."""
-  from efficient_attn.attention import bench
+  from efficient_attn.bench import attention as bench
 
   s = bench.bench_settings(bench.ATTENTION_DEFAULTS, {"variants": ["gla"],
                                                       "seq_lens": [16], "num_heads": 4, "num_kv_heads": 2,

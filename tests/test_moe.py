@@ -330,7 +330,7 @@ def test_flops_per_token():
 
 
 def test_bench_moe_rows_and_settings():
-  from efficient_attn.moe.bench import bench_moe, format_moe_table
+  from efficient_attn.bench.moe import bench_moe, format_moe_table
   with pytest.raises(ValueError, match="unknown key 'batch_size' for bench moe"):
     bench_moe({"batch_size": 4})
   with pytest.raises(ValueError, match="unknown variant 'top3'"):

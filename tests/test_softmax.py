@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from efficient_attn.attention import softmax as sm
+from efficient_attn.attention import softmax_chunked
 from efficient_attn.attention.softmax import softmax_attention, softmax_init_state, softmax_step
 from tests.reference import softmax_reference, visibility
 
@@ -258,7 +259,7 @@ def test_chunked_fwd_bwd_temp_memory_is_far_below_materialised():
 def test_causal_computes_only_visible_tiles(monkeypatch, causal, T, S, chunk):
   """Every executed tile (forward and backward) has a visible entry; no needed tile is skipped."""
   seen = []
-  monkeypatch.setattr(sm, "_TILE_HOOK", lambda name, i, j: seen.append((name, int(i), int(j))))
+  monkeypatch.setattr(softmax_chunked, "_TILE_HOOK", lambda name, i, j: seen.append((name, int(i), int(j))))
   q, k, v = _arrays(B=1, T=T, S=S, N=2, K=1)
   loss = lambda q, k, v: jnp.sum(softmax_attention(q, k, v, is_causal=causal, implementation="chunked",
                                                    chunk_size=chunk))

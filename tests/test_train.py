@@ -202,6 +202,41 @@ def test_a_workdir_without_config_json_resumes_and_gets_one(tmp_path, capsys):
   assert json.loads((tmp_path / "config.json").read_text())["train.steps"] == 10
 
 
+def test_a_rerun_starts_from_config_json_and_changes_only_the_keys_set(tmp_path, capsys, monkeypatch):
+  """A run made with several --set keys, rerun with only train.steps: it continues (one line says so) with
+  every other stored key kept; a changed model key is still refused in one sentence, nothing saved lost."""
+  from efficient_attn import train as train_module
+
+  wd = str(tmp_path)
+  made = ["model.attention=linear", "model.attention_options.chunk_size=16", "model.num_layers=1", "model.d_model=32",
+          "model.ffn_dim=64", "train.seq_len=32", "train.steps=1", "train.warmup_steps=0", "train.learning_rate=1e-3",
+          "train.eval_batches=1"]
+  assert cli.main(["train", "--workdir", wd, *[a for kv in made for a in ("--set", kv)]]) == 0
+  stored = json.loads((tmp_path / "config.json").read_text())
+  assert "continuing" not in capsys.readouterr().err
+
+  assert cli.main(["train", "--workdir", wd, "--set", "train.steps=2"]) == 0
+  err = capsys.readouterr().err
+  assert f"efficient-attn: continuing the run in {wd} from its config.json (changed: train.steps 1 -> 2)\n" in err
+  assert "resumed from step 1" in err and "done: step 2/2" in err, err
+  assert json.loads((tmp_path / "config.json").read_text()) == {**stored, "train.steps": 2}
+  assert [r["step"] for r in losses(tmp_path)] == [1, 2]
+
+  before = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "config.json")}
+  checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
+
+  def compiled(*a, **k):
+    raise AssertionError("the rerun reached the train state before being refused")
+
+  monkeypatch.setattr(train_module, "init_state", compiled)
+  assert cli.main(["train", "--workdir", wd, "--set", "train.steps=3", "--set", "model.d_model=64"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err and "continuing" not in err, err
+  assert "model.d_model=32 there, 64 now" in err and "another --workdir" in err, err
+  assert {name: (tmp_path / name).read_text() for name in before} == before
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
+
+
 def _grad_keeper():
   """An optimizer that leaves the params alone and keeps the step's gradient in its state: what the
   train step hands to the optimizer, read before Adam (which divides each entry by its own magnitude,
@@ -219,7 +254,8 @@ def _one_step(extra, devices):
   from efficient_attn.config import parse_overrides, validate, with_overrides
   from efficient_attn.data.text import PackedStream, lm_example
   from efficient_attn.model import TransformerLM
-  from efficient_attn.train import init_state, make_optimizer, make_train_step
+  from efficient_attn.state import init_state
+  from efficient_attn.train import make_optimizer, make_train_step
 
   cfg = with_overrides(Config(), parse_overrides(
       ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.ffn_dim=64", "train.seq_len=32",

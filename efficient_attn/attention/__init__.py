@@ -37,10 +37,12 @@ from efficient_attn.attention.linear import linear_attention, linear_init_state,
 from efficient_attn.attention.local import local_attention
 from efficient_attn.attention.performer import performer_attention, performer_projection, performer_step
 from efficient_attn.attention.registry import ATTENTION, FAMILIES, Family, NoOptions, Shape, get, names, register
-from efficient_attn.attention.softmax import softmax_attention, softmax_init_state, softmax_step, softmax_weights
+from efficient_attn.attention.softmax import softmax_attention, softmax_weights
+from efficient_attn.attention.softmax_decode import softmax_init_state, softmax_step
 from efficient_attn.attention.sparse import block_sparse_attention
+from efficient_attn.errors import did_you_mean
 
-_NOT_FAMILIES = ("masks", "registry", "bench")
+_NOT_FAMILIES = ("masks", "registry")
 
 
 def _register_builtins() -> None:
@@ -89,8 +91,9 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
     refused with one sentence (this function owns its matmuls).
   - Flax's `decode=True` cache: one query (T == 1) facing the S cached keys under a mask is
     a decoding step; the query sits at the last key the mask lets it see, causality is that
-    mask, and the local family applies its window back from that position, so generation
-    equals the parallel causal forward for softmax, local, linear and performer.
+    mask, and a family with a `decode_window` (local) applies its window back from that
+    position, so generation equals the parallel causal forward for softmax, local, linear and
+    performer.
   A query that sees no key outputs 0 (Flax's own function averages all values there).
 
   `opts` are the family's typed options (checked now, prepared for the shape of each call,
@@ -107,8 +110,6 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
   if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
     unknown = sorted(set(passthrough) - set(params))
     if unknown:
-      from efficient_attn.config import did_you_mean
-
       valid = sorted(set(family.option_names) | {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY})
       raise ValueError(f"flax_attention_fn({kind!r}): unknown keyword(s) {unknown};{did_you_mean(unknown[0], valid)}"
                        f" the family's options and keywords are {valid}.")
@@ -133,7 +134,7 @@ def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:
     kw = {**family.call_kwargs(options, shape), **passthrough}
     fn = family.fn
     if query.shape[-3] == 1 and key.shape[-3] > 1 and mask is not None:  # Flax's decode=True step
-      window = getattr(options, "window", None) if family.decodes else None
+      window = None if family.decode_window is None else family.decode_window(options)
       if causal or window is not None:
         mask, causal = _decode_mask(mask, key.shape[-3], window), False
         if window is not None:  # the window is in the mask now: exact softmax over it

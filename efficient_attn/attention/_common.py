@@ -35,16 +35,17 @@ class Dims(NamedTuple):
 def check_qkv(query, key, value, fn: str, *, value_head_dim: bool = False) -> Dims:
   """Validates BTNH / BSKH / BSKH shapes and returns the dimensions.
 
-  value_head_dim=True lets the value's head dim Hv differ from H (value [B, S, K, Hv]).
+  value_head_dim=True lets the value's head dim Hv differ from H (value [B, S, K, Hv]). value=None
+  checks query and key only (attention weights).
   """
   for name, x in (("query", query), ("key", key), ("value", value)):
-    if getattr(x, "ndim", None) != 4:
+    if x is not None and getattr(x, "ndim", None) != 4:
       raise ValueError(
           f"{fn}: `{name}` must have rank 4 ({'[B, T, N, H]' if name == 'query' else '[B, S, K, H]'}),"
           f" got shape {getattr(x, 'shape', None)}.")
   B, T, N, H = query.shape
   Bk, S, K, Hk = key.shape
-  if key.shape[:3] != value.shape[:3] or (key.shape != value.shape and not value_head_dim):
+  if value is not None and (key.shape[:3] != value.shape[:3] or (key.shape != value.shape and not value_head_dim)):
     what = "[B, S, K] dims" if value_head_dim else "shape [B, S, K, H]"
     raise ValueError(f"{fn}: `key` and `value` must have the same {what}, got {key.shape} and {value.shape}.")
   if Bk != B:
@@ -55,6 +56,15 @@ def check_qkv(query, key, value, fn: str, *, value_head_dim: bool = False) -> Di
     raise ValueError(
         f"{fn}: query heads N={N} must be a multiple of key/value heads K={K} (MHA: K=N, GQA: K divides N, MQA: K=1).")
   return Dims(B, T, S, N, K, H)
+
+
+def mean_visible_keys(T: int, window: int, causal: bool) -> float:
+  """Mean number of keys a query sees (T == S, top-left causal, keys within `window` positions):
+  the ideal work per query of exact attention (window = T) and of a sliding window."""
+  W = min(window, T)
+  if causal:
+    return (W * (W + 1) / 2 + (T - W) * W) / T
+  return (T + 2 * ((W - 1) * T - (W - 1) * W / 2)) / T
 
 
 def stats_dtype(dtype):
@@ -87,8 +97,10 @@ def _lengths(lengths, batch: tuple, name: str, fn: str):
 
 
 def check_dtypes(query, key, value, fn: str):
-  """Refuses non-floating inputs (complex ones would silently lose their imaginary part)."""
+  """Refuses non-floating inputs (complex ones would silently lose their imaginary part); value may be None."""
   for name, x in (("query", query), ("key", key), ("value", value)):
+    if x is None:
+      continue
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
       kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else "non-floating"
@@ -96,7 +108,16 @@ def check_dtypes(query, key, value, fn: str):
                        " point inputs (for complex data, attend over real and imaginary parts as features).")
 
 
-def leading_batch_dims(*, query_mask: bool = True):
+_LAYOUTS = {"query": "[..., T, N, H]", "key": "[..., S, K, H]", "value": "[..., S, K, Hv]"}
+
+
+def _listing(words) -> str:
+  """"a, b and c"."""
+  words = list(words)
+  return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def leading_batch_dims(*, query_mask: bool = True, result: str = "BTNH"):
   """Decorator: a family function written for [B, T, N, H] takes any number of leading batch dims.
 
   The decorated function accepts query [..., T, N, H], key [..., S, K, H], value
@@ -109,27 +130,34 @@ def leading_batch_dims(*, query_mask: bool = True):
   invisible; queries at t >= q_len see no key (`query_mask=True`, the function
   then outputs 0 for them) or, for families that take key masks only, have their
   output zeroed afterwards. Four-dim calls without lengths go straight to `fn`.
+
+  result: what `fn` computes. "BTNH": attention, fn(query, key, value, bias, mask, ...) ->
+  [B, T, N, Hv] (or an (output, residual [B, T, N]) pair). "BNTS": attention weights,
+  fn(query, key, bias, mask, ...) with no value -> [B, N, T, S]; the decorated function
+  then takes no value either and returns [..., N, T, S].
   """
+  if result not in ("BTNH", "BNTS"):
+    raise ValueError(f"leading_batch_dims: `result`={result!r} is not one of 'BTNH' (attention), 'BNTS' (weights).")
+
   def decorate(fn):
     name = fn.__name__
 
-    @functools.wraps(fn)
-    def wrapper(query, key, value, bias=None, mask=None, *, segment_ids=None, query_seq_lengths=None,
-                key_value_seq_lengths=None, **kw):
-      check_dtypes(query, key, value, name)
-      query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    def call(arrays: dict, bias, mask, segment_ids, query_seq_lengths, key_value_seq_lengths, kw):
+      check_dtypes(arrays["query"], arrays["key"], arrays.get("value"), name)
+      arrays = {n: jnp.asarray(x) for n, x in arrays.items()}
+      query, key = arrays["query"], arrays["key"]
       if query.ndim == 4 and query_seq_lengths is None and key_value_seq_lengths is None:
-        return fn(query, key, value, bias, mask, segment_ids=segment_ids, **kw)
-      if query.ndim < 3 or key.ndim != query.ndim or value.ndim != query.ndim:
+        return fn(*arrays.values(), bias, mask, segment_ids=segment_ids, **kw)
+      if query.ndim < 3 or any(x.ndim != query.ndim for x in arrays.values()):
         raise ValueError(
-            f"{name}: query, key and value must have the same rank >= 3 ([..., T, N, H], [..., S, K, H],"
-            f" [..., S, K, Hv]), got shapes {query.shape}, {key.shape} and {value.shape}.")
+            f"{name}: {_listing(arrays)} must have the same rank >= 3 ({', '.join(_LAYOUTS[n] for n in arrays)}),"
+            f" got shapes {_listing(str(x.shape) for x in arrays.values())}.")
       batch = query.shape[:-3]
-      if key.shape[:-3] != batch or value.shape[:-3] != batch:
-        raise ValueError(f"{name}: leading batch dims differ: query {list(batch)}, key {list(key.shape[:-3])},"
-                         f" value {list(value.shape[:-3])}.")
+      if any(x.shape[:-3] != batch for x in arrays.values()):
+        raise ValueError(f"{name}: leading batch dims differ: "
+                         f"{', '.join(f'{n} {list(x.shape[:-3])}' for n, x in arrays.items())}.")
       B, (T, N, _), S = math.prod(batch), query.shape[-3:], key.shape[-3]
-      query, key, value = (x.reshape((B,) + x.shape[-3:]) for x in (query, key, value))
+      arrays = {n: x.reshape((B,) + x.shape[-3:]) for n, x in arrays.items()}
       target = f"[..., N, T, S] (= {list(batch) + [N, T, S]})"
       bias = None if bias is None else _flatten_leading(bias, batch, len(batch) + 3, "bias", target, name)
       mask = None if mask is None else _flatten_leading(mask, batch, len(batch) + 3, "mask", target, name)
@@ -149,9 +177,9 @@ def leading_batch_dims(*, query_mask: bool = True):
         rows = lax.broadcasted_iota(jnp.int32, (B, T), 1) < q_len[:, None]
         if query_mask:
           mask = rows.reshape(B, 1, T, 1) if mask is None else mask & rows.reshape(B, 1, T, 1)
-        else:
-          keep_rows = rows.reshape(B, T, 1, 1)
-      out = fn(query, key, value, bias, mask, segment_ids=segment_ids, **kw)
+        else:  # the query rows of the result: T is dim 1 of [B, T, N, H], dim 2 of [B, N, T, S]
+          keep_rows = rows.reshape(B, T, 1, 1) if result == "BTNH" else rows.reshape(B, 1, T, 1)
+      out = fn(*arrays.values(), bias, mask, segment_ids=segment_ids, **kw)
       res = None
       if isinstance(out, tuple):
         out, res = out
@@ -159,6 +187,19 @@ def leading_batch_dims(*, query_mask: bool = True):
         out = jnp.where(keep_rows, out, jnp.zeros((), out.dtype))
       out = out.reshape(batch + out.shape[1:])
       return out if res is None else (out, res.reshape(batch + res.shape[1:]))
+
+    if result == "BTNH":
+      @functools.wraps(fn)
+      def wrapper(query, key, value, bias=None, mask=None, *, segment_ids=None, query_seq_lengths=None,
+                  key_value_seq_lengths=None, **kw):
+        return call({"query": query, "key": key, "value": value}, bias, mask, segment_ids, query_seq_lengths,
+                    key_value_seq_lengths, kw)
+    else:
+      @functools.wraps(fn)
+      def wrapper(query, key, bias=None, mask=None, *, segment_ids=None, query_seq_lengths=None,
+                  key_value_seq_lengths=None, **kw):
+        return call({"query": query, "key": key}, bias, mask, segment_ids, query_seq_lengths, key_value_seq_lengths,
+                    kw)
 
     params = list(inspect.signature(fn).parameters.values())
     extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)

@@ -15,13 +15,14 @@ Kernels (all from the installed jax, none vendored):
   to a multiple of its 128-wide tiles, the padding in a segment of its own.
 - "triton" (GPU): the Pallas FlashAttention-2 kernel (`jax.experimental.pallas.ops.gpu.attention`),
   any float dtype, causal and self-attention segment ids; GQA by repeating K/V heads.
-- "cudnn" (GPU): `jax.nn.dot_product_attention(implementation="cudnn")`, bf16 / f16 (in softmax.py).
+- "cudnn" (GPU): `jax.nn.dot_product_attention(implementation="cudnn")`, bf16 / f16, with segment
+  ids folded into its mask and rows that see no key zeroed (`cudnn_attention`).
 On any other platform "splash" and "triton" run the same Pallas kernels in interpret mode:
 the same numbers, slowly (for tests and debugging).
 
-Each kernel states what it cannot do as a sentence (`splash_refusal`, `triton_refusal`); the
-families fall back to their XLA path when `implementation=None` and raise that sentence when
-the kernel was asked for by name.
+Each kernel states what it cannot do as a sentence (`splash_refusal`, `triton_refusal`,
+`cudnn_refusal`); the families fall back to their XLA path when `implementation=None` and
+raise that sentence when the kernel was asked for by name.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
 from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 
-from efficient_attn import platform
+from efficient_attn import platform, sharding
 
 by_platform = platform.by_platform  # the families' dispatch, here beside the kernels it chooses among
 
@@ -254,6 +255,59 @@ def triton_attention(query, key, value, *, causal: bool, segment_ids=None, scale
   return out[:, :T].astype(query.dtype)
 
 
+# ----------------------------------------------------------------------------- cuDNN (GPU)
+
+
+def cudnn_refusal(T: int, S: int, H: int, Hv: int, dtype, *, has_bias=False, dropout=False,
+                  window=None, causal=False) -> str | None:
+  """Why cuDNN's flash kernel cannot run this call here (None when it can): the shapes it takes on
+  every GPU generation (jax checks the rest), and jax's CUDA plugin to trace it at all."""
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or H % 8 or H > 128:
+    return (f"cuDNN needs bfloat16/float16 inputs and a head dim divisible by 8 up to 128, got"
+            f" {jnp.dtype(dtype).name}, H={H}")
+  if Hv != H or dropout:
+    return f"cuDNN (as wrapped here) takes no dropout and needs value's head dim == key's, got Hv={Hv}, H={H}"
+  if has_bias and (T % 2 or S % 2):
+    return f"cuDNN needs even lengths with a bias, got T={T}, S={S}"
+  if window is not None and not causal and window[1] != 0:
+    return "cuDNN's sliding window is causal only"
+  if not cudnn_available():
+    return "cuDNN needs a GPU build of jax (pip install 'jax[cuda12]'); this one cannot trace it"
+  return None
+
+
+def cudnn_attention(query, key, value, bias, mask, seg, causal, scale, dims, window, return_residual):
+  """jax.nn.dot_product_attention(implementation="cudnn") with segments folded into the mask.
+
+  query [B, T, N, H]; key / value [B, S, K, H]; bias / mask broadcastable to [B, N, T, S]; seg None
+  or (q_ids [B, T], kv_ids [B, S]); dims the call's `_common.Dims`; window jax.nn's
+  `local_window_size`. Returns [B, T, N, H] in the query's dtype (and the residual [B, T, N] when
+  asked). cuDNN turns a mask into a large negative bias, so a row that sees no key would
+  average all values; such rows are zeroed here to keep the library's convention.
+  """
+  if seg is not None:
+    seg_mask = (seg[0][:, None, :, None] == seg[1][:, None, None, :])
+    mask = seg_mask if mask is None else mask & seg_mask.reshape((1,) * (mask.ndim - 4) + seg_mask.shape)
+  if bias is not None:  # cuDNN wants full [.., T, S] bias in the query dtype
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    bias = jnp.broadcast_to(bias, bias.shape[:2] + (dims.T, dims.S)).astype(query.dtype)
+  if mask is not None:
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+  out = jax.nn.dot_product_attention(query, key, value, bias, mask, scale=scale, is_causal=causal,
+                                     local_window_size=window, implementation="cudnn",
+                                     return_residual=return_residual)
+  res = None
+  if return_residual:
+    out, res = out
+  if mask is not None:
+    seen = mask & jnp.tril(jnp.ones((1, 1, dims.T, dims.S), bool)) if causal else mask
+    seen_BTN = jnp.broadcast_to(seen.any(-1), (dims.B, dims.N, dims.T)).transpose(0, 2, 1)
+    out = jnp.where(seen_BTN[..., None], out, jnp.zeros((), out.dtype)).astype(query.dtype)
+    if res is not None:
+      res = jnp.where(seen_BTN, res, jnp.asarray(-jnp.inf, res.dtype))
+  return out if res is None else (out, res)
+
+
 # ----------------------------------------------------------------------------- sharding
 
 
@@ -263,8 +317,6 @@ def _per_shard(run, q, k, v, ids, *, head_axis: int):
   A Pallas kernel is one opaque custom call that the SPMD partitioner cannot split, so
   under a mesh each device runs it on its own shard. Without a mesh, runs it as it is.
   """
-  from efficient_attn import sharding  # the logical rules table; imported late (sharding imports flax)
-
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return run(q, k, v, ids)

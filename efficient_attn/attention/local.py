@@ -20,11 +20,11 @@ import numpy as np
 import jax.numpy as jnp
 
 from efficient_attn.attention._common import (
-    check_bias, check_mask, check_qkv, gather_block_pairs, leading_batch_dims, masked_softmax, resolve_scale,
-    split_segment_ids, stats_dtype)
+    check_bias, check_mask, check_qkv, gather_block_pairs, leading_batch_dims, masked_softmax, mean_visible_keys,
+    resolve_scale, split_segment_ids, stats_dtype)
 from efficient_attn.attention import kernels
 from efficient_attn.attention.registry import Family, Shape
-from efficient_attn.attention.softmax import _mean_visible, softmax_init_state, softmax_step
+from efficient_attn.attention.softmax_decode import softmax_init_state, softmax_step
 
 _FN = "local_attention"
 
@@ -176,7 +176,7 @@ def _flops(o: LocalOptions, shape: Shape) -> dict:
   nb = -(-T // block)
   before = -(-(o.window - 1) // block)
   width = (before + 1 + (0 if causal else before)) * block
-  return {"ideal": 4 * N * H * _mean_visible(T, o.window, causal), "executed": 4 * N * H * nb * block * width / T}
+  return {"ideal": 4 * N * H * mean_visible_keys(T, o.window, causal), "executed": 4 * N * H * nb * block * width / T}
 
 
 def _check(o: LocalOptions, shape: Shape) -> None:
@@ -195,5 +195,6 @@ def _step(state, query_B1NH, key_B1KH, value_B1KH, *, window=128, scale=None, **
 
 
 FAMILY = Family(
-    name="local", fn=local_attention, options=LocalOptions, init_state=_init_state, step=_step, flops=_flops,
-    check=_check, description="sliding-window softmax attention (Longformer / Sparse Transformer local heads)")
+    name="local", fn=local_attention, options=LocalOptions, init_state=_init_state, step=_step,
+    decode_window=lambda o: o.window, flops=_flops, check=_check,
+    description="sliding-window softmax attention (Longformer / Sparse Transformer local heads)")

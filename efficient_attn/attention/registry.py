@@ -26,6 +26,8 @@ import functools
 import typing
 from typing import Any, Callable, NamedTuple
 
+from efficient_attn.errors import did_you_mean
+
 
 class Shape(NamedTuple):
   """The static shape of one attention call: what preparation, checks and FLOPs see.
@@ -63,6 +65,10 @@ class Family:
     init_state: (batch, num_kv_heads, head_dim, *, max_len, dtype, **call_kwargs) -> the
       empty decoding state. step: (state, q_B1NH, k_B1KH, v_B1KH, **call_kwargs) -> (out, state);
       token by token it equals the causal parallel forward. None: no decoding.
+    decode_window: options -> int | None, the sliding window (positions a query sees, itself
+      included) of a family whose causal attention is exact softmax over the last `window`
+      keys (local). Flax's decode=True path (`flax_attention_fn`) then keeps only those keys of
+      the cache visible. None (the default): no window; the family's own function runs.
     flops: (options, Shape) -> {"ideal", "executed"} forward FLOPs per token of one layer's
       attention core (optionally "backward": executed backward FLOPs, default 2 x executed).
       None: XLA's count of `fn` at that shape (ideal = executed).
@@ -85,6 +91,7 @@ class Family:
   buffers: Callable[[Any, Any, Shape], dict] | None = None
   init_state: Callable[..., Any] | None = None
   step: Callable[..., Any] | None = None
+  decode_window: Callable[[Any], int | None] | None = None
   flops: Callable[[Any, Shape], dict] | None = None
   check: Callable[[Any, Shape], None] | None = None
   input_params: Callable[[Any, Shape, int], dict] | None = None
@@ -127,7 +134,7 @@ class Family:
     for key, v in items.items():
       if key not in fields:
         valid = ", ".join(fields) if fields else "none"
-        raise ValueError(f"attention family {self.name!r} has no option {key!r};{_did_you_mean(key, fields)}"
+        raise ValueError(f"attention family {self.name!r} has no option {key!r};{did_you_mean(key, fields)}"
                          f" its options are {valid}.")
       items[key] = _coerce(self.name, key, v, fields[key])
     try:
@@ -228,15 +235,9 @@ def get(kind: str) -> Family:
   if isinstance(kind, Family):
     return kind
   if kind not in FAMILIES:
-    raise ValueError(f"unknown attention kind {kind!r};{_did_you_mean(kind, FAMILIES)} valid kinds are"
+    raise ValueError(f"unknown attention kind {kind!r};{did_you_mean(kind, FAMILIES)} valid kinds are"
                      f" {sorted(FAMILIES)}.")
   return FAMILIES[kind]
-
-
-def _did_you_mean(name, valid) -> str:
-  from efficient_attn.config import did_you_mean  # config's module body builds a ModelConfig from this registry
-
-  return did_you_mean(name, valid)
 
 
 def names() -> list[str]:

@@ -1,4 +1,6 @@
-"""Building a token store: stream documents, split, tokenize, append, rename into place.
+"""Step 3 of the data pipeline (`efficient_attn.data.pipeline`): building a token store from the source
+of step 1 and the tokenizer of step 2 (`store.open_store` calls it once, under the store's lock).
+Stream documents, split, tokenize, append, rename into place:
 
     build(source, tokenizer, d, path)
       PATH.tmp-HOST-PID/            written here first; renamed to PATH when complete (atomic), so a
@@ -6,7 +8,7 @@
         train.bin / .idx, validation.bin / .idx, token_bytes.npy, meta.json
 
 Documents stream from the source in chunks of a few MB (memory stays flat whatever the corpus or
-document sizes), go to train or validation by a CRC of their bytes (as `text.split_documents`; or
+document sizes), go to train or validation by a CRC of their bytes (`sources.is_val`; or
 come from data.validation_split), and are tokenized a chunk at a time (`tokenizers` encodes a batch
 in parallel threads). With data.num_proc > 1 and several local files, contiguous groups of files are tokenized
 by worker processes (fresh interpreters, never forks of this one: JAX's threads and fork do not mix),
@@ -25,43 +27,17 @@ import shutil
 import socket
 import sys
 import time
-import zlib
 
 import numpy as np
 
-from efficient_attn.data import sources
+from efficient_attn.data import cache, sources
 from efficient_attn.data.text import DataError
 
-FORMAT = 1
 SPLITS = ("train", "validation")
 
 
 def dtype_for(vocab_size: int):
   return np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32
-
-
-def split_settings(d) -> dict:
-  return {"val_fraction": 0.0 if d.validation_split else d.val_fraction, "validation_split": d.validation_split}
-
-
-def is_val(doc: str | bytes, val_fraction: float) -> bool:
-  """The document's split, by a CRC of its UTF-8 bytes (as `text.split_documents`)."""
-  return zlib.crc32(doc if isinstance(doc, bytes) else doc.encode("utf-8")) % 10_000 < val_fraction * 10_000
-
-
-def chunks(batches, budget: int = 4 << 20, max_docs: int = 2048):
-  """Regroups document batches into lists of at most ~`budget` characters (or `max_docs` documents), so
-  the text, bytes and ids held at once stay small whatever the documents' sizes."""
-  buf, size = [], 0
-  for docs in batches:
-    for t in docs:
-      buf.append(t)
-      size += len(t)
-      if size >= budget or len(buf) >= max_docs:
-        yield buf
-        buf, size = [], 0
-  if buf:
-    yield buf
 
 
 class SplitWriter:
@@ -94,10 +70,10 @@ def _tokenize_into(writers: dict, batches, tok, val_fraction: float, bar=None):
   """Tokenizes document batches into the train / validation writers; returns the last document's
   (ids, bytes) or None."""
   last = None
-  for docs in chunks(batches):
+  for docs in sources.chunks(batches):
     raw = [t.encode("utf-8") for t in docs]
     ids, nbytes = tok.encode_batch(docs, raw), [len(r) for r in raw]
-    val = [is_val(r, val_fraction) for r in raw]
+    val = [sources.is_val(r, val_fraction) for r in raw]
     for s, want in (("train", False), ("validation", True)):
       writers[s].add([x for x, v in zip(ids, val) if v == want], [b for b, v in zip(nbytes, val) if v == want])
     last = (ids[-1], nbytes[-1])
@@ -113,12 +89,12 @@ def build(source: sources.Source, tok, d, path: str, progress: bool | None) -> N
   host = socket.gethostname()
   for old in glob.glob(f"{glob.escape(path)}.tmp-{glob.escape(host)}-*"):  # builds killed on this host
     pid = old.rsplit("-", 1)[-1]
-    if pid.isdigit() and not alive(int(pid)):
+    if pid.isdigit() and not cache.alive(int(pid)):
       shutil.rmtree(old, ignore_errors=True)
   tmp = f"{path}.tmp-{host}-{os.getpid()}"
   os.makedirs(tmp)
   t0 = time.perf_counter()
-  dtype, settings = dtype_for(tok.vocab_size), split_settings(d)
+  dtype, settings = dtype_for(tok.vocab_size), sources.split_settings(d)
   progress = sys.stderr.isatty() if progress is None else progress
   num_proc = min(getattr(d, "num_proc", 1), len(source.files))
   parallel = num_proc > 1 and source.kind == "files" and not settings["validation_split"]
@@ -126,7 +102,7 @@ def build(source: sources.Source, tok, d, path: str, progress: bool | None) -> N
   # small input then reads as the one sentence that refuses it.
   loud = source.total_bytes is None or source.total_bytes >= 1_000_000
   if loud:
-    say(f"building the token store of {what(source)} with data.tokenizer={d.tokenizer}"
+    cache.say(f"building the token store of {sources.what(source)} with data.tokenizer={d.tokenizer}"
         f"{f' (num_proc={num_proc})' if parallel else ''} in {path}")
   bar = tqdm(total=source.total_bytes if source.builder == "text" else None, unit="B", unit_scale=True,
              desc="tokenizing", disable=not progress or parallel, file=sys.stderr)
@@ -137,14 +113,14 @@ def build(source: sources.Source, tok, d, path: str, progress: bool | None) -> N
       writers = {s: SplitWriter(tmp, s, dtype) for s in SPLITS}
       last = _tokenize_into(writers, source.documents("train", batch_size=32), tok, settings["val_fraction"], bar)
       if settings["validation_split"]:
-        for docs in chunks(source.documents("validation", batch_size=32)):
+        for docs in sources.chunks(source.documents("validation", batch_size=32)):
           writers["validation"].add(tok.encode_batch(docs), [len(t.encode("utf-8")) for t in docs])
       stats = {s: w.close() for s, w in writers.items()}
     if last is None:
       raise DataError(f"data.name={d.name!r} (files={d.files!r}) holds no non-empty document.")
     stats = _tiny_corpus_fallback(tmp, stats, last, settings, dtype)
     np.save(os.path.join(tmp, "token_bytes.npy"), tok.token_bytes())
-    meta = {"format": FORMAT, "source": source.fingerprint(), "tokenizer": d.tokenizer,
+    meta = {"format": cache.FORMAT, "source": source.fingerprint(), "tokenizer": d.tokenizer,
             "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
             "split": settings, "splits": stats, "build_s": time.perf_counter() - t0}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -158,7 +134,7 @@ def build(source: sources.Source, tok, d, path: str, progress: bool | None) -> N
   gb = (stats["train"]["bytes"] + stats["validation"]["bytes"]) / 1e9
   rate = f", {meta['build_s'] / gb:.0f} s/GB" if gb >= 0.01 else ""
   if loud:
-    say(f"built the token store in {meta['build_s']:.1f} s ({stats['train']['tokens']} train tokens,"
+    cache.say(f"built the token store in {meta['build_s']:.1f} s ({stats['train']['tokens']} train tokens,"
         f" {stats['validation']['tokens']} validation tokens{rate})")
 
 
@@ -278,56 +254,6 @@ def _tiny_corpus_fallback(tmp: str, stats: dict, last, settings: dict, dtype) ->
     w.add([last[0]], [last[1]])
     stats["validation"] = w.close()
   return stats
-
-
-class BuildLock:
-  """`PATH.lock` created with O_EXCL (pid and host inside); a lock of a dead process on this host is removed."""
-
-  def __init__(self, path: str):
-    self.path, self.mine = path, f"{os.getpid()} {socket.gethostname()}"
-
-  def acquire(self) -> bool:
-    try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      try:
-        with open(self.path) as f:
-          pid, _, host = f.read().strip().partition(" ")
-      except FileNotFoundError:
-        return False
-      if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
-        try:
-          os.unlink(self.path)
-        except FileNotFoundError:
-          pass
-      return False
-    with os.fdopen(fd, "w") as f:
-      f.write(self.mine)
-    return True
-
-  def release(self) -> None:
-    try:
-      os.unlink(self.path)
-    except FileNotFoundError:
-      pass
-
-
-def alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def what(source: sources.Source) -> str:
-  return source.name or source.describe()
-
-
-def say(msg: str) -> None:
-  print(f"efficient-attn: {msg}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":  # a tokenizing worker of _build_parallel

@@ -1,4 +1,5 @@
-"""Where documents come from (`data.name`), read as a stream so memory never holds the corpus.
+"""Step 1 of the data pipeline (`efficient_attn.data.pipeline`): where documents come from (`data.name`),
+read as a stream so memory never holds the corpus, and which split each one belongs to.
 
     stdlib                      the Python standard library's source files (default, always offline)
     text | json | parquet | arrow   local files: data.files is a path, a glob or a directory
@@ -10,7 +11,8 @@
 Local files are read through `datasets.load_dataset(..., streaming=True)`: record batches come
 off the disk and go, so a corpus larger than memory streams through the store builder.
 `Source.fingerprint()` names what was read (file paths with sizes and mtimes, or the hub name,
-config and split) for the store's cache key.
+config and split) for the store's cache key. A document goes to train or validation by a CRC of
+its bytes (`is_val`, as `text.split_documents`), unless data.validation_split names a split of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import glob
 import json
 import os
 import socket
+import zlib
 
 from efficient_attn.data.text import DataError, stdlib_files
 
@@ -85,6 +88,36 @@ class Source:
       return datasets.load_dataset(self.builder, data_files={"train": list(files)}, split="train", streaming=True,
                                    **extra)
     return _open_hub(self.name, self.config, split)
+
+
+def what(source: Source) -> str:
+  """The source as the messages name it."""
+  return source.name or source.describe()
+
+
+def split_settings(d) -> dict:
+  """How DataConfig `d` splits documents (part of every cache key)."""
+  return {"val_fraction": 0.0 if d.validation_split else d.val_fraction, "validation_split": d.validation_split}
+
+
+def is_val(doc: str | bytes, val_fraction: float) -> bool:
+  """The document's split, by a CRC of its UTF-8 bytes (as `text.split_documents`)."""
+  return zlib.crc32(doc if isinstance(doc, bytes) else doc.encode("utf-8")) % 10_000 < val_fraction * 10_000
+
+
+def chunks(batches, budget: int = 4 << 20, max_docs: int = 2048):
+  """Regroups document batches into lists of at most ~`budget` characters (or `max_docs` documents), so
+  the text, bytes and ids held at once stay small whatever the documents' sizes."""
+  buf, size = [], 0
+  for docs in batches:
+    for t in docs:
+      buf.append(t)
+      size += len(t)
+      if size >= budget or len(buf) >= max_docs:
+        yield buf
+        buf, size = [], 0
+  if buf:
+    yield buf
 
 
 def _user_error(e: Exception, where: str, src: Source) -> DataError:

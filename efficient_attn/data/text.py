@@ -1,4 +1,4 @@
-"""Byte-level language-model data: documents -> packed rows with segment ids.
+"""The base of the data pipeline (`efficient_attn.data.pipeline`): documents -> packed rows with segment ids.
 
 The default corpus is the Python standard library's own source (top-level `.py`
 files of `sysconfig`'s stdlib directory), always on disk, loaded through
@@ -15,8 +15,9 @@ Batch i of the stream is a pure function of (seed, i): the iterator position
 saved in a checkpoint is one integer, and resuming reproduces the same batches.
 
 One packing core, `TokenStream` (documents laid end to end in a token array + offsets), serves both
-the in-memory bytes of the default corpus (`PackedStream`) and a memory-mapped token store split
-(`store.Store.stream`, any tokenizer and source).
+a memory-mapped token store split (`store.Store.stream`, any tokenizer and source: what `train` and
+`eval` read) and in-memory byte documents (`PackedStream`). `load_documents` / `split_documents` are
+the in-memory form of the pipeline's first steps, the reference the store is tested against.
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ class TokenStream:
 
 
 class PackedStream(TokenStream):
-  """`TokenStream` over a list of byte documents (tokens are bytes, V = 256): the default corpus's
-  stream. `PackedStream(docs, seq_len, batch_size, seed)`; the documents are joined once."""
+  """`TokenStream` over a list of byte documents (tokens are bytes, V = 256): in memory, batch for batch
+  what a byte-level store's stream yields. `PackedStream(docs, seq_len, batch_size, seed)`; joined once."""
 
   unit = "bytes"
 

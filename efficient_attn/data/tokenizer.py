@@ -1,4 +1,5 @@
-"""Tokenizers for the language-model data: bytes, a local `tokenizers` file, or one trained here.
+"""Step 2 of the data pipeline (`efficient_attn.data.pipeline`): the tokenizer `data.tokenizer` names,
+given the source of step 1 (a trained one learns from its training split).
 
 `data.tokenizer` takes
     bytes            UTF-8 bytes, V = 256 (the default; document boundaries live in segment_ids)
@@ -21,6 +22,7 @@ import re
 
 import numpy as np
 
+from efficient_attn.data import cache, sources
 from efficient_attn.data.text import DataError
 
 BYTES_VOCAB = 256
@@ -153,3 +155,39 @@ def train_tokenizer(kind: str, vocab_size: int, texts, path: str, spec: str) -> 
   tok.save(tmp)
   os.replace(tmp, path)
   return HFTokenizer(tok, spec)
+
+
+def get_tokenizer(d, source: sources.Source | None = None):
+  """The tokenizer DataConfig `d` names; bpe:N / unigram:N trained on the training split of `source`
+  (default: the one `d` names) once, kept in the data cache and loaded from there afterwards."""
+  kind, n = parse_spec(d.tokenizer)
+  if kind == "bytes":
+    return ByteTokenizer()
+  if kind == "file":
+    return load_file(d.tokenizer)
+  source = source or sources.resolve(d)
+  settings = sources.split_settings(d)
+  path = os.path.join(cache.cache_root(d), "tokenizers",
+                      f"{kind}-{n}-{cache.key([cache.FORMAT, source.fingerprint(), settings])}.json")
+
+  def train():
+    cache.say(f"training a {kind} tokenizer of {n} tokens on the training split of {sources.what(source)}")
+    train_tokenizer(kind, n, _train_texts(source, settings["val_fraction"]), path, d.tokenizer)
+
+  cache.once(path, path + ".lock", train)  # one process trains; the others wait and read the same file
+  tok = load_file(path)
+  tok.spec = d.tokenizer
+  return tok
+
+
+def _train_texts(source: sources.Source, val_fraction: float):
+  """The training split's documents, one string at a time (the tokenizer trainer's input)."""
+  for docs in sources.chunks(source.documents("train", batch_size=32)):
+    yield from (t for t in docs if not sources.is_val(t, val_fraction))
+
+
+def vocab_size_of(spec: str) -> int:
+  """Tokens the model must embed for data.tokenizer=`spec`, known without building anything: 256 for bytes,
+  N for bpe:N / unigram:N (a small corpus may leave some unused), the file's size for a file."""
+  kind, n = parse_spec(spec)
+  return n if n is not None else load_file(spec).vocab_size

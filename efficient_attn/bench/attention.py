@@ -19,9 +19,12 @@ from typing import Any, Callable
 
 import jax
 
+from efficient_attn import attention
+from efficient_attn.bench import bench_settings
+from efficient_attn.config import ConfigError, did_you_mean
 from efficient_attn.flops import spec_peak
-from efficient_attn.measure import (bench_settings, compile_fn, environment, format_table, interleaved_times,
-                                    peak_device_bytes, settings_header, spread, temp_bytes)
+from efficient_attn.measure import (compile_fn, environment, format_table, interleaved_times, peak_device_bytes,
+                                    settings_header, spread, temp_bytes)
 
 ATTENTION_DEFAULTS = {
     "variants": ["jax_nn", "softmax", "softmax_chunked", "local", "sparse", "linear", "performer"],
@@ -71,8 +74,6 @@ JAX_NN_CUDNN = "jax_nn_cudnn"  # jax.nn.dot_product_attention(implementation="cu
 
 def variant_names() -> list[str]:
   """Every variant the bench can run: the baseline, the aliases and every registered family."""
-  from efficient_attn import attention
-
   return [BASELINE, JAX_NN_CUDNN, *ALIASES] + [n for n in attention.names() if n not in ALIASES]
 
 
@@ -88,8 +89,6 @@ def _options(name: str, s: dict) -> dict:
 
 def _variant(name: str, s: dict) -> tuple[Any, Any]:
   """(family record, its options) of a variant (not the baseline)."""
-  from efficient_attn import attention
-
   family, extra = ALIASES.get(name, (name, {}))
   family = attention.get(family)
   return family, family.make_options({**s["attention_options"].get(family.name, {}), **extra})
@@ -101,8 +100,6 @@ def _attention_variant(name: str, s: dict, T: int) -> tuple[Callable[..., Any], 
   projection) and, for a family with per-token inputs (GLA / Mamba-2 gates, DeltaNet's β), those inputs as
   its layer computes them from a random x [B, T, N·H] with freshly initialised input params; the bench
   differentiates through them too, as training does."""
-  from efficient_attn import attention
-
   causal = s["causal"]
   if name in (BASELINE, JAX_NN_CUDNN):
     impl = "xla" if name == BASELINE else "cudnn"
@@ -126,8 +123,6 @@ def _attention_variant(name: str, s: dict, T: int) -> tuple[Callable[..., Any], 
 
 def _flops(name: str, s: dict, T: int) -> dict:
   """The variant's own forward FLOPs count of one call (its family record; the baseline counts as xla softmax)."""
-  from efficient_attn import attention
-
   if name in (BASELINE, JAX_NN_CUDNN):
     family, options = attention.get("softmax"), {"implementation": "xla" if name == BASELINE else "cudnn"}
   else:
@@ -140,11 +135,6 @@ def _flops(name: str, s: dict, T: int) -> dict:
 
 def _check_attention_settings(s: dict) -> None:
   """ConfigError (one sentence) on a setting no variant can run with, before anything compiles."""
-  from efficient_attn import attention
-  from efficient_attn.config import ConfigError
-
-  from efficient_attn.config import did_you_mean
-
   valid = variant_names()
   bad = [v for v in s["variants"] if v not in valid]
   if bad:

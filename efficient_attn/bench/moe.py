@@ -23,9 +23,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from efficient_attn.bench import bench_settings
 from efficient_attn.config import ConfigError, did_you_mean
-from efficient_attn.measure import (bench_settings, compile_fn, environment, format_table, interleaved_times,
-                                    settings_header, spread, temp_bytes)
+from efficient_attn.measure import (compile_fn, environment, format_table, interleaved_times, settings_header, spread,
+                                    temp_bytes)
 from efficient_attn.moe.ffn import flops_per_token, moe_ffn, resolve_activation
 
 VARIANTS = {
@@ -74,7 +75,7 @@ COLUMNS = [
 
 
 def _settings(settings: dict | None) -> dict:
-  """DEFAULTS updated by `settings` (`measure.bench_settings`), then the MoE bench's own checks."""
+  """DEFAULTS updated by `settings` (`bench.bench_settings`), then the MoE bench's own checks."""
   s = bench_settings(DEFAULTS, settings, "bench moe")
   for v in s["variants"]:
     if v not in VARIANTS:
