@@ -238,13 +238,9 @@ def _train(args) -> int:
   cfg, note = _train_config(args)
   _emulate_mesh_devices(cfg.mesh)
   maybe_initialize_distributed()
-  import jax
-
   from efficient_attn import train
 
-  if note and jax.process_index() == 0:
-    print(f"efficient-attn: {note}", file=sys.stderr, flush=True)
-  row = dict(train.train(cfg, args.workdir))
+  row = dict(train.train(cfg, args.workdir, announce=note))
   stopped_by, stopped_at = row.pop("stopped_by", None), row.pop("stopped_at", None)
   if row:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from typing import Any
 
@@ -184,13 +185,14 @@ def make_eval_step(model, t, state_sh, batch_sh, token_bytes_V):
 
 @platform.for_this_host()
 def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=None,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, announce: str | None = None) -> dict[str, Any]:
   """Trains (or resumes) a TransformerLM in `workdir`; returns the run's summary row.
 
   devices: the devices of the mesh (default: all). stop_after: stop once this
   many steps are done, as if preempted (tests and drills; checkpoint first).
   SIGTERM / SIGINT stop the same way after the current step; the returned row then
-  has `stopped_by` (the signal's name) and `stopped_at` (the step saved).
+  has `stopped_by` (the signal's name) and `stopped_at` (the step saved). announce: a line for stderr
+  once the workdir is ours (the CLI's "continuing the run in DIR ..."), never before a refusal.
   progress: a tqdm bar on stderr (default: when stderr is a terminal); without it every
   logged step prints one plain line. Either way a resume prints "resumed from step N
   (checkpoint DIR)" and the run ends with a summary line (`runlog.RunLog.summary`). The state is built,
@@ -221,6 +223,8 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
   main = jax.process_index() == 0
   lock = reliability.workdir_lock(workdir) if main else contextlib.nullcontext()
   with lock, reliability.StopSignals() as stop, contextlib.closing(checkpoint_manager(workdir, t)) as mngr:
+    if announce and main:
+      print(f"efficient-attn: {announce}", file=sys.stderr, flush=True)
     mesh = sharding.make_mesh(sizes, devices)
     model = TransformerLM(m, mesh=mesh if m.num_experts and sizes['expert'] > 1 else None)
     tx, schedule = make_optimizer(t)

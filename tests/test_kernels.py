@@ -112,6 +112,7 @@ def test_splash_runs_per_shard_under_a_mesh():
   _close(sharded, softmax_attention(q, k, v, is_causal=True, implementation="xla"))
 
 
+@pytest.mark.all_platforms  # counts the TPU branch's plan too
 def test_splash_plan_is_built_once_per_shape():
   """One plan per (shape, mask, compiled | interpret): a retrace reuses both branches' plans."""
   kernels.splash_kernel.cache_clear()
@@ -152,6 +153,7 @@ def _instructions(fn, q, k, v) -> list[str]:
   return [re.sub(r"\.\d+", "", line).strip() for line in lines]
 
 
+@pytest.mark.all_platforms
 def test_default_on_cpu_compiles_exactly_the_xla_path():
   """implementation=None lowered for CPU is the program the XLA path compiles to, instruction for
   instruction: the kernels' branches cost nothing there (the CPU benchmarks are unchanged)."""
@@ -166,6 +168,7 @@ def test_default_on_cpu_compiles_exactly_the_xla_path():
     assert not any("custom-call" in op for op in ops)
 
 
+@pytest.mark.all_platforms
 def test_host_only_tracing_skips_accelerator_branches_but_never_an_export(monkeypatch):
   """Inside platform.for_this_host a CPU-only process traces only by_platform's CPU branch; the same jitted
   function exported afterwards for TPU (outside it) is traced anew and takes the TPU branch, and
@@ -222,6 +225,7 @@ def _calls(text: str) -> set:
   return set(re.findall(r"custom_call @([\w$.]+)", text))
 
 
+@pytest.mark.all_platforms
 @pytest.mark.parametrize("family", list(FAMILY_OPTIONS))
 def test_train_step_lowers_to_the_platform_kernels(family):
   """TPU: splash (Mosaic) for softmax / local / sparse; CUDA: the Pallas Triton kernel for float32 softmax
@@ -234,6 +238,7 @@ def test_train_step_lowers_to_the_platform_kernels(family):
   assert ("__gpu$xla.gpu.triton" in cuda) == (family == "softmax"), cuda
 
 
+@pytest.mark.all_platforms
 def test_moe_train_step_lowers_ragged_on_accelerators_only():
   base = dict(num_layers=1, d_model=32, num_heads=2, ffn_dim=64, num_experts=4, top_k=2)
   for dropless, platforms in ((False, ("tpu",)), (True, ("tpu", "cuda"))):

@@ -30,7 +30,7 @@ def tiny(**kw):
 def _init(cfg, tokens, cls=TransformerLM):
   """(model, variables): {"params"} plus {"buffers"} for a family that has them (the Performer)."""
   model = cls(cfg)
-  return model, model.init(jax.random.PRNGKey(0), tokens)
+  return model, jax.jit(model.init)(jax.random.PRNGKey(0), tokens)  # eager init dispatches op by op: slower
 
 
 def _tokens(seed=0, B=2):
@@ -79,7 +79,7 @@ def test_generation_matches_parallel_forward(kind, scan):
   tokens, logits = generate(model, params, prompt, 16)
   assert tokens.shape == (2, 24)
   np.testing.assert_array_equal(tokens[:, :8], prompt)
-  parallel = model.apply(params, tokens)
+  parallel = jax.jit(model.apply)(params, tokens)
   np.testing.assert_allclose(logits, parallel[:, :-1], atol=2e-4, rtol=1e-4)
   # Greedy: every generated token is the argmax of the previous position's logits.
   np.testing.assert_array_equal(tokens[:, 8:], jnp.argmax(parallel[:, 7:-1], -1))
@@ -90,20 +90,20 @@ def test_scan_layers_equals_the_loop():
   tokens = _tokens()
   loop_model, loop_params = _init(cfg, tokens)
   scan_model = TransformerLM(dataclasses.replace(cfg, scan_layers=True))
-  scan_params = nn.unbox(scan_model.init(jax.random.PRNGKey(0), tokens)["params"])
+  scan_params = nn.unbox(jax.jit(scan_model.init)(jax.random.PRNGKey(0), tokens)["params"])
   layers = [nn.unbox(loop_params["params"])["trunk"][f"block_{i}"] for i in range(cfg.num_layers)]
   scan_params["trunk"]["layers"]["block_0"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
   for k in ("embed", "final_norm", "unembed"):
     scan_params[k] = nn.unbox(loop_params["params"])[k]
-  np.testing.assert_allclose(scan_model.apply({"params": scan_params}, tokens),
-                             loop_model.apply(loop_params, tokens), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(scan_model.apply)({"params": scan_params}, tokens),
+                             jax.jit(loop_model.apply)(loop_params, tokens), atol=1e-5)
 
 
 def test_moe_model_reports_aux():
   cfg = tiny(num_experts=4, top_k=2, moe_every=2)
   tokens = _tokens()
   model, params = _init(cfg, tokens)
-  _, state = model.apply(params, tokens, mutable=["intermediates"])
+  _, state = jax.jit(lambda p, t: model.apply(p, t, mutable=["intermediates"]))(params, tokens)
   from efficient_attn.moe import collect_aux
   aux = collect_aux(state["intermediates"])
   assert aux["expert_fraction"].shape == (4,) and float(aux["load_balancing_loss"]) > 0
@@ -130,9 +130,10 @@ def test_encoder_classifier_ignores_padding(kind):
   tokens = _tokens()
   seg = jnp.ones((2, T), jnp.int32).at[:, 24:].set(0)
   model, params = _init(cfg, tokens, cls=lambda c: EncoderClassifier(c, num_classes=10))
-  logits = model.apply(params, tokens, segment_ids=seg)
+  apply = jax.jit(lambda t: model.apply(params, t, segment_ids=seg))
+  logits = apply(tokens)
   assert logits.shape == (2, 10)
-  other = model.apply(params, tokens.at[:, 24:].set(0), segment_ids=seg)
+  other = apply(tokens.at[:, 24:].set(0))
   np.testing.assert_allclose(other, logits, atol=1e-5)
 
 
@@ -142,8 +143,9 @@ def test_softmax_impl_and_expert_dim_reach_the_layers():
   outs, hlos = [], []
   for impl in ("xla", "chunked"):
     model, params = _init(tiny(attention_options={"implementation": impl}), tokens)
-    outs.append(model.apply(params, tokens))
-    hlos.append(jax.jit(model.apply).lower(params, tokens).as_text())
+    apply = jax.jit(model.apply)
+    outs.append(apply(params, tokens))
+    hlos.append(apply.lower(params, tokens).as_text())
   np.testing.assert_allclose(outs[0], outs[1], atol=2e-5)
   assert ("while" in hlos[1]) and ("while" not in hlos[0])  # chunked = a loop over key tiles
   _, params = _init(tiny(num_experts=4, moe_every=2, expert_dim=24), tokens)
@@ -173,7 +175,8 @@ def test_performer_projection_is_a_per_layer_buffer():
     new = jax.tree.leaves(fresh["buffers"])[0]
     assert new.shape == jax.tree.leaves(variables["buffers"])[0].shape
     assert not np.allclose(new, jax.tree.leaves(variables["buffers"])[0])
-    assert not np.allclose(model.apply(fresh, tokens), model.apply(variables, tokens))
+    apply = jax.jit(model.apply)
+    assert not np.allclose(apply(fresh, tokens), apply(variables, tokens))
   assert "buffers" not in _init(tiny(attention="linear"), tokens)[1]  # families without buffers have none
 
 
@@ -183,11 +186,12 @@ def test_dropout_only_with_a_dropout_rng(scan):
   tokens = _tokens()
   plain, variables = _init(tiny(scan_layers=scan), tokens)
   dropped = TransformerLM(tiny(scan_layers=scan, dropout=0.5))
-  want = plain.apply(variables, tokens)
-  np.testing.assert_array_equal(dropped.apply(variables, tokens), want)  # eval / generate: no rng, no dropout
-  a = dropped.apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(1)})
-  b = dropped.apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(1)})
-  c = dropped.apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(2)})
+  plain_apply, dropped_apply = jax.jit(plain.apply), jax.jit(dropped.apply)
+  want = plain_apply(variables, tokens)
+  np.testing.assert_array_equal(dropped_apply(variables, tokens), want)  # eval / generate: no rng, no dropout
+  a = dropped_apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(1)})
+  b = dropped_apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(1)})
+  c = dropped_apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(2)})
   np.testing.assert_array_equal(a, b)  # a function of the key
   assert not np.allclose(a, want, atol=1e-3) and not np.allclose(a, c, atol=1e-3)
-  np.testing.assert_array_equal(plain.apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(1)}), want)
+  np.testing.assert_array_equal(plain_apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(1)}), want)

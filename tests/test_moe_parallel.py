@@ -116,6 +116,7 @@ def test_reference_ragged_all_to_all_matches_documented_example():
   np.testing.assert_array_equal(f(*args), [[1, 3, 0, 0], [2, 2, 4, 0]])
 
 
+@pytest.mark.all_platforms
 def test_platform_selection_never_runs_ragged_on_cpu():
   """Default impl on a CPU lowering: no ragged collective or ragged_dot; an export for TPU / CUDA picks them."""
   assert platform.platform_of(make_mesh("data1_expert8")) == platform.platform_of() == "cpu"
