@@ -194,14 +194,17 @@ def _build_parallel(source, tok, tmp: str, dtype, val_fraction: float, num_proc:
       if p.poll() is None:
         p.kill()
         p.wait()
+  part_stats = {}
+  for name in names:
+    with open(os.path.join(parts, f"{name}.stats.json")) as f:
+      part_stats[name] = json.load(f)
   stats, last = {}, None
   for s in SPLITS:
     with open(os.path.join(tmp, f"{s}.bin"), "wb") as fbin, open(os.path.join(tmp, f"{s}.idx"), "wb") as fidx:
       fidx.write(np.zeros(1, np.int64).tobytes())
       total = {"docs": 0, "tokens": 0, "bytes": 0}
       for name in names:
-        with open(os.path.join(parts, f"{name}.stats.json")) as f:
-          st = json.load(f)[s]
+        st = part_stats[name][s]
         with open(os.path.join(parts, f"{name}.{s}.bin"), "rb") as f:
           shutil.copyfileobj(f, fbin, 1 << 22)
         idx = np.fromfile(os.path.join(parts, f"{name}.{s}.idx"), np.int64)[1:]
@@ -209,9 +212,8 @@ def _build_parallel(source, tok, tmp: str, dtype, val_fraction: float, num_proc:
         total = {k: total[k] + st[k] for k in total}
       stats[s] = total
   for name in names:
-    if os.path.exists(os.path.join(parts, f"{name}.last.npy")):
-      with open(os.path.join(parts, f"{name}.last_bytes")) as f:
-        last = (np.load(os.path.join(parts, f"{name}.last.npy")), int(f.read()))
+    if part_stats[name]["last_bytes"] >= 0:
+      last = (np.load(os.path.join(parts, f"{name}.last.npy")), part_stats[name]["last_bytes"])
   shutil.rmtree(parts)
   return stats, last
 
@@ -233,10 +235,9 @@ def _tokenize_group(parts: str, name: str, job: dict) -> None:
   group = dataclasses.replace(job["source"], files=files)
   last = _tokenize_into(writers, group.documents("train", batch_size=32), job["tok"], job["val_fraction"])
   stats = {s: w.close() for s, w in writers.items()}
+  stats["last_bytes"] = -1 if last is None else last[1]  # the group's last document: its bytes (ids: .last.npy)
   if last is not None:
     np.save(os.path.join(parts, f"{name}.last.npy"), last[0])
-    with open(os.path.join(parts, f"{name}.last_bytes"), "w") as f:
-      f.write(str(last[1]))
   with open(os.path.join(parts, f"{name}.stats.tmp"), "w") as f:
     json.dump(stats, f)
   os.rename(os.path.join(parts, f"{name}.stats.tmp"), os.path.join(parts, f"{name}.stats.json"))  # complete
