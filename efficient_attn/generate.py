@@ -199,16 +199,32 @@ def sample(model: TransformerLM, variables, prompt_T, *, max_new_tokens: int, te
 
   `variables`: {"params"[, "buffers"]}. Families that decode run one `TransformerLM.decode` step
   per token on a state sized T + max_new_tokens; the others recompute the causal forward over
-  a buffer of `max_len` tokens (default T + max_new_tokens) each step. Compiled once per call.
+  a buffer of `max_len` tokens (default T + max_new_tokens) each step. Compiled once per model,
+  prompt length and sampling settings: another seed or prompt of the same length reuses it.
   """
   prompt_T = jnp.asarray(prompt_T, jnp.int32)
   T = prompt_T.shape[0]
+  L = max(max_len or T + max_new_tokens, T + max_new_tokens)
+  run = _sampler(model, T, max_new_tokens, float(temperature), int(top_k), float(top_p), L)
+  return np.asarray(run(variables, prompt_T, jax.random.PRNGKey(seed)))
+
+
+_SAMPLERS: dict[tuple, Any] = {}
+
+
+def _sampler(model: TransformerLM, T: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+             L: int):
+  """Jitted (variables, prompt_T, key) -> new tokens [max_new_tokens], one per model config and settings."""
+  cache_key = (repr(model.config), T, max_new_tokens, temperature, top_k, top_p, L)
+  if cache_key in _SAMPLERS:
+    return _SAMPLERS[cache_key]
   total = T + max_new_tokens
-  key = jax.random.PRNGKey(seed)
-  pick = lambda logits_V, i: choose(logits_V, jax.random.fold_in(key, i), temperature, top_k, top_p)  # noqa: E731
+
+  def pick(logits_V, key, i):
+    return choose(logits_V, jax.random.fold_in(key, i), temperature, top_k, top_p).astype(jnp.int32)
 
   if model.config.family.decodes:
-    def run(variables):
+    def run(variables, prompt_T, key):
       def read(states, tok_t):  # teacher-forced: the prompt token at position t
         tok, t = tok_t
         logits, states = model.apply(variables, tok.reshape(1, 1), t.reshape(1, 1), states,
@@ -220,26 +236,27 @@ def sample(model: TransformerLM, variables, prompt_T, *, max_new_tokens: int, te
 
       def write(carry, i):
         logits_V, states = carry
-        tok = pick(logits_V, i).astype(jnp.int32)
+        tok = pick(logits_V, key, i)
         logits, states = model.apply(variables, tok.reshape(1, 1), (T + i).reshape(1, 1), states,
                                      method=TransformerLM.decode)
         return (logits[0, 0], states), tok
 
       return jax.lax.scan(write, (logits[-1], states), jnp.arange(max_new_tokens))[1]
   else:
-    L = max(max_len or total, total)
-
-    def run(variables):
+    def run(variables, prompt_T, key):
       def write(buf_L, i):
         t = T - 1 + i  # the position whose logits predict the next token
         logits_V = jax.lax.dynamic_index_in_dim(model.apply(variables, buf_L[None])[0], t, keepdims=False)
-        tok = pick(logits_V, i).astype(jnp.int32)
+        tok = pick(logits_V, key, i)
         return jax.lax.dynamic_update_index_in_dim(buf_L, tok, t + 1, 0), tok
 
       buf_L = jnp.zeros((L,), jnp.int32).at[:T].set(prompt_T)
       return jax.lax.scan(write, buf_L, jnp.arange(max_new_tokens))[1]
 
-  return np.asarray(jax.jit(run)(variables))
+  if len(_SAMPLERS) >= 16:  # a long session sampling many shapes: keep the newest few
+    _SAMPLERS.pop(next(iter(_SAMPLERS)))
+  _SAMPLERS[cache_key] = jax.jit(run)
+  return _SAMPLERS[cache_key]
 
 
 @platform.for_this_host()
@@ -274,8 +291,15 @@ def generate(workdir: str, prompt: str, overrides: dict[str, Any] | None = None)
 # ----------------------------------------------------------------------------- evaluation
 
 
+_NLL: dict[str, Any] = {}
+
+
 def _nll_sum(model: TransformerLM):
-  """Jitted (variables, batch) -> (sum of weighted next-token NLL in nats, sum of weights)."""
+  """Jitted (variables, batch) -> (sum of weighted next-token NLL in nats, sum of weights), one per model config."""
+  if repr(model.config) in _NLL:
+    return _NLL[repr(model.config)]
+  if len(_NLL) >= 16:
+    _NLL.pop(next(iter(_NLL)))
 
   @jax.jit
   def nll(variables, batch):
@@ -284,6 +308,7 @@ def _nll_sum(model: TransformerLM):
     nll_BT = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     return jnp.sum(nll_BT * batch["weights"]), jnp.sum(batch["weights"])
 
+  _NLL[repr(model.config)] = nll
   return nll
 
 

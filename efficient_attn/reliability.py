@@ -303,6 +303,7 @@ class _quiet_abandoned_reads:
   """
 
   DRAIN_S = 30.0  # normally well under a second; a loaded machine can take many
+  STALL_S = 1.0   # ... as long as reads keep ending; none for this long: stop waiting
   LOGGED = ("Task was destroyed but it is pending", "exception was never retrieved")
 
   def __enter__(self):
@@ -338,12 +339,18 @@ class _quiet_abandoned_reads:
 
   def __exit__(self, *exc):
     try:
-      deadline = time.monotonic() + self.DRAIN_S
+      start = last_change = time.monotonic()
+      pending = None
       while self.loops:
         gc.collect()  # an abandoned task is freed, in a reference cycle, once its read has ended
-        if not any(asyncio.all_tasks(loop) for loop in self.loops) or time.monotonic() > deadline:
+        now, left = time.monotonic(), sum(len(asyncio.all_tasks(loop)) for loop in self.loops)
+        if left != pending:
+          pending, last_change = left, now
+        # Done, or nothing ended for STALL_S: the loops are closed, so the rest can only end with reads
+        # that tensorstore never completes (seen: every read of a checkpoint whose manifest is missing).
+        if not left or now - last_change > self.STALL_S or now - start > self.DRAIN_S:
           break
-        time.sleep(0.01)
+        time.sleep(0.05)
     finally:
       had_failures, self.loops = bool(self.loops), []
       logging.getLogger("asyncio").removeFilter(self._log_filter)

@@ -13,10 +13,12 @@ PORT=${PORT:-$((20000 + RANDOM % 20000))}
 LOG_DIR=${LOG_DIR:-$(mktemp -d)}
 CMD=${EFFICIENT_ATTN:-efficient-attn}
 
+# Your own XLA_FLAGS are kept; a device count in them is replaced by DEVICES_PER_PROCESS.
+flags=$(printf ' %s' ${XLA_FLAGS:-} | sed -E 's/ --xla_force_host_platform_device_count=[0-9]+//g')
 pids=()
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   JAX_PLATFORMS=cpu \
-  XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS}" \
+  XLA_FLAGS="${flags# } --xla_force_host_platform_device_count=${DEVICES_PER_PROCESS}" \
   JAX_COORDINATOR_ADDRESS="localhost:${PORT}" JAX_NUM_PROCESSES="${NUM_PROCESSES}" JAX_PROCESS_ID="$i" \
     $CMD "$@" >"${LOG_DIR}/process_${i}.log" 2>&1 &
   pids+=($!)

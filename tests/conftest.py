@@ -23,7 +23,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 _CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="efficient_attn_jax_cache_")
 if _CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Token stores and trained tokenizers (efficient_attn.data.store) go to a fresh dir, not ~/.cache.
 _DATA_CACHE = None if "EFFICIENT_ATTN_DATA_CACHE" in os.environ else tempfile.mkdtemp(prefix="efficient_attn_data_")
@@ -51,6 +51,19 @@ import pytest  # noqa: E402  (after the environment above)
 def pytest_configure(config):
   config.addinivalue_line("markers", "all_platforms: traces every platform's branch of by_platform (an export, or a"
                           " check of what staging costs on CPU); other tests trace only the CPU branch")
+  config.addinivalue_line("markers", "slow: an end-to-end scenario that stays above ~15 CPU-seconds (processes,"
+                          " signals, whole experiments). The README's command runs them; `-m 'not slow'` skips them")
+
+
+# Longest files first (CPU-seconds, measured with --durations): `--dist loadfile` hands files to the two workers
+# in collection order, so a long file collected last would leave one worker idle at the end.
+_LONGEST_FIRST = ["test_train.py", "test_faults.py", "test_gated_delta.py", "test_dropin.py", "test_model.py",
+                  "test_numerics.py", "test_experiments.py", "test_kernels.py", "test_readme.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)

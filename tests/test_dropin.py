@@ -52,10 +52,12 @@ def test_forward_and_gradients_equal_jax_nn(case, impl):
   bias = jnp.asarray(np.random.default_rng(1).normal(size=(1, 4, T, S)), jnp.float32)
   ours = lambda q, k, v, b: softmax_attention(q, k, v, b, mask, implementation=impl, chunk_size=(4, 8), **kw)
   ref = lambda q, k, v, b: _jax_nn(q, k, v, b, mask, **kw)
-  out, vjp = jax.vjp(ours, q, k, v, bias)
-  out_ref, vjp_ref = jax.vjp(ref, q, k, v, bias)
+  # (output, the vjp of a cotangent), jitted: op by op, the chunked path dispatches many small programs
+  forward_back = lambda f: jax.jit(lambda ct, *a: (lambda o, back: (o, back(ct)))(*jax.vjp(f, *a)))  # noqa: E731
+  ct = jax.jit(ref)(q, k, v, bias)
+  (out, grads), (out_ref, grads_ref) = (forward_back(f)(ct, q, k, v, bias) for f in (ours, ref))
   np.testing.assert_allclose(out, out_ref, atol=2e-6)
-  for g, g_ref in zip(vjp(out_ref), vjp_ref(out_ref)):
+  for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, atol=1e-5)
 
 
@@ -185,9 +187,10 @@ def test_dropout_mask_is_the_same_for_xla_and_any_chunking(broadcast):
   loss = lambda impl, cs: lambda q, k, v: jnp.sum(softmax_attention(
       q, k, v, is_causal=True, implementation=impl, chunk_size=cs, dropout_rate=0.3, dropout_rng=rng,
       broadcast_dropout=broadcast) ** 2)
-  ref_loss, ref_grads = jax.value_and_grad(loss("xla", None), argnums=(0, 1, 2))(q, k, v)
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))  # noqa: E731  (eager: op by op, slower)
+  ref_loss, ref_grads = grad(loss("xla", None))(q, k, v)
   for cs in (8, (4, 16)):
-    val, grads = jax.value_and_grad(loss("chunked", cs), argnums=(0, 1, 2))(q, k, v)
+    val, grads = grad(loss("chunked", cs))(q, k, v)
     np.testing.assert_allclose(val, ref_loss, rtol=1e-6)
     for g, g_ref in zip(grads, ref_grads):
       np.testing.assert_allclose(g, g_ref, atol=1e-5)

@@ -23,6 +23,7 @@ def _row(out, family, T):
   return row
 
 
+@pytest.mark.slow
 def test_smoke_rows_table_and_plots(smoke):
   workdir, out = smoke
   assert sorted((r["variant"], r["seq_len"]) for r in out["rows"]) == sorted(
@@ -49,6 +50,7 @@ def test_smoke_rows_table_and_plots(smoke):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_smoke_memory_scales_as_each_family_should(smoke):
   _, out = smoke
   mem = lambda f, T: _row(out, f, T)["memory_bytes"]  # noqa: E731
@@ -65,6 +67,7 @@ def test_smoke_memory_scales_as_each_family_should(smoke):
   assert _row(out, "linear", 512)["flops"] < _row(out, "softmax", 512)["flops"]
 
 
+@pytest.mark.slow
 def test_rerun_resumes_finished_variants(smoke, monkeypatch):
   workdir, out = smoke
 

@@ -51,6 +51,7 @@ def test_paper_tables():
   assert "MQAR" in _papers.ZOOLOGY_NOTE and len(_papers.ZOOLOGY_NOTE) > 200
 
 
+@pytest.mark.slow
 def test_listops_smoke_resume(tmp_path, monkeypatch):
   from efficient_attn._experiments._papers import LRA_TABLE1
 
@@ -70,6 +71,7 @@ def test_listops_smoke_resume(tmp_path, monkeypatch):
   assert _run("listops", tmp_path)["rows"] == out["rows"]
 
 
+@pytest.mark.slow
 def test_mqar_smoke_resume(tmp_path, monkeypatch):
   from efficient_attn._experiments._papers import MQAR_PUBLISHED, MQAR_PUBLISHED_NOTE, ZOOLOGY_NOTE
 

@@ -26,6 +26,7 @@ def _check_outputs(workdir, out, num_rows, header):
   assert out["plots"] and all(os.path.getsize(p) > 5000 for p in out["plots"])
 
 
+@pytest.mark.slow
 def test_quickstart_smoke_resume_and_refusal(tmp_path, monkeypatch):
   out = _run("quickstart", tmp_path)
   _check_outputs(tmp_path, out, 3, "| variant | val loss |")
@@ -46,6 +47,7 @@ def test_quickstart_smoke_resume_and_refusal(tmp_path, monkeypatch):
   assert open(tmp_path / "results.jsonl").read() == before
 
 
+@pytest.mark.slow
 def test_killed_variant_is_redone_and_others_kept(tmp_path, monkeypatch):
   equal_compute = experiment.load("equal_compute")
   real = equal_compute.run_variant
@@ -83,6 +85,7 @@ def test_equal_compute_budget_is_equal(overrides):
     assert steps["local"] > steps["softmax"] and steps["linear"] > steps["softmax"]
 
 
+@pytest.mark.slow
 def test_moe_scaling_smoke_equal_active_flops(tmp_path):
   out = _run("moe_scaling", tmp_path)
   _check_outputs(tmp_path, out, 2, "| variant | E | k |")

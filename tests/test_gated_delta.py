@@ -320,7 +320,7 @@ def test_layers_with_token_inputs_decode_and_nnx_equals_linen():
   one-token calls (Linen decode_state, NNX cache) compute the gates per token and equal the parallel call."""
   kind, x = "gated_deltanet", jax.random.normal(jax.random.PRNGKey(2), (2, 10, 32))
   linen = layers.MultiHeadAttention(4, 2, kind, {"chunk_size": 4})
-  variables = linen.init(jax.random.PRNGKey(3), x)
+  variables = jax.jit(linen.init)(jax.random.PRNGKey(3), x)  # eager init dispatches op by op: slower
   family = A.get(kind)
   assert set(variables["params"]) - {"query", "key", "value", "out"} == set(
       family.input_params(family.make_options(None), A.Shape(1, 1, 4, 2, 8), 32))

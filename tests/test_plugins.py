@@ -1,8 +1,8 @@
 """A user's own attention family: one file of theirs + `--plugin`, nothing edited in the package.
 
 The plugin is the README's own example ("Your own attention family"), written to a file and
-driven through the command line: it trains, benches and enters the equal-compute comparison
-with its own FLOPs. In-process tests cover the record itself: defaults, typed options,
+driven through the command line (`train` in a fresh interpreter, `bench` and `experiment` through
+`cli.main` here): it trains, benches and enters the equal-compute comparison with its own FLOPs. In-process tests cover the record itself: defaults, typed options,
 XLA-counted FLOPs, the Flax layer and refusals.
 """
 
@@ -35,13 +35,25 @@ def plugin_file(tmp_path_factory):
 
 
 def _cli(*args, cwd):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  r = subprocess.run([sys.executable, "-m", "efficient_attn.cli", *args], cwd=cwd, env=env, capture_output=True,
-                     text=True, timeout=600)
-  return r
+  # One device (like mesh.data=1), but the suite's other XLA flags (its compile options) kept.
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **({"XLA_FLAGS": flags} if flags else {})}
+  return subprocess.run([sys.executable, "-m", "efficient_attn.cli", *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=600)
 
 
-def test_plugin_trains_benches_and_enters_equal_compute(plugin_file, tmp_path):
+def _forget_plugin(path):
+  """Undoes what `--plugin path` did in this process: its family and its module."""
+  for name in ("cosine",):
+    A.FAMILIES.pop(name, None), A.ATTENTION.pop(name, None)
+  for name in [m for m, mod in sys.modules.items() if getattr(mod, "__file__", None) == path]:
+    del sys.modules[name]
+
+
+@pytest.mark.slow
+def test_plugin_trains_benches_and_enters_equal_compute(plugin_file, tmp_path, capsys):
+  """`train --plugin` runs in a fresh interpreter (nothing but the flag registers the family there);
+  `bench` and `experiment` take the same flag through `cli.main` in this process."""
   r = _cli("train", "--plugin", plugin_file, "--workdir", str(tmp_path / "train"), "--set", "model.attention=cosine",
            "--set", "model.attention_options.temperature=8.0", "--set", "train.steps=2", "--set", "train.log_every=1",
            "--set", "model.num_layers=1", "--set", "model.d_model=32", "--set", "model.ffn_dim=64",
@@ -51,15 +63,20 @@ def test_plugin_trains_benches_and_enters_equal_compute(plugin_file, tmp_path):
   assert [row["step"] for row in rows] == [1, 2] and all(np.isfinite(row["loss"]) for row in rows)
   assert rows[0]["flops_per_token"] > 0  # counted by XLA: the plugin gives no FLOPs of its own
 
-  r = _cli("bench", "attention", "--plugin", plugin_file, "--set", "variants=['jax_nn', 'cosine']",
-           "--set", "seq_lens=[128]", "--set", "repeats=1", "--json", str(tmp_path / "bench.json"), cwd=tmp_path)
-  assert r.returncode == 0, r.stderr
-  bench = {row["variant"]: row for row in json.load(open(tmp_path / "bench.json"))}
-  assert set(bench) == {"jax_nn", "cosine"} and bench["cosine"]["time_s"] > 0
+  from efficient_attn import cli
 
-  r = _cli("experiment", "equal_compute", "--plugin", plugin_file, "--workdir", str(tmp_path / "eq"),
-           "--set", "smoke=true", "--set", "variants=['softmax', 'cosine']", cwd=tmp_path)
-  assert r.returncode == 0, r.stderr
+  assert "cosine" not in A.names()  # only --plugin registers it, here too
+  try:
+    assert cli.main(["bench", "attention", "--plugin", plugin_file, "--set", "variants=['jax_nn', 'cosine']",
+                     "--set", "seq_lens=[128]", "--set", "repeats=1", "--json", str(tmp_path / "bench.json")]) == 0
+    bench = {row["variant"]: row for row in json.load(open(tmp_path / "bench.json"))}
+    assert set(bench) == {"jax_nn", "cosine"} and bench["cosine"]["time_s"] > 0
+
+    assert cli.main(["experiment", "equal_compute", "--plugin", plugin_file, "--workdir", str(tmp_path / "eq"),
+                     "--set", "smoke=true", "--set", "variants=['softmax', 'cosine']"]) == 0
+  finally:
+    _forget_plugin(plugin_file)
+  capsys.readouterr()
   rows = {row["variant"]: row for row in map(json.loads, open(tmp_path / "eq" / "results.jsonl"))}
   assert set(rows) == {"softmax", "cosine"}
   # Equal compute with its own FLOPs: both spend the budget to within one step of their own cost.
@@ -68,9 +85,13 @@ def test_plugin_trains_benches_and_enters_equal_compute(plugin_file, tmp_path):
     assert abs(row["flops"] - row["budget_flops"]) <= per_step / 2 + 1e-6 * row["budget_flops"]
 
 
-def test_plugin_without_the_flag_is_refused(tmp_path):
-  r = _cli("train", "--workdir", str(tmp_path / "w"), "--set", "model.attention=cosine", cwd=tmp_path)
-  assert r.returncode == 2 and "--plugin" in r.stderr and "Traceback" not in r.stderr
+def test_plugin_without_the_flag_is_refused(tmp_path, capsys):
+  from efficient_attn import cli
+
+  assert "cosine" not in A.names()
+  assert cli.main(["train", "--workdir", str(tmp_path / "w"), "--set", "model.attention=cosine"]) == 2
+  err = capsys.readouterr().err
+  assert "--plugin" in err and "Traceback" not in err
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 

@@ -37,8 +37,9 @@ def test_registry_names():
 @pytest.mark.parametrize("kind", sorted(A.ATTENTION))
 def test_attend_dispatches_to_the_family(kind):
   q, k, v = _qkv()
-  out = A.attend(kind, q, k, v, is_causal=True, **_opts(kind))
-  direct = A.ATTENTION[kind](q, k, v, is_causal=True, **_opts(kind))
+  opts = _opts(kind)  # jitted: op by op, a delta-rule call dispatches hundreds of small programs
+  out = jax.jit(lambda q, k, v: A.attend(kind, q, k, v, is_causal=True, **opts))(q, k, v)
+  direct = jax.jit(lambda q, k, v: A.ATTENTION[kind](q, k, v, is_causal=True, **opts))(q, k, v)
   assert out.shape == q.shape and out.dtype == q.dtype
   np.testing.assert_array_equal(np.asarray(out), np.asarray(direct))
 

@@ -14,7 +14,6 @@ from efficient_attn import cli
 from efficient_attn.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from efficient_attn.train import NonFiniteError, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 OPTIONS = {"local": {"window": 16}, "sparse": {"block_size": 16}, "linear": {"chunk_size": 16},
@@ -51,18 +50,7 @@ def test_tiny_lm_learns(tmp_path, attention, moe):
   assert os.path.isdir(tmp_path / "checkpoints" / "30")
 
 
-def test_interrupted_run_logs_the_same_losses(tmp_path):
-  """Same program, same device count: the losses are bit-identical here; atol=1e-5 (~20 float32 ulps of a
-  loss of ~5) would also hold under another summation order (a 2x2x2 mesh drifts 1.2e-7 relative in 20 steps)."""
-  cfg = tiny(steps=20)
-  train(cfg, str(tmp_path / "full"), devices=jax.devices()[:1])
-  train(cfg, str(tmp_path / "cut"), devices=jax.devices()[:1], stop_after=13)  # checkpoints at 10 and 13
-  train(cfg, str(tmp_path / "cut"), devices=jax.devices()[:1])
-  full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
-  assert [r["step"] for r in cut] == [r["step"] for r in full]
-  np.testing.assert_allclose([r["loss"] for r in cut], [r["loss"] for r in full], atol=1e-5)
-
-
+@pytest.mark.slow
 def test_performer_buffers_are_checkpointed_and_redrawn(tmp_path):
   """The Performer's per-layer projections live in the train state: saved, restored (an interrupted run
   logs the losses of an uninterrupted one, redraws included) and redrawn every train.redraw_every steps."""
@@ -96,35 +84,6 @@ def test_performer_buffers_are_checkpointed_and_redrawn(tmp_path):
   assert not np.allclose(saved[6], np.asarray(jax.tree.leaves(drawn)[0]))  # the redraw at step 4 replaced it
 
 
-@pytest.mark.parametrize("mesh, moe", [(MeshConfig(data=2, fsdp=2, tensor=2), {}),
-                                       (MeshConfig(data=2, expert=4), {"num_experts": 4})])
-def test_sharded_run_matches_one_device(tmp_path, mesh, moe):
-  """Losses (not post-Adam params) across meshes: another summation order moves them ~1e-7 relative over
-  20 steps; rtol=2e-4 is what a wrong collective or a lost shard would exceed by orders of magnitude."""
-  train(tiny(steps=10, **moe), str(tmp_path / "one"), devices=jax.devices()[:1])
-  train(tiny(steps=10, mesh=mesh, **moe), str(tmp_path / "mesh"))
-  np.testing.assert_allclose([r["loss"] for r in losses(tmp_path / "mesh")],
-                             [r["loss"] for r in losses(tmp_path / "one")], rtol=2e-4)
-
-
-def test_checkpoint_restores_onto_another_mesh(tmp_path):
-  train(tiny(steps=20), str(tmp_path / "ref"), devices=jax.devices()[:1])
-  train(tiny(steps=20, mesh=MeshConfig(data=2, fsdp=2, tensor=2)), str(tmp_path / "run"), stop_after=10)
-  train(tiny(steps=20, mesh=MeshConfig(data=1)), str(tmp_path / "run"), devices=jax.devices()[:1])
-  np.testing.assert_allclose([r["loss"] for r in losses(tmp_path / "run")],
-                             [r["loss"] for r in losses(tmp_path / "ref")], rtol=2e-4)
-
-
-def test_non_finite_loss_stops_without_saving(tmp_path):
-  cfg = tiny(steps=30)
-  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=1e12, grad_clip=0.0,
-                                                           warmup_steps=0))
-  with pytest.raises(NonFiniteError, match="non-finite loss or gradient at step"):
-    train(cfg, str(tmp_path), devices=jax.devices()[:1])
-  ckpts = os.listdir(tmp_path / "checkpoints") if os.path.isdir(tmp_path / "checkpoints") else []
-  assert "30" not in ckpts
-
-
 def test_cli_train_and_config_errors(tmp_path, capsys):
   rc = cli.main(["train", "--workdir", str(tmp_path), "--set", "model.num_heads=3"])
   err = capsys.readouterr().err
@@ -132,19 +91,6 @@ def test_cli_train_and_config_errors(tmp_path, capsys):
   rc = cli.main(["train", "--workdir", str(tmp_path), "--config", str(tmp_path / "nope.py")])
   assert rc == 2 and "no such file" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "checkpoints")
-
-
-def test_two_process_launch(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-  env["EFFICIENT_ATTN"] = f"{sys.executable} -m efficient_attn.cli"
-  cmd = ["bash", os.path.join(REPO, "scripts", "launch_local.sh"), "train", "--workdir", str(tmp_path),
-         "--set", "train.steps=4", "--set", "train.log_every=2", "--set", "train.seq_len=64",
-         "--set", "model.num_layers=1", "--set", "model.d_model=64", "--set", "mesh.data=4",
-         "--set", "mesh.fsdp=2"]
-  r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stdout + r.stderr
-  rows = losses(tmp_path)
-  assert [row["step"] for row in rows] == [2, 4] and all(np.isfinite(row["loss"]) for row in rows)
 
 
 # ----------------------------------------------------------------------------- issue 14: logs, safe resume, options
@@ -355,10 +301,12 @@ def test_tensorboard_without_the_package_is_one_sentence(tmp_path, capsys, monke
   assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_readme_mesh_example_trains_on_one_cpu_with_plain_logs(tmp_path):
   """`train --set mesh.data=2 --set mesh.expert=4` on a CPU host without XLA_FLAGS emulates the 8 devices;
   stderr (a pipe) gets plain lines and a summary, and no SPMD rematerialization warning."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+  env = {**os.environ, "XLA_FLAGS": flags}  # no device count; the suite's compile options kept
   cmd = [sys.executable, "-m", "efficient_attn.cli", "train", "--workdir", str(tmp_path)] + [
       a for kv in ["mesh.data=2", "mesh.expert=4", "model.num_experts=4", "model.num_layers=1", "model.d_model=32",
                    "model.ffn_dim=64", "train.seq_len=32", "train.steps=2", "train.log_every=1",
