@@ -1,6 +1,10 @@
-"""Training end to end on the default corpus: learning, exact resume, meshes, multi-process, CLI errors."""
+"""Training end to end on the default corpus: learning, resume, reruns, grad accumulation, schedules, CLI errors.
+
+Resume after faults, other meshes and two processes: tests/test_faults.py; sharded = one device:
+tests/test_sharding.py."""
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -217,13 +221,19 @@ def _one_step(extra, devices):
   return jax.device_get(state["opt_state"]["grads"]), jax.device_get(metrics)
 
 
+@functools.cache
+def _whole_batch_step():
+  """_one_step without accumulation on one device: the reference every accumulation case shares."""
+  return _one_step(["mesh.data=1"], jax.devices()[:1])
+
+
 @pytest.mark.parametrize("accum, mesh", [(2, ["mesh.data=1"]), (4, ["mesh.data=1"]),
                                          (2, ["mesh.data=2", "mesh.fsdp=2"])])
 def test_grad_accum_gives_the_whole_batch_update(accum, mesh):
   """The accumulated gradient is the whole batch's, up to summation order: each entry within 1e-4 of its
   tensor's largest entry (float32 reordering gives ~1e-6 here; a mis-weighted micro-batch gives ~1e-1)."""
   devices = jax.devices()[:1] if mesh == ["mesh.data=1"] else jax.devices()[:4]
-  ref_grads, ref = _one_step(["mesh.data=1"], jax.devices()[:1])
+  ref_grads, ref = _whole_batch_step()
   grads, got = _one_step([f"train.grad_accum={accum}", *mesh], devices)
   np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
   np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-5)
