@@ -122,10 +122,11 @@ def test_vmap_over_examples_with_shared_bias_and_mask(impl):
   bias = jnp.asarray(np.random.default_rng(3).normal(size=(4, T, S)), jnp.float32)
   mask = np.ones((1, 1, S), bool)
   fn = functools.partial(softmax_attention, is_causal=True, implementation=impl, chunk_size=8)
-  out = jax.vmap(fn, in_axes=(0, 0, 0, None, None))(q, k, v, bias, mask)
+  out = jax.jit(jax.vmap(fn, in_axes=(0, 0, 0, None, None)))(q, k, v, bias, mask)
   np.testing.assert_allclose(out, _jax_nn(q, k, v, bias[None], is_causal=True), atol=2e-6)
-  grads = jax.grad(lambda b: jnp.sum(jax.vmap(fn, in_axes=(0, 0, 0, None, None))(q, k, v, b, mask) ** 2))(bias)
-  grads_ref = jax.grad(lambda b: jnp.sum(_jax_nn(q, k, v, b[None], is_causal=True) ** 2))(bias)
+  grads = jax.jit(jax.grad(lambda b: jnp.sum(jax.vmap(fn, in_axes=(0, 0, 0, None, None))(q, k, v, b, mask) ** 2)))(
+      bias)
+  grads_ref = jax.jit(jax.grad(lambda b: jnp.sum(_jax_nn(q, k, v, b[None], is_causal=True) ** 2)))(bias)
   np.testing.assert_allclose(grads, grads_ref, atol=1e-5)
 
 
@@ -327,15 +328,18 @@ def test_flax_decode_equals_the_parallel_causal_forward(name):
   B, T, F = 2, 7, 12
   x = jnp.asarray(np.random.default_rng(0).normal(size=(B, T, F)), jnp.float32)
   linen = nn.MultiHeadDotProductAttention(num_heads=3, attention_fn=fn, deterministic=True)
-  cache, params = pop(linen.clone(decode=True).init(jax.random.key(2), x), "params")
-  parallel = linen.apply({"params": params}, x)
+  cache, params = pop(jax.jit(linen.clone(decode=True).init)(jax.random.key(2), x), "params")
+  parallel = jax.jit(linen.apply)({"params": params}, x)
+  # jitted as a decoding loop would be (one compile for every step; eager Flax dispatches op by op)
+  step = jax.jit(lambda cache, x1: linen.clone(decode=True).apply({"params": params, **cache}, x1, mutable=["cache"]))
   steps = []
   for t in range(T):
-    y, cache = linen.clone(decode=True).apply({"params": params, **cache}, x[:, t:t + 1], mutable=["cache"])
+    y, cache = step(cache, x[:, t:t + 1])
     steps.append(y)
   np.testing.assert_allclose(jnp.concatenate(steps, 1), parallel, atol=1e-5)
   model = nnx.MultiHeadAttention(num_heads=3, in_features=F, attention_fn=fn, decode=False, rngs=nnx.Rngs(0))
-  parallel = model(x)
+  call = nnx.jit(lambda m, x, decode: m(x, decode=decode), static_argnums=2)
+  parallel = call(model, x, False)
   model.init_cache(x.shape)
-  steps = [model(x[:, t:t + 1], decode=True) for t in range(T)]
+  steps = [call(model, x[:, t:t + 1], True) for t in range(T)]
   np.testing.assert_allclose(jnp.concatenate(steps, 1), parallel, atol=1e-5)
