@@ -205,19 +205,28 @@ def sample(model: TransformerLM, variables, prompt_T, *, max_new_tokens: int, te
   prompt_T = jnp.asarray(prompt_T, jnp.int32)
   T = prompt_T.shape[0]
   L = max(max_len or T + max_new_tokens, T + max_new_tokens)
-  run = _sampler(model, T, max_new_tokens, float(temperature), int(top_k), float(top_p), L)
+  settings = (T, max_new_tokens, float(temperature), int(top_k), float(top_p), L)
+  run = _memo(_SAMPLERS, (repr(model.config), *settings), lambda: _sampler(model, *settings))
   return np.asarray(run(variables, prompt_T, jax.random.PRNGKey(seed)))
 
 
-_SAMPLERS: dict[tuple, Any] = {}
+_SAMPLERS: dict[tuple, Any] = {}  # (model config, settings) -> jitted sampler
+_NLL: dict[str, Any] = {}         # model config -> jitted NLL sum
+
+
+def _memo(table: dict, key, build):
+  """table[key], built by `build()` on first use; at most 16 entries (the oldest leaves first), so a
+  long session over many models or shapes does not keep every compiled program."""
+  if key not in table:
+    if len(table) >= 16:
+      table.pop(next(iter(table)))
+    table[key] = build()
+  return table[key]
 
 
 def _sampler(model: TransformerLM, T: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
              L: int):
-  """Jitted (variables, prompt_T, key) -> new tokens [max_new_tokens], one per model config and settings."""
-  cache_key = (repr(model.config), T, max_new_tokens, temperature, top_k, top_p, L)
-  if cache_key in _SAMPLERS:
-    return _SAMPLERS[cache_key]
+  """Jitted (variables, prompt_T, key) -> new tokens [max_new_tokens] (`sample` keeps one per config and settings)."""
   total = T + max_new_tokens
 
   def pick(logits_V, key, i):
@@ -253,10 +262,7 @@ def _sampler(model: TransformerLM, T: int, max_new_tokens: int, temperature: flo
       buf_L = jnp.zeros((L,), jnp.int32).at[:T].set(prompt_T)
       return jax.lax.scan(write, buf_L, jnp.arange(max_new_tokens))[1]
 
-  if len(_SAMPLERS) >= 16:  # a long session sampling many shapes: keep the newest few
-    _SAMPLERS.pop(next(iter(_SAMPLERS)))
-  _SAMPLERS[cache_key] = jax.jit(run)
-  return _SAMPLERS[cache_key]
+  return jax.jit(run)
 
 
 @platform.for_this_host()
@@ -291,15 +297,8 @@ def generate(workdir: str, prompt: str, overrides: dict[str, Any] | None = None)
 # ----------------------------------------------------------------------------- evaluation
 
 
-_NLL: dict[str, Any] = {}
-
-
 def _nll_sum(model: TransformerLM):
-  """Jitted (variables, batch) -> (sum of weighted next-token NLL in nats, sum of weights), one per model config."""
-  if repr(model.config) in _NLL:
-    return _NLL[repr(model.config)]
-  if len(_NLL) >= 16:
-    _NLL.pop(next(iter(_NLL)))
+  """Jitted (variables, batch) -> (sum of weighted next-token NLL in nats, sum of weights)."""
 
   @jax.jit
   def nll(variables, batch):
@@ -308,7 +307,6 @@ def _nll_sum(model: TransformerLM):
     nll_BT = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     return jnp.sum(nll_BT * batch["weights"]), jnp.sum(batch["weights"])
 
-  _NLL[repr(model.config)] = nll
   return nll
 
 
@@ -338,7 +336,7 @@ def evaluate(workdir: str, overrides: dict[str, Any] | None = None) -> dict[str,
   model, variables, step = restore_variables(cfg, workdir)
   from efficient_attn.data.text import lm_example
 
-  nll = _nll_sum(model)
+  nll = _memo(_NLL, repr(model.config), lambda: _nll_sum(model))  # one compile per model config
   total, count = 0.0, 0.0
   for i in range(batches):
     n, w = nll(variables, lm_example(stream.batch(i)))

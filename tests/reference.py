@@ -128,3 +128,13 @@ def decode_sequence(kind, q, k, v, **opts):
     o, state = step(state, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
     outs.append(o)
   return jnp.concatenate(outs, axis=1)
+
+
+def one_device_env(**extra: str) -> dict:
+  """Not a reference: the environment for a command-line process the tests start, with one CPU device
+  (the suite's device count removed from XLA_FLAGS; a launcher or the CLI sets its own) and the suite's
+  other XLA flags (its compile options) kept; `extra` added."""
+  import os
+
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+  return {**os.environ, "XLA_FLAGS": flags, **extra}

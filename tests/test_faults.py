@@ -42,6 +42,7 @@ from efficient_attn.data.text import lm_example, PackedStream
 from efficient_attn.model import TransformerLM
 from efficient_attn.state import init_state
 from efficient_attn.train import NonFiniteError, make_optimizer, make_train_step, train
+from reference import one_device_env
 
 TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.ffn_dim=64", "train.seq_len=32",
         "train.batch_size=8", "train.steps=10000", "train.warmup_steps=5", "train.log_every=1",
@@ -108,16 +109,9 @@ sys.exit(cli.main())
 """
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-  """This process's environment with one CPU device (like mesh.data=1; the launcher sets its own count):
-  the suite's other XLA flags (its compile options) are kept."""
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-  return {**os.environ, "XLA_FLAGS": flags, **extra}
-
-
 def start_cli(workdir, *extra: str) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-c", _CLI, "train", "--workdir", str(workdir), *sets(*extra)],
-                          env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_step(workdir, step: int, proc=None, timeout=180.0) -> None:
@@ -239,7 +233,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, r
   run, logs, mesh = tmp_path / "run", tmp_path / "logs", ("mesh.data=4", "mesh.fsdp=2")
   logs.mkdir()
   (tmp_path / "cli.py").write_text(_CLI)
-  env = cli_env(EFFICIENT_ATTN=f"{sys.executable} {tmp_path / 'cli.py'}", LOG_DIR=str(logs))
+  env = one_device_env(EFFICIENT_ATTN=f"{sys.executable} {tmp_path / 'cli.py'}", LOG_DIR=str(logs))
   launcher = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "launch_local.sh"), "train", "--workdir",
                                str(run), *sets(*mesh)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)

@@ -21,6 +21,7 @@ import pytest
 from efficient_attn import attention as A
 from efficient_attn import flops
 from efficient_attn.config import ConfigError, ModelConfig
+from reference import one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
@@ -35,11 +36,8 @@ def plugin_file(tmp_path_factory):
 
 
 def _cli(*args, cwd):
-  # One device (like mesh.data=1), but the suite's other XLA flags (its compile options) kept.
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **({"XLA_FLAGS": flags} if flags else {})}
-  return subprocess.run([sys.executable, "-m", "efficient_attn.cli", *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run([sys.executable, "-m", "efficient_attn.cli", *args], cwd=cwd, env=one_device_env(),
+                        capture_output=True, text=True, timeout=600)
 
 
 def _forget_plugin(path):

@@ -16,7 +16,8 @@ import pytest
 
 from efficient_attn import cli
 from efficient_attn.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
-from efficient_attn.train import NonFiniteError, train
+from efficient_attn.train import train
+from reference import one_device_env
 
 
 
@@ -315,8 +316,7 @@ def test_tensorboard_without_the_package_is_one_sentence(tmp_path, capsys, monke
 def test_readme_mesh_example_trains_on_one_cpu_with_plain_logs(tmp_path):
   """`train --set mesh.data=2 --set mesh.expert=4` on a CPU host without XLA_FLAGS emulates the 8 devices;
   stderr (a pipe) gets plain lines and a summary, and no SPMD rematerialization warning."""
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-  env = {**os.environ, "XLA_FLAGS": flags}  # no device count; the suite's compile options kept
+  env = one_device_env()  # no device count: the CLI emulates the 8 the mesh names
   cmd = [sys.executable, "-m", "efficient_attn.cli", "train", "--workdir", str(tmp_path)] + [
       a for kv in ["mesh.data=2", "mesh.expert=4", "model.num_experts=4", "model.num_layers=1", "model.d_model=32",
                    "model.ffn_dim=64", "train.seq_len=32", "train.steps=2", "train.log_every=1",
