@@ -127,3 +127,38 @@ def test_flax_attention_fn_prepares_typed_options_per_shape():
     A.flax_attention_fn("local", windw=4)
   with pytest.raises(ValueError, match="`window` must be a positive integer"):
     A.flax_attention_fn("local", window=0)
+
+
+def test_eager_calls_compile_once_per_configuration():
+  """compiled_when_eager: concrete arrays -> one jitted program per (structure, fixed options); tracers and
+  jax.disable_jit() run the function as written; a fixed NumPy layout keys the cache by its contents."""
+  from efficient_attn.attention._common import compiled_when_eager
+
+  traces = []
+
+  @compiled_when_eager(static=("layout",))
+  def f(x, y=None, *, scale=1.0, layout=None):
+    traces.append(isinstance(x, jax.core.Tracer))
+    return x * scale + (0 if y is None else y) + (0 if layout is None else float(layout.sum()))
+
+  x = jnp.arange(3.0)
+  np.testing.assert_array_equal(f(x, scale=2.0), 2 * x)
+  np.testing.assert_array_equal(f(x + 1, scale=2.0), 2 * x + 2)  # same program
+  assert traces == [True]
+  f(x, scale=3.0)
+  f(x, x, scale=3.0)  # another option value, another structure: two more programs
+  assert len(traces) == 3
+  np.testing.assert_array_equal(f(x, layout=np.array([1, 2])), x + 3)  # read concretely inside the trace
+  f(x, layout=np.array([1, 2]))
+  np.testing.assert_array_equal(f(x, layout=np.array([1, 4])), x + 5)  # other contents: retraced
+  assert len(traces) == 5
+  np.testing.assert_array_equal(jax.jit(lambda x: f(x, scale=2.0))(x), 2 * x)  # inside jit: runs as written
+  with jax.disable_jit():
+    f(x, scale=2.0)
+  assert traces[-2:] == [True, False]
+  # A family: the same numbers as under jit, and a bad shape is still one ValueError before compiling.
+  q, k, v = _qkv()
+  np.testing.assert_array_equal(A.linear_attention(q, k, v, is_causal=True, chunk_size=8),
+                                jax.jit(lambda *a: A.linear_attention(*a, is_causal=True, chunk_size=8))(q, k, v))
+  with pytest.raises(ValueError, match="linear_attention"):
+    A.linear_attention(q[..., :4], k, v, is_causal=True)

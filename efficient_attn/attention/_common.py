@@ -117,6 +117,65 @@ def _listing(words) -> str:
   return ", ".join(words[:-1]) + " and " + words[-1]
 
 
+_EAGER_PROGRAMS: dict = {}  # (function, call structure, fixed values) -> jitted program; the oldest evicted
+_EAGER_LIMIT = 64
+
+
+def compiled_when_eager(*, static: tuple[str, ...] = ()):
+  """Decorator: a call on concrete arrays runs as one compiled program instead of op by op.
+
+  Called outside any transformation, JAX dispatches a family's chunk scans and einsums one at a
+  time (1-5 s per call at T = 1024 on a CPU); compiled, the call is one XLA program. The
+  array arguments (jax or NumPy, at any depth of a tuple / list / dict) are the program's
+  inputs; every other argument (ints, floats, strings, dtypes, callables) and the keyword
+  arguments named in `static` (e.g. a NumPy block layout the function reads concretely) are
+  fixed for the program and key its cache (at most 64 programs per process, the oldest
+  dropped). Inside jit / grad / vmap (any argument a tracer), under `jax.disable_jit()`, or when
+  a fixed argument cannot be hashed, `fn` runs as written. Errors are the same sentences: the
+  checks run while the program is traced, before anything compiles.
+  """
+
+  def decorate(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      if jax.config.jax_disable_jit:
+        return fn(*args, **kwargs)
+      fixed = {n: kwargs.pop(n) for n in static if n in kwargs}
+      leaves, tree = jax.tree.flatten((args, kwargs))
+      if any(isinstance(x, jax.core.Tracer) for x in (*leaves, *fixed.values())):
+        return fn(*args, **kwargs, **fixed)
+      is_input = tuple(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+      consts = [x for x, a in zip(leaves, is_input) if not a]
+      try:
+        key = (fn, tree, is_input, tuple(map(_fixed_key, consts)), tuple((n, _fixed_key(v)) for n, v in fixed.items()))
+        program = _EAGER_PROGRAMS.get(key)
+      except TypeError:  # an unhashable option: run as written
+        return fn(*args, **kwargs, **fixed)
+      if program is None:
+        def run(*inputs):
+          it_in, it_const = iter(inputs), iter(consts)
+          a, kw = jax.tree.unflatten(tree, [next(it_in) if a else next(it_const) for a in is_input])
+          return fn(*a, **kw, **fixed)
+
+        program = _EAGER_PROGRAMS[key] = jax.jit(run)
+        while len(_EAGER_PROGRAMS) > _EAGER_LIMIT:
+          del _EAGER_PROGRAMS[next(iter(_EAGER_PROGRAMS))]
+      return program(*(x for x, a in zip(leaves, is_input) if a))
+
+    return wrapper
+
+  return decorate
+
+
+def _fixed_key(x):
+  """A hashable stand-in for a fixed argument: NumPy / jax arrays by shape, dtype and bytes."""
+  if isinstance(x, (np.ndarray, jax.Array)):
+    x = np.asarray(x)
+    return ("array", x.shape, x.dtype.str, x.tobytes())
+  hash(x)
+  return (type(x), x)
+
+
 def leading_batch_dims(*, query_mask: bool = True, result: str = "BTNH"):
   """Decorator: a family function written for [B, T, N, H] takes any number of leading batch dims.
 

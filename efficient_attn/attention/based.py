@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn.attention import linear, local
-from efficient_attn.attention._common import leading_batch_dims
+from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims
 from efficient_attn.attention.linear import kernelized_flops, linear_init_state, linear_step
 from efficient_attn.attention.registry import Family, Shape
 
@@ -102,6 +102,7 @@ def taylor_attention(query, key, value, *, mask=None, is_causal=False, segment_i
   return out.astype(query.dtype)
 
 
+@compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def based_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                     feature_dim=16, window_size=64, chunk_size=None):

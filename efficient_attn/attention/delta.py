@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.attention._common import scale_rows
+from efficient_attn.attention._common import compiled_when_eager, scale_rows
 from efficient_attn.attention.gated import (
     bidirectional, check_one_token, chunks, incoming_states, masked_exp, prepare_recurrent, runs, token_input)
 
@@ -114,6 +114,7 @@ def _delta_causal(q_BTKGH, k_BTKH, v_BTKV, beta_BTK, g_BTK, ids_BT, L):
   return out.reshape(B, -1, *out.shape[3:])[:, :T]
 
 
+@compiled_when_eager()
 def delta_rule_attention(query, key, value, beta, *, log_decay=None, mask=None, is_causal=True, segment_ids=None,
                          scale=None, chunk_size=None, bias=None):
   """Delta-rule attention: S_t = exp(g_t)(I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ, o_t = scale · S_tᵀ q_t.

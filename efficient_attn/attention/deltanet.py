@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.attention._common import leading_batch_dims, stats_dtype
+from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims, stats_dtype
 from efficient_attn.attention.delta import delta_flops, delta_rule_attention, delta_step
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.retnet import ChunkOptions, _init_state
@@ -32,6 +32,7 @@ def default_beta(key, beta=None):
   return jnp.full(key.shape[:-1], 0.5, jnp.float32) if beta is None else beta
 
 
+@compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def deltanet_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                        chunk_size=None, beta=None, log_decay=None):

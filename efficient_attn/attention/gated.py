@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.attention._common import Dims, check_mask, check_qkv, scale_rows, split_segment_ids, stats_dtype
+from efficient_attn.attention._common import (Dims, check_mask, check_qkv, compiled_when_eager, scale_rows,
+                                             split_segment_ids, stats_dtype)
 
 DEFAULT_CHUNK_SIZE = 64          # scalar decays: the L x L form is a matmul
 DEFAULT_CHANNEL_CHUNK_SIZE = 16  # per-channel decays: one l x l x H elementwise block (see `channel_scores`)
@@ -284,6 +285,7 @@ def bidirectional(causal_fn, arrays, ids, is_causal):
   return out + flip(causal_fn(*(flip(a) for a in arrays), flip(ids)))
 
 
+@compiled_when_eager()
 def gated_linear_attention(query, key, value, log_decay, *, mask=None, is_causal=True, segment_ids=None,
                            scale=None, chunk_size=None, bias=None):
   """Decay-gated linear attention: S_t = exp(g_t) ⊙ S_{t-1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t.

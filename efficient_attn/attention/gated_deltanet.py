@@ -11,13 +11,14 @@ decays. Chunkwise parallel via the UT transform; decoding state [B, K, H, Hv].
 
 from __future__ import annotations
 
-from efficient_attn.attention._common import leading_batch_dims
+from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims
 from efficient_attn.attention.deltanet import _flops, beta_inputs, beta_params, deltanet_attention, step
 from efficient_attn.attention.mamba2 import decay_inputs, decay_params
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.retnet import ChunkOptions, _init_state, fixed_log_decay
 
 
+@compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def gated_deltanet_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None,
                              scale=None, chunk_size=None, beta=None, log_decay=None):

@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.attention._common import leading_batch_dims
+from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims
 from efficient_attn.attention.gated import gated_flops, gated_linear_attention, gated_step
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.retnet import _init_state, fixed_log_decay
@@ -39,6 +39,7 @@ class GLAOptions:
       raise ValueError(f"chunk_size={self.chunk_size!r} must be a positive integer or None.")
 
 
+@compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def gla_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                   chunk_size=None, log_decay=None):

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn.attention._common import (
-    Dims, check_mask, check_qkv, leading_batch_dims, split_segment_ids, stats_dtype)
+    Dims, check_mask, check_qkv, compiled_when_eager, leading_batch_dims, split_segment_ids, stats_dtype)
 from efficient_attn.attention.registry import Family, Shape
 
 # Tuned on CPU for causal fwd+bwd at T=8192, H=64 (64 and 128 tie; 128 keeps fewer carried
@@ -317,6 +317,7 @@ def _scaled(x, scale):
   return x if scale is None else x * scale
 
 
+@compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def linear_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                      feature_map="elu", chunk_size=None):

@@ -20,8 +20,8 @@ import numpy as np
 import jax.numpy as jnp
 
 from efficient_attn.attention._common import (
-    check_bias, check_mask, check_qkv, gather_block_pairs, leading_batch_dims, masked_softmax, mean_visible_keys,
-    resolve_scale, split_segment_ids, stats_dtype)
+    check_bias, check_mask, check_qkv, compiled_when_eager, gather_block_pairs, leading_batch_dims, masked_softmax,
+    mean_visible_keys, resolve_scale, split_segment_ids, stats_dtype)
 from efficient_attn.attention import kernels
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.softmax_decode import softmax_init_state, softmax_step
@@ -58,6 +58,7 @@ def _split_heads(x, N: int, K: int):
   return x.reshape(x.shape[0], K, N // K, *x.shape[2:]) if x.shape[1] == N else x[:, :, None]
 
 
+@compiled_when_eager()
 @leading_batch_dims(query_mask=True)
 def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                     window, block_size=None, implementation=None):

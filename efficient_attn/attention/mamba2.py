@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.attention._common import leading_batch_dims
+from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims
 from efficient_attn.attention.gated import gated_flops, gated_linear_attention, gated_step
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.retnet import ChunkOptions, _init_state, fixed_log_decay
@@ -26,6 +26,7 @@ def _scaled_key(key, dt):
   return key if dt is None else key * jnp.asarray(dt)[..., None].astype(key.dtype)
 
 
+@compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def mamba2_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                      chunk_size=None, log_decay=None, dt=None):

@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.attention._common import leading_batch_dims, resolve_scale, stats_dtype
+from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims, resolve_scale, stats_dtype
 from efficient_attn.attention.linear import (NO_KEY_MAX, check_step, kernelized_attention, linear_init_state,
                                              prepare_kernelized, recurrent_step)
 from efficient_attn.attention.registry import Family, Shape
@@ -111,6 +111,7 @@ def _query_features(q_XH, projection_MH, scale, kernel):
   return jnp.exp(logits) / jnp.sqrt(jnp.asarray(projection_MH.shape[0], logits.dtype))
 
 
+@compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def performer_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                         projection=None, kernel="softmax", chunk_size=None):

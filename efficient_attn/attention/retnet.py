@@ -13,7 +13,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from efficient_attn.attention._common import leading_batch_dims
+from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims
 from efficient_attn.attention.gated import (
     gated_flops, gated_init_state, gated_linear_attention, gated_step, retnet_log_decay)
 from efficient_attn.attention.registry import Family, Shape
@@ -37,6 +37,7 @@ def fixed_log_decay(query, key, log_decay=None):
   return jnp.broadcast_to(retnet_log_decay(K), (B, T, K))
 
 
+@compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def retnet_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                      chunk_size=None):

@@ -37,6 +37,7 @@ IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash", "triton")
 CHUNKED_MIN_TS = 256 * 256
 
 
+@_common.compiled_when_eager()
 @_common.leading_batch_dims(query_mask=True)
 def softmax_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None,
                       scale=None, implementation=None, chunk_size=None, local_window_size=None,
@@ -142,6 +143,7 @@ def _attend(impl, query, key, value, bias, mask, seg, is_causal, window, local_w
   return out, lax.stop_gradient(lse_BTN).astype(key.dtype)
 
 
+@_common.compiled_when_eager()
 @_common.leading_batch_dims(query_mask=True, result="BNTS")
 def softmax_weights(query, key, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
                     local_window_size=None):

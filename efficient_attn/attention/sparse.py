@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn.attention._common import (
-    check_bias, check_divisible, check_mask, check_qkv, gather_block_pairs, leading_batch_dims, masked_softmax,
-    resolve_scale, split_segment_ids, stats_dtype)
+    check_bias, check_divisible, check_mask, check_qkv, compiled_when_eager, gather_block_pairs, leading_batch_dims,
+    masked_softmax, resolve_scale, split_segment_ids, stats_dtype)
 from efficient_attn.attention import kernels, masks
 from efficient_attn.attention.registry import Family, Shape
 
@@ -105,6 +105,7 @@ def _by_head(x, N: int, K: int):
   return x.reshape(x.shape[0], K, N // K, *x.shape[2:]) if x.shape[1] == N else x[:, :, None]
 
 
+@compiled_when_eager(static=("layout",))
 @leading_batch_dims(query_mask=True)
 def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None,
                            scale=None, layout, block_size, implementation=None):
