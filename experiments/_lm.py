@@ -24,7 +24,8 @@ def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> 
   """The training Config of one variant: the experiment's shared settings + the variant's model fields."""
   model.setdefault("attention_options", cfg.get("attention_options", {}).get(model.get("attention", "softmax")))
   m = ModelConfig(**{k: cfg[k] for k in MODEL_KEYS if k in cfg}, **model)
-  t = TrainConfig(steps=steps, checkpoint_every=max(steps // 4, 1), max_to_keep=1,
+  # At most 4 checkpoints a run (every ceil(steps / 4) steps): a killed variant resumes from its last quarter.
+  t = TrainConfig(steps=steps, checkpoint_every=max(-(-steps // 4), 1), max_to_keep=1,
                   **{k: cfg[k] for k in TRAIN_KEYS if k in cfg})
   data = DataConfig(val_fraction=cfg.get("val_fraction", 0.05), tokenizer=cfg.get("tokenizer", "bytes"))
   return Config(model=m, train=t, data=data,

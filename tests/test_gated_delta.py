@@ -341,13 +341,17 @@ def test_layers_with_token_inputs_decode_and_nnx_equals_linen():
                              atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", NEW)
-def test_every_new_family_trains(kind):
+# The LM-level learning runs (tests/test_train.py::test_tiny_lm_learns) cover softmax, Performer, MoE and bf16.
+LAYER_OPTIONS = {"local": {"window": 4}, "sparse": {"block_size": 4}, "linear": {"chunk_size": 8}, "softmax": {}}
+
+
+@pytest.mark.parametrize("kind", NEW + list(LAYER_OPTIONS))
+def test_every_family_layer_trains(kind):
   """model.attention=kind: a few Adam steps of its attention layer (gate params included) on a fixed
   regression batch lower the loss, and every param gets a gradient."""
   import optax
 
-  layer = layers.MultiHeadAttention(4, 2, kind, _tiny(kind).options)
+  layer = layers.MultiHeadAttention(4, 2, kind, LAYER_OPTIONS[kind] if kind in LAYER_OPTIONS else _tiny(kind).options)
   x, y = (jax.random.normal(jax.random.PRNGKey(i), (2, 12, 32)) for i in (5, 6))
   params = layer.init(jax.random.PRNGKey(7), x)["params"]
   tx = optax.adam(3e-2)

@@ -33,8 +33,9 @@ def workdir(tmp_path_factory):
   from efficient_attn.train import train
 
   d = str(tmp_path_factory.mktemp("gen") / "run")
-  cfg = _tiny()
-  train(cfg, d, devices=jax.devices()[:1], progress=False)
+  cfg = _tiny()  # trained on a 2-device fsdp mesh (params sharded); every test here reads it onto one device
+  cfg = Config(model=cfg.model, train=cfg.train, data=cfg.data, mesh=MeshConfig(data=1, fsdp=2))
+  train(cfg, d, devices=jax.devices()[:2], progress=False)
   if not os.path.exists(os.path.join(d, CONFIG_JSON)):  # until `train` writes it itself
     save_config_json(cfg, os.path.join(d, CONFIG_JSON))
   return d
@@ -111,20 +112,12 @@ def test_eval_json_against_a_numpy_reference(workdir, capsys):
   assert gen.evaluate(workdir, {"eval.batches": 1})["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
 
 
-def test_eval_restores_an_fsdp_checkpoint_onto_one_device(tmp_path):
-  """A checkpoint saved from a 2-device fsdp mesh (params sharded) is read onto one device: the validation loss
-  equals the one `train` logged on the mesh."""
-  from efficient_attn.train import train
-
-  cfg = _tiny()
-  cfg = Config(model=cfg.model, train=cfg.train, data=cfg.data, mesh=MeshConfig(data=1, fsdp=2))
-  d = str(tmp_path / "fsdp")
-  train(cfg, d, devices=jax.devices()[:2], progress=False)
-  if not os.path.exists(os.path.join(d, CONFIG_JSON)):
-    save_config_json(cfg, os.path.join(d, CONFIG_JSON))
-  with open(os.path.join(d, "metrics.jsonl")) as f:
+def test_eval_restores_an_fsdp_checkpoint_onto_one_device(workdir):
+  """The checkpoint saved from the 2-device fsdp mesh (params sharded) is read onto one device: the validation
+  loss equals the one `train` logged on the mesh."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [r for r in map(json.loads, f) if "val_loss" in r][-1]
-  assert gen.evaluate(d, {"eval.batches": 1})["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+  assert gen.evaluate(workdir, {"eval.batches": 1})["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("case, fragment", [
