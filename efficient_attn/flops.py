@@ -81,16 +81,31 @@ def spec_peak(device_kind: str) -> float | None:
   return next((peak for pattern, peak in KNOWN_PEAKS if re.search(pattern, device_kind, re.IGNORECASE)), None)
 
 
+PEAK_ENV = "EFFICIENT_ATTN_PEAK_FLOPS"
+
+
 @functools.lru_cache(maxsize=None)
 def peak_flops_per_device(dtype: str = "float32") -> tuple[float | None, str]:
   """(peak FLOP/s of one device or None, where it came from / why it is unknown).
 
+  EFFICIENT_ATTN_PEAK_FLOPS=<FLOP/s per device> in the environment sets it (e.g. a CPU's spec
+  sheet, or the value an earlier run measured, so runs on a shared machine share one denominator
+  and skip the measurement); a value that is not a positive number is a ValueError naming it.
   GPU/TPU: the spec sheet's bf16 dense peak (`KNOWN_PEAKS`); an unlisted kind gives None.
   CPU: measured once per process — the FLOP/s of a 2048² matmul (the best of at least 5
   calls over at least one second, so a moment of contention does not set it), so MFU on CPU
   means "fraction of what this machine's BLAS does"; `cpu_load()` at that moment is recorded
   by `measured_load`. Emulated CPU devices share the machine: divide by one device's peak on CPU.
   """
+  given = os.environ.get(PEAK_ENV)
+  if given is not None:
+    try:
+      value = float(given)
+    except ValueError:
+      value = math.nan
+    if not (math.isfinite(value) and value > 0):
+      raise ValueError(f"{PEAK_ENV}={given!r} must be a positive number of FLOP/s per device (e.g. 1.5e11).")
+    return value, f"{PEAK_ENV}={given}"
   dev = jax.devices()[0]
   if dev.platform != "cpu":
     peak = spec_peak(dev.device_kind)

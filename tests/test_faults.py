@@ -100,17 +100,9 @@ def assert_same_losses(workdir, ref: list[float], atol=1e-5, rtol=0.0):
   np.testing.assert_allclose([r["loss"] for r in got], ref, atol=atol, rtol=rtol)
 
 
-# `efficient-attn` (cli.main) in a fresh interpreter, minus a cost that none of these faults is about: the
-# CPU peak-FLOP/s measurement behind the MFU column (a second of 2048² matmuls in every new process).
-_CLI = """import sys
-from efficient_attn import cli, flops
-flops.peak_flops_per_device = lambda dtype="float32": (None, "not measured in tests/test_faults.py")
-sys.exit(cli.main())
-"""
-
-
 def start_cli(workdir, *extra: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-c", _CLI, "train", "--workdir", str(workdir), *sets(*extra)],
+  return subprocess.Popen([sys.executable, "-m", "efficient_attn.cli", "train", "--workdir", str(workdir),
+                           *sets(*extra)],
                           env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -232,8 +224,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, r
   this is also the suite's test that a 2-process run trains at all."""
   run, logs, mesh = tmp_path / "run", tmp_path / "logs", ("mesh.data=4", "mesh.fsdp=2")
   logs.mkdir()
-  (tmp_path / "cli.py").write_text(_CLI)
-  env = one_device_env(EFFICIENT_ATTN=f"{sys.executable} {tmp_path / 'cli.py'}", LOG_DIR=str(logs))
+  env = one_device_env(EFFICIENT_ATTN=f"{sys.executable} -m efficient_attn.cli", LOG_DIR=str(logs))
   launcher = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "launch_local.sh"), "train", "--workdir",
                                str(run), *sets(*mesh)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)

@@ -296,8 +296,22 @@ def test_mfu_is_null_with_a_reason_when_it_cannot_be_trusted():
   assert value is None and "unknown" in note
 
 
-def test_cpu_peak_is_measured_once_with_its_load():
+def test_cpu_peak_is_measured_once_with_its_load(monkeypatch):
+  monkeypatch.delenv(flops.PEAK_ENV, raising=False)  # the suite sets one (tests/conftest.py)
+  flops.peak_flops_per_device.cache_clear()
   peak, source = flops.peak_flops_per_device("float32")
   assert peak > 1e8 and "measured" in source
   assert flops.peak_flops_per_device("float32") == (peak, source)  # cached per process
   assert flops.measured_load("float32") >= 0.0
+
+
+def test_peak_from_the_environment(monkeypatch):
+  flops.peak_flops_per_device.cache_clear()
+  monkeypatch.setenv(flops.PEAK_ENV, "2.5e11")
+  assert flops.peak_flops_per_device("float32") == (2.5e11, "EFFICIENT_ATTN_PEAK_FLOPS=2.5e11")
+  for bad in ("fast", "-1", "inf"):
+    flops.peak_flops_per_device.cache_clear()
+    monkeypatch.setenv(flops.PEAK_ENV, bad)
+    with pytest.raises(ValueError, match="must be a positive number of FLOP/s per device"):
+      flops.peak_flops_per_device("float32")
+  flops.peak_flops_per_device.cache_clear()
