@@ -17,6 +17,7 @@ from efficient_attn import attention as A
 from efficient_attn import flops
 from efficient_attn import layers
 from efficient_attn import nnx as enx
+from efficient_attn.attention._common import scale_rows
 from efficient_attn.attention.delta import delta_rule_attention
 from efficient_attn.attention import gated
 from efficient_attn.attention.gated import gated_linear_attention
@@ -140,7 +141,7 @@ def test_unit_lower_inverse_and_scale_rows_against_dense_algebra():
 
   def vjps(x, s, den, dy):
     ref = lambda n, d: jnp.where((d > 0)[..., None], n / jnp.where(d > 0, d, 1.0)[..., None], 0.0)  # noqa: E731
-    pairs = ((gated.scale_rows, lambda x, s: x * s[..., None], s), (linear._normalise, ref, den))
+    pairs = ((scale_rows, lambda x, s: x * s[..., None], s), (linear._normalise, ref, den))
     return [[(lambda o, back: (o, *back(dy)))(*jax.vjp(f, x, y)) for f in fs] for *fs, y in pairs]
 
   with jax.enable_x64(True):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from efficient_attn.attention import context
 from efficient_attn.attention._common import compiled_when_eager, scale_rows
 from efficient_attn.attention.gated import (
     bidirectional, check_one_token, chunks, incoming_states, masked_exp, prepare_recurrent, runs, token_input)
@@ -75,8 +76,13 @@ def _inverse_bwd(t, dt):
 unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 
-def _delta_causal(q_BTKGH, k_BTKH, v_BTKV, beta_BTK, g_BTK, ids_BT, L):
+def _delta_causal(q_BTKGH, k_BTKH, v_BTKV, beta_BTK, g_BTK, ids_BT, L, incoming=None):
   """Causal chunkwise delta rule. Returns [B, T, K, G, Hv].
+
+  incoming (context parallelism): a function (transition [B, K, H, H], end state [B, K, H, Hv]) -> the
+  state entering this sequence [B, K, H, Hv] (`context.incoming_state`), given this sequence's chunk
+  maps composed (S_end = transition · S_start + end state) from a zero start; the chunk states then
+  restart from it. The state is linear in S_start, so only the scan over chunks runs twice.
 
   Works per (chunk, kv head) in [B, C, K, L, ...] layout, with the query heads of a kv head
   stacked along L (rows t = g·L + l), so that Q Kᵀ and K Kᵀ are one matmul, K̂ᵀ Ũ and K̂ᵀ W
@@ -106,6 +112,9 @@ def _delta_causal(q_BTKGH, k_BTKH, v_BTKV, beta_BTK, g_BTK, ids_BT, L):
   kts = jnp.einsum("bckli,bcklx->bckix", k_hat, sol)                  # [K̂ᵀ Ũ | K̂ᵀ W]
   m = decay[..., None, None] * jnp.eye(H, dtype=k.dtype)[None, None, None] - kts[..., Hv:]
   s_in = incoming_states(m, kts[..., :Hv])                             # [B, C, K, H, Hv]
+  if incoming is not None:
+    end = m[:, -1] @ s_in[:, -1] + kts[:, -1, ..., :Hv]
+    s_in = context.prefix_states(m, kts[..., :Hv], initial=incoming(context.product(m), end))
   q_in = scale_rows(q, gam[:, :, :, None]).reshape(B, C, K, G * L, H)
   read = jnp.einsum("bckth,bckhv->bcktv", jnp.concatenate([q_in, sol[..., Hv:]], axis=3), s_in)
   u = sol[..., :Hv] - read[..., G * L:, :]                             # U = Ũ − W S_0
@@ -114,9 +123,29 @@ def _delta_causal(q_BTKGH, k_BTKH, v_BTKV, beta_BTK, g_BTK, ids_BT, L):
   return out.reshape(B, -1, *out.shape[3:])[:, :T]
 
 
+def _context_parallel(causal, arrays, ids_BT, is_causal, axis_name, layout: str, n: int):
+  """`bidirectional(causal, ...)` on one shard of a sequence split over `axis_name` (see context.py): the
+  n local pieces run as separate sequences, each restarting its chunk states from the state that
+  `context.incoming_state` folds from every piece's (transition, end state)."""
+  piece = lambda x: None if x is None else context.to_pieces(x, n)  # noqa: E731
+  arrays, ids_BT = tuple(map(piece, arrays)), piece(ids_BT)
+
+  def direction(reverse: bool):
+    flip = (lambda x: None if x is None else jnp.flip(x, axis=1)) if reverse else (lambda x: x)  # noqa: E731
+    ids = flip(ids_BT)
+    edge = None if ids is None else jnp.stack([ids[:, 0], ids[:, -1]], axis=-1)
+    incoming = lambda A, U: context.incoming_state(A, U, axis_name, layout, reverse=reverse, ids=edge)  # noqa: E731
+    return flip(causal(*map(flip, arrays), ids, incoming))
+
+  out = direction(False)
+  if not is_causal:
+    out = out + direction(True)
+  return context.from_pieces(out, n)
+
+
 @compiled_when_eager()
 def delta_rule_attention(query, key, value, beta, *, log_decay=None, mask=None, is_causal=True, segment_ids=None,
-                         scale=None, chunk_size=None, bias=None):
+                         scale=None, chunk_size=None, bias=None, context_axis=None, context_layout="zigzag"):
   """Delta-rule attention: S_t = exp(g_t)(I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ, o_t = scale · S_tᵀ q_t.
 
   query [B, T, N, H], key [B, T, K, H], value [B, T, K, Hv], beta in [0, 1] [B, T, K],
@@ -129,20 +158,30 @@ def delta_rule_attention(query, key, value, beta, *, log_decay=None, mask=None, 
   transform) applied to H + Hv right-hand sides; O(T·L·(L + H + Hv) + T·H²·Hv/L) time,
   O(T·L + T·H·(H + Hv)·K/L) memory.
   Papers: DeltaNet (Schlag et al. 2021; Yang et al. 2024), Gated DeltaNet (Yang et al. 2024).
+
+  Context parallelism (`context_axis`, `context_layout`: as in `gated_linear_attention`): each piece's
+  transition, the H x H product of its chunk maps exp(g)(I − β k kᵀ) in float32, and its end state go
+  through one all_gather (P·n·B·K·H·(H + Hv) numbers whatever T); exact.
   """
   fn = "delta_rule_attention"
   p = prepare_recurrent(query, key, value, bias, mask, segment_ids, chunk_size, fn)
   d, acc = p.dims, p.acc
   beta = token_input(beta, d, 0, "beta", fn, acc)
   g = jnp.zeros_like(beta) if log_decay is None else token_input(log_decay, d, 0, "log_decay", fn, acc)
-  L = min(chunk_size or DEFAULT_CHUNK_SIZE, d.T)
+  n = 1 if context_axis is None else context.check_layout(context_layout, fn)
+  if d.T % n:
+    raise ValueError(f"{fn}: the zigzag layout holds two equal pieces per shard; the local length T={d.T} is odd.")
+  L = min(chunk_size or DEFAULT_CHUNK_SIZE, d.T // n)
   scale = d.H ** -0.5 if scale is None else scale
   q = query.astype(acc).reshape(d.B, d.T, d.K, d.G, d.H) * scale
   k, v = key.astype(acc), value.astype(acc)
   if p.key_mask_BTK is not None:
     beta, g = jnp.where(p.key_mask_BTK, beta, 0.0), jnp.where(p.key_mask_BTK, g, 0.0)
-  causal = lambda q, k, v, beta, g, ids: _delta_causal(q, k, v, beta, g, ids, L)  # noqa: E731
-  out = bidirectional(causal, (q, k, v, beta, g), p.segment_ids_BT, is_causal)
+  causal = lambda q, k, v, beta, g, ids, incoming=None: _delta_causal(q, k, v, beta, g, ids, L, incoming)  # noqa: E731
+  if context_axis is None:
+    out = bidirectional(causal, (q, k, v, beta, g), p.segment_ids_BT, is_causal)
+  else:
+    out = _context_parallel(causal, (q, k, v, beta, g), p.segment_ids_BT, is_causal, context_axis, context_layout, n)
   return out.reshape(d.B, d.T, d.N, -1).astype(query.dtype)
 
 

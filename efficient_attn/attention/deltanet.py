@@ -35,13 +35,14 @@ def default_beta(key, beta=None):
 @compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def deltanet_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
-                       chunk_size=None, beta=None, log_decay=None):
+                       chunk_size=None, beta=None, log_decay=None, context_axis=None, context_layout="zigzag"):
   """DeltaNet: query [B, T, N, H], key [B, T, K, H], value [B, T, K, Hv], beta [B, T, K] in [0, 1]
   (None = 1/2), log_decay [B, T, K] (None: no decay) -> [B, T, N, Hv]; q and k are L2-normalised
   here; see `delta_rule_attention`."""
   out = delta_rule_attention(l2_normalise(query), l2_normalise(key), value, default_beta(key, beta),
                              log_decay=log_decay, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
-                             scale=scale, chunk_size=chunk_size, bias=bias)
+                             scale=scale, chunk_size=chunk_size, bias=bias, context_axis=context_axis,
+                             context_layout=context_layout)
   return out.astype(query.dtype)
 
 

@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.attention._common import (Dims, check_mask, check_qkv, compiled_when_eager, scale_rows,
-                                             split_segment_ids, stats_dtype)
+from efficient_attn.attention import context
+from efficient_attn.attention._common import (Dims, check_mask, check_qkv, compiled_when_eager, split_segment_ids,
+                                             stats_dtype)
 
 DEFAULT_CHUNK_SIZE = 64          # scalar decays: the L x L form is a matmul
 DEFAULT_CHANNEL_CHUNK_SIZE = 16  # per-channel decays: one l x l x H elementwise block (see `channel_scores`)
@@ -133,7 +134,9 @@ def runs(ids_BCL, L: int) -> Runs:
   if ids_BCL is None:
     return Runs(tril, None, None, None)
   last_BC = ids_BCL[:, :, -1]
-  carry_BC = jnp.concatenate([last_BC[:, :1], last_BC[:, :-1]], axis=1)
+  # The state entering chunk 0 belongs to the first token's document (zero on one device; the previous
+  # shard's state under context parallelism).
+  carry_BC = jnp.concatenate([ids_BCL[:, :1, 0], last_BC[:, :-1]], axis=1)
   return Runs(tril & (ids_BCL[:, :, :, None] == ids_BCL[:, :, None, :]), ids_BCL == carry_BC[:, :, None],
               ids_BCL == last_BC[:, :, None], last_BC == carry_BC)
 
@@ -155,17 +158,10 @@ def incoming_states(decay, update):
   """State at each chunk's start from per-chunk (decay, update): S_{c+1} = decay_c ∘ S_c + update_c, S_0 = 0.
 
   decay acts elementwise ([B, C, K, H or 1, 1]) or as a matrix ([B, C, K, H, H], the delta
-  rule). Only this small state goes through `lax.scan` over chunks (C = T / L steps).
+  rule). Only this small state goes through `lax.scan` over chunks (C = T / L steps); the same
+  combine joins the shards' summaries under context parallelism (`context.prefix_states`).
   """
-  matrix = decay.shape[-1] > 1
-
-  def step(S, x):
-    d, u = x
-    return (d @ S if matrix else scale_rows(S, d[..., 0])) + u, S
-
-  first = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
-  _, s_in = jax.lax.scan(step, jnp.zeros_like(update[:, 0]), (first(decay), first(update)))
-  return jnp.moveaxis(s_in, 0, 1)
+  return context.prefix_states(decay, update)
 
 
 def _diag_decay(b, ok):
@@ -232,8 +228,9 @@ def channel_scores(q, k, b, pairs, l: int):
   return a + a_off
 
 
-def _gated_causal(q_BTKGH, k_BTKH, v_BTKV, g, ids_BT, L, factorised=False):
-  """Causal chunkwise gated recurrence; g [B, T, K] or [B, T, K, H]. Returns [B, T, K, G, Hv].
+def _gated_causal(q_BTKGH, k_BTKH, v_BTKV, g, ids_BT, L, factorised=False, with_end=False):
+  """Causal chunkwise gated recurrence from a zero state; g [B, T, K] or [B, T, K, H]. Returns [B, T, K, G, Hv]
+  (with_end: and the state after the last token, [B, K, H, Hv]).
 
   factorised (per-channel g only): the intra-chunk weights as one matmul of q ⊙ exp(b_t − m) and
   k ⊙ exp(m − b_s), m = b_end / 2 the middle of the chunk's log-decay range; exact, and safe when
@@ -267,7 +264,10 @@ def _gated_causal(q_BTKGH, k_BTKH, v_BTKV, g, ids_BT, L, factorised=False):
   use = None if r.use_BCT is None else r.use_BCT[..., None, None]
   q_in = q * masked_exp(b, use)[:, :, :, :, None, :]
   out = out + jnp.einsum("bctkgh,bckhv->bctkgv", q_in, s_in)
-  return out.reshape(out.shape[0], -1, *out.shape[3:])[:, :T]
+  out = out.reshape(out.shape[0], -1, *out.shape[3:])[:, :T]
+  if with_end:
+    return out, context.apply_transition(decay[:, -1], s_in[:, -1]) + update[:, -1]
+  return out
 
 
 def _factorisable(g_BTKH, L: int):
@@ -285,9 +285,43 @@ def bidirectional(causal_fn, arrays, ids, is_causal):
   return out + flip(causal_fn(*(flip(a) for a in arrays), flip(ids)))
 
 
+def _context_parallel(causal, arrays, ids_BT, is_causal, axis_name, layout: str, n: int):
+  """`bidirectional(causal, ...)` on one shard of a sequence split over `axis_name` (see context.py).
+
+  arrays (q [B, T, K, G, H], k, v, g [B, T, K(, H)]) and ids_BT hold this shard's T tokens as n
+  pieces, each run as its own sequence from a zero state (`causal` gives its output and end state
+  U). A piece's transition is exp(Σ g) (zero when a document starts inside it); `context.incoming_state`
+  folds every piece's (transition, U) into this piece's incoming state S0, and token t of the
+  piece's first document adds (q_t ⊙ exp(Σ_{i ≤ t} g_i))ᵀ S0. The reverse recurrence of a
+  non-causal call runs each piece flipped and takes the suffix combine.
+  """
+  piece = lambda x: None if x is None else context.to_pieces(x, n)  # noqa: E731
+  arrays, ids_BT = tuple(map(piece, arrays)), piece(ids_BT)
+
+  def direction(reverse: bool):
+    flip = (lambda x: None if x is None else jnp.flip(x, axis=1)) if reverse else (lambda x: x)  # noqa: E731
+    q, k, v, g = map(flip, arrays)
+    ids = flip(ids_BT)
+    out, end_BKHV = causal(q, k, v, g, ids)
+    cum_BTKH = jnp.cumsum(g if g.ndim == 4 else g[..., None], axis=1)   # log-decay since the piece start
+    transition_BKH, edge, first = jnp.exp(cum_BTKH[:, -1]), None, None
+    if ids is not None:
+      transition_BKH = jnp.where((ids[:, -1] == ids[:, 0])[:, None, None], transition_BKH, 0.0)
+      edge = jnp.stack([ids[:, 0], ids[:, -1]], axis=-1)
+      first = (ids == ids[:, :1])[:, :, None, None]                    # the piece's first document
+    s0_BKHV = context.incoming_state(transition_BKH, end_BKHV, axis_name, layout, reverse=reverse, ids=edge)
+    q0 = q * masked_exp(cum_BTKH, first)[:, :, :, None, :]
+    return flip(out + jnp.einsum("btkgh,bkhv->btkgv", q0, s0_BKHV))
+
+  out = direction(False)
+  if not is_causal:
+    out = out + direction(True)
+  return context.from_pieces(out, n)
+
+
 @compiled_when_eager()
 def gated_linear_attention(query, key, value, log_decay, *, mask=None, is_causal=True, segment_ids=None,
-                           scale=None, chunk_size=None, bias=None):
+                           scale=None, chunk_size=None, bias=None, context_axis=None, context_layout="zigzag"):
   """Decay-gated linear attention: S_t = exp(g_t) ⊙ S_{t-1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t.
 
   query [B, T, N, H], key [B, T, K, H], value [B, T, K, Hv], log_decay g ≤ 0 [B, T, K]
@@ -300,27 +334,41 @@ def gated_linear_attention(query, key, value, log_decay, *, mask=None, is_causal
   FACTORISED_MAX_RANGE over a chunk: 16, elementwise; T need not divide it): O(T·L·H + T·H·Hv)
   time, O(T·L + T·H·Hv·K/L) memory (the elementwise form: O(T·L·H)). Papers: RetNet (Sun et
   al. 2023), GLA (Yang et al. 2024), Mamba-2 SSD (Dao & Gu 2024).
+
+  Context parallelism: `context_axis` (a mesh axis name) says the call runs inside `jax.shard_map`
+  on one shard's T = T_total / P tokens, laid out by `context_layout` ("zigzag": pieces r and
+  2P − 1 − r of 2P; "contiguous"; see `context.to_layout`), mask and segment ids laid out the same
+  way. Each piece's end state and decay go through one all_gather (P·n·B·K·H·(Hv + 1) numbers
+  whatever T), and the outputs are corrected with the piece's incoming state: exact.
   """
   fn = "gated_linear_attention"
   p = prepare_recurrent(query, key, value, bias, mask, segment_ids, chunk_size, fn)
   d, acc = p.dims, p.acc
   g = jnp.asarray(log_decay)
   g = token_input(g, d, int(g.ndim == 4), "log_decay", fn, acc)
-  L = min(chunk_size or (DEFAULT_CHANNEL_CHUNK_SIZE if g.ndim == 4 else DEFAULT_CHUNK_SIZE), d.T)
+  n = 1 if context_axis is None else context.check_layout(context_layout, fn)
+  if d.T % n:
+    raise ValueError(f"{fn}: the zigzag layout holds two equal pieces per shard; the local length T={d.T} is odd.")
+  T = d.T // n  # the length of each sequence the recurrence runs over
+  L = min(chunk_size or (DEFAULT_CHANNEL_CHUNK_SIZE if g.ndim == 4 else DEFAULT_CHUNK_SIZE), T)
   scale = d.H ** -0.5 if scale is None else scale
   q = query.astype(acc).reshape(d.B, d.T, d.K, d.G, d.H) * scale
   k, v = key.astype(acc), value.astype(acc)
   if p.key_mask_BTK is not None:
     k = jnp.where(p.key_mask_BTK[..., None], k, 0.0)
     g = jnp.where(p.key_mask_BTK[..., None] if g.ndim == 4 else p.key_mask_BTK, g, 0.0)
-  causal = lambda q, k, v, g, ids: _gated_causal(q, k, v, g, ids, L)  # noqa: E731
+  end = context_axis is not None  # each piece's end state too
+  causal = lambda q, k, v, g, ids: _gated_causal(q, k, v, g, ids, L, with_end=end)  # noqa: E731
   if g.ndim == 4:  # per-channel: the matmul form when the decays allow it (decided at run time), else elementwise
-    L_fast = min(chunk_size or DEFAULT_CHUNK_SIZE, d.T)
-    fast = lambda q, k, v, g, ids: _gated_causal(q, k, v, g, ids, L_fast, factorised=True)  # noqa: E731
+    L_fast = min(chunk_size or DEFAULT_CHUNK_SIZE, T)
+    fast = lambda q, k, v, g, ids: _gated_causal(q, k, v, g, ids, L_fast, factorised=True, with_end=end)  # noqa: E731
     exact = causal
     causal = lambda q, k, v, g, ids: jax.lax.cond(  # noqa: E731
         _factorisable(g, L_fast), fast, exact, q, k, v, g, ids)
-  out = bidirectional(causal, (q, k, v, g), p.segment_ids_BT, is_causal)
+  if context_axis is None:
+    out = bidirectional(causal, (q, k, v, g), p.segment_ids_BT, is_causal)
+  else:
+    out = _context_parallel(causal, (q, k, v, g), p.segment_ids_BT, is_causal, context_axis, context_layout, n)
   return out.reshape(d.B, d.T, d.N, -1).astype(query.dtype)
 
 

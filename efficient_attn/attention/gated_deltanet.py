@@ -21,11 +21,13 @@ from efficient_attn.attention.retnet import ChunkOptions, _init_state, fixed_log
 @compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def gated_deltanet_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None,
-                             scale=None, chunk_size=None, beta=None, log_decay=None):
+                             scale=None, chunk_size=None, beta=None, log_decay=None, context_axis=None,
+                             context_layout="zigzag"):
   """Gated DeltaNet: as `deltanet_attention` with log_decay [B, T, K] (None = RetNet's fixed decays)."""
   return deltanet_attention(query, key, value, bias, mask, is_causal=is_causal, segment_ids=segment_ids,
                             scale=scale, chunk_size=chunk_size, beta=beta,
-                            log_decay=fixed_log_decay(query, key, log_decay))
+                            log_decay=fixed_log_decay(query, key, log_decay), context_axis=context_axis,
+                            context_layout=context_layout)
 
 
 def _step(state, query_B1NH, key_B1KH, value_B1KH, *, beta=None, log_decay=None, scale=None, **_):

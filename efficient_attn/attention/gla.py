@@ -42,12 +42,12 @@ class GLAOptions:
 @compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def gla_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
-                  chunk_size=None, log_decay=None):
+                  chunk_size=None, log_decay=None, context_axis=None, context_layout="zigzag"):
   """GLA: query [B, T, N, H], key [B, T, K, H], value [B, T, K, Hv], log_decay [B, T, K, H] (≤ 0;
   None = RetNet's fixed decays) -> [B, T, N, Hv]; see `gated_linear_attention`."""
   return gated_linear_attention(query, key, value, fixed_log_decay(query, key, log_decay), mask=mask,
                                 is_causal=is_causal, segment_ids=segment_ids, scale=scale, chunk_size=chunk_size,
-                                bias=bias)
+                                bias=bias, context_axis=context_axis, context_layout=context_layout)
 
 
 def _prepare(o: GLAOptions, shape: Shape) -> dict:

@@ -29,14 +29,15 @@ def _scaled_key(key, dt):
 @compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def mamba2_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
-                     chunk_size=None, log_decay=None, dt=None):
+                     chunk_size=None, log_decay=None, dt=None, context_axis=None, context_layout="zigzag"):
   """SSD: query [B, T, N, H], key [B, T, K, H], value [B, T, K, Hv], log_decay = Δ·A [B, T, K] (≤ 0),
   dt = Δ [B, T, K] scaling each key (None: 1) -> [B, T, N, Hv]; see `gated_linear_attention`."""
   if dt is not None:
     dt = jnp.asarray(dt).reshape(key.shape[:-1])
   return gated_linear_attention(query, _scaled_key(key, dt), value, fixed_log_decay(query, key, log_decay),
                                 mask=mask, is_causal=is_causal, segment_ids=segment_ids, scale=scale,
-                                chunk_size=chunk_size, bias=bias)
+                                chunk_size=chunk_size, bias=bias, context_axis=context_axis,
+                                context_layout=context_layout)
 
 
 def _dt_bias_init(key, shape, dtype=jnp.float32):

@@ -40,13 +40,14 @@ def fixed_log_decay(query, key, log_decay=None):
 @compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def retnet_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
-                     chunk_size=None):
+                     chunk_size=None, context_axis=None, context_layout="zigzag"):
   """Retention (RetNet): query [B, T, N, H], key [B, T, K, H], value [B, T, K, Hv] -> [B, T, N, Hv].
 
   Decay 1 − 2^(−5−k) for kv head k; everything else as `gated_linear_attention`.
   """
   return gated_linear_attention(query, key, value, fixed_log_decay(query, key), mask=mask, is_causal=is_causal,
-                                segment_ids=segment_ids, scale=scale, chunk_size=chunk_size, bias=bias)
+                                segment_ids=segment_ids, scale=scale, chunk_size=chunk_size, bias=bias,
+                                context_axis=context_axis, context_layout=context_layout)
 
 
 def _init_state(batch, num_kv_heads, head_dim, *, dtype=None, value_head_dim=None, **_):

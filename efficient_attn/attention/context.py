@@ -1,0 +1,174 @@
+"""Context parallelism for the recurrent families: sequence layouts and the state-passing combine.
+
+A sequence of T tokens is split over the P devices of a mesh axis (the `context` axis).
+Two layouts, decided once by the data pipeline (`to_layout`) and undone on the outputs
+(`from_layout`):
+
+    contiguous   shard r holds tokens [r·T/P, (r+1)·T/P)
+    zigzag       the sequence is cut into 2P pieces; shard r holds pieces r and 2P−1−r, in that
+                 order (causal load balance: every shard has one early and one late piece)
+
+A recurrence S_t = A_t S_{t-1} + u_t (A a diagonal decay, or a matrix for the delta rule) is
+passed across shards as in LASP-2 (Sun et al. 2025): each local piece is run from a zero state,
+giving its summary (transition A = the product of its A_t, end state U), one
+`jax.lax.all_gather` collects every piece's summary, and each shard folds the pieces that come
+before its own (`incoming_state`: an exclusive prefix combine, or suffix for the reverse
+direction of a bidirectional call) with the rule S ↦ A S + U, the same rule the chunkwise
+kernels use between chunks (`prefix_states`). The traffic is P·n summaries of
+[B, K, H, Hv] (+ the transition), independent of T.
+
+Legend: B batch, T tokens, K kv heads, H key head dim, Hv value head dim, P shards,
+n local pieces per shard (1 contiguous, 2 zigzag), M = n·P pieces in all.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficient_attn.attention._common import scale_rows
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def check_layout(layout: str, fn: str) -> int:
+  """The number of local pieces of `layout` (1 contiguous, 2 zigzag), or a ValueError naming it."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"{fn}: `context_layout`={layout!r} is not one of {', '.join(map(repr, LAYOUTS))}.")
+  return 2 if layout == "zigzag" else 1
+
+
+def piece_order(P: int, layout: str) -> np.ndarray:
+  """Sequence position of each piece, in the order the shards hold them: int [M].
+
+  contiguous: [0, 1, .., P−1]; zigzag: [0, 2P−1, 1, 2P−2, .., P−1, P] (shard r: r, 2P−1−r).
+  """
+  n = check_layout(layout, "piece_order")
+  if n == 1:
+    return np.arange(P)
+  r = np.arange(P)
+  return np.stack([r, 2 * P - 1 - r], axis=1).reshape(-1)
+
+
+def to_layout(x, P: int, layout: str):
+  """A full [B, T, ...] array in sequence order -> [B, T, ...] in shard order: split along T into P
+  equal slices, slice r is what shard r holds (`jax.shard_map` with the T axis on the context axis)."""
+  return _permute(x, P, layout, piece_order(P, layout))
+
+
+def from_layout(x, P: int, layout: str):
+  """Inverse of `to_layout`: [B, T, ...] in shard order -> sequence order."""
+  return _permute(x, P, layout, np.argsort(piece_order(P, layout)))
+
+
+def _permute(x, P: int, layout: str, order: np.ndarray):
+  x = jnp.asarray(x)
+  M = len(order)
+  B, T = x.shape[:2]
+  if T % M:
+    raise ValueError(f"{layout} layout over {P} shards cuts T into {M} equal pieces; T={T} is not a multiple of {M}.")
+  pieces = x.reshape(B, M, T // M, *x.shape[2:])
+  return jnp.take(pieces, jnp.asarray(order), axis=1).reshape(x.shape)
+
+
+def to_pieces(x, n: int):
+  """One shard's [B, T_local, ...] -> its n pieces as separate sequences [B·n, T_local / n, ...] (b-major)."""
+  return x.reshape(x.shape[0] * n, x.shape[1] // n, *x.shape[2:])
+
+
+def from_pieces(x, n: int):
+  """Inverse of `to_pieces`: [B·n, T_local / n, ...] -> [B, T_local, ...]."""
+  return x.reshape(x.shape[0] // n, x.shape[1] * n, *x.shape[2:])
+
+
+def apply_transition(A, S):
+  """A S for a state S [..., H, Hv]: A a diagonal [..., H or 1] (or as a column, [..., H or 1, 1]: the rows
+  of S scaled) or a matrix [..., H, H] (the delta rule)."""
+  if A.ndim < S.ndim:
+    return scale_rows(S, A)
+  return A @ S if A.shape[-1] > 1 else scale_rows(S, A[..., 0])
+
+
+def prefix_states(A, U, initial=None):
+  """Exclusive prefix combine along axis 1: S_0 = initial (default 0), S_{m+1} = A_m S_m + U_m; returns S
+  [B, M, ..., H, Hv].
+
+  A [B, M, ..., H or 1] (diagonal) or [B, M, ..., H, H] (matrix; see `apply_transition`); U [B, M, ..., H, Hv]. A `lax.scan`
+  over M steps of the small state: chunks inside a kernel, pieces across shards.
+  """
+  def step(S, x):
+    a, u = x
+    return apply_transition(a, S) + u, S
+
+  first = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
+  start = jnp.zeros_like(U[:, 0]) if initial is None else initial.astype(U.dtype)
+  _, S = jax.lax.scan(step, start, (first(A), first(U)))
+  return jnp.moveaxis(S, 0, 1)
+
+
+def product(A):
+  """A_{M-1} ⋯ A_1 A_0 of matrices A [B, M, ..., H, H] along axis 1 (a piece's transition from its chunks')."""
+  # Started from A_0, not the identity: the carry then has A's type, sharded-varying inside shard_map too.
+  out, _ = jax.lax.scan(lambda P, a: (a @ P, None), A[:, 0], jnp.moveaxis(A[:, 1:], 1, 0))
+  return out
+
+
+def _ids_as_values(ids, dtype):
+  """int [..., 2] segment ids as `dtype` values, to travel with the float summaries in one all_gather (exact up
+  to 2^24 documents in a row for float32: more than any row's length)."""
+  return ids.astype(dtype)
+
+
+def _values_as_ids(x):
+  """Inverse of `_ids_as_values`."""
+  return x.astype(jnp.int32)
+
+
+def incoming_state(transition, state, axis_name, layout: str, *, reverse: bool = False, ids=None):
+  """Each local piece's incoming state, from every piece's summary: [B·n, K, H, Hv].
+
+  Inside `jax.shard_map` over `axis_name` (P shards, each holding n pieces in `layout`, stacked
+  b-major as `to_pieces` does). Per local piece, in the direction of the recurrence:
+    transition  [B·n, K, H or 1] (a diagonal decay) or [B·n, K, H, H] (a matrix): S_end = A S_in + U
+    state       U [B·n, K, H, Hv]: the piece's end state from a zero start
+    ids         optional int [B·n, 2]: the (first, last) segment id of the piece; a piece whose first
+                id differs from the previous piece's last id starts a document and takes a zero state
+                (the transition must already be zero when a document starts inside the piece)
+  One all_gather of the packed summaries (M·B·(K·H·Hv + K·H + 1) numbers, whatever T), the M
+  pieces put in sequence order, an exclusive prefix combine (reverse=True: suffix, for the
+  backward recurrence of a bidirectional call, whose pieces were run from their ends), and each
+  shard takes its own pieces' entries. Exact; autodiff through it transposes the all_gather.
+  """
+  n = check_layout(layout, "incoming_state")
+  Bn = state.shape[0]
+  B = Bn // n
+  acc = state.dtype
+  parts = [transition.astype(acc).reshape(B, n, -1), state.reshape(B, n, -1)]
+  if ids is not None:
+    parts.append(_ids_as_values(ids, acc).reshape(B, n, -1))
+  sizes = np.cumsum([p.shape[-1] for p in parts])[:-1]
+  packed = jnp.concatenate(parts, axis=-1)                               # [B, n, F]
+  every = jax.lax.all_gather(packed, axis_name)                          # [P, B, n, F]
+  P = every.shape[0]
+  order = piece_order(P, layout)                                         # position of gathered piece j
+  slot = np.argsort(order)                                               # gathered index of position m
+  every = jnp.moveaxis(every, 0, 1).reshape(B, P * n, -1)[:, slot]       # [B, M, F], sequence order
+  if reverse:
+    every = every[:, ::-1]
+  pieces = jnp.split(every, sizes, axis=-1)
+  A = pieces[0].reshape(B, P * n, *transition.shape[1:])
+  U = pieces[1].reshape(B, P * n, *state.shape[1:])
+  link = None
+  if ids is not None:
+    first_last = _values_as_ids(pieces[2])                              # [B, M, 2]
+    prev_last = jnp.concatenate([first_last[:, :1, 0], first_last[:, :-1, 1]], axis=1)
+    link = (first_last[..., 0] == prev_last).astype(acc)                 # [B, M]; piece 0 gets a zero state anyway
+    A = A * link.reshape(B, P * n, *(1,) * (A.ndim - 2))
+  S_in = prefix_states(A, U)                                             # [B, M, K, H, Hv]
+  if link is not None:
+    S_in = S_in * link.reshape(B, P * n, 1, 1, 1)
+  if reverse:
+    S_in = S_in[:, ::-1]
+  mine = jnp.asarray(order.reshape(P, n))[jax.lax.axis_index(axis_name)]  # positions of this shard's pieces [n]
+  return jnp.take(S_in, mine, axis=1).reshape(Bn, *state.shape[1:])
