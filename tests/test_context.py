@@ -74,6 +74,15 @@ def _assert_close(got, want, what):
   assert err <= 1e-5 * max(scale, 1.0), f"{what}: max |diff| {err:.2e} (largest entry {scale:.2e})"
 
 
+def _check_split(fn, arrays, ct, shards: int, layout: str, grad_names):
+  """fn split over `shards` devices in `layout` gives one device's output and gradients (named grad_names)."""
+  want_out, want_grads = _value_and_grads(fn, arrays, ct)
+  got_out, got_grads = _value_and_grads(split(fn, shards, layout), arrays, ct)
+  _assert_close(got_out, want_out, "output")
+  for name, got, want in zip(grad_names, got_grads, want_grads, strict=True):
+    _assert_close(got, want, name)
+
+
 # (shards, layout, per-channel decays, causal, segment starts): every shard count and layout, both decay
 # kinds and directions, documents that cross shard boundaries (starts at 0, 13, 30, 47, and +5 in row 1).
 CASES = [
@@ -95,11 +104,7 @@ def test_gated_state_passing_equals_one_device(shards, layout, per_channel, caus
   def fn(q, k, v, g, seg=None, **kw):
     return gated_linear_attention(q, k, v, g, segment_ids=seg, is_causal=causal, chunk_size=4, **kw)
 
-  want_out, want_grads = _value_and_grads(fn, arrays, ct)
-  got_out, got_grads = _value_and_grads(split(fn, shards, layout), arrays, ct)
-  _assert_close(got_out, want_out, "output")
-  for name, got, want in zip("qkvg", got_grads, want_grads):
-    _assert_close(got, want, f"d{name}")
+  _check_split(fn, arrays, ct, shards, layout, ("dq", "dk", "dv", "dg"))
 
 
 # (shards, layout, gated, causal, segment starts) for the delta rule: a matrix transition per piece.
@@ -122,11 +127,7 @@ def test_delta_rule_state_passing_equals_one_device(shards, layout, gated, causa
     return delta_rule_attention(q, k, v, beta, log_decay=g if gated else None, segment_ids=seg, is_causal=causal,
                                 chunk_size=4, **kw)
 
-  want_out, want_grads = _value_and_grads(fn, arrays, ct)
-  got_out, got_grads = _value_and_grads(split(fn, shards, layout), arrays, ct)
-  _assert_close(got_out, want_out, "output")
-  for name, got, want in zip(("dq", "dk", "dv", "dbeta", "dg"), got_grads, want_grads):
-    _assert_close(got, want, name)
+  _check_split(fn, arrays, ct, shards, layout, ("dq", "dk", "dv", "dbeta", "dg"))
 
 
 @pytest.mark.parametrize("family", [retnet_attention, gla_attention, mamba2_attention, deltanet_attention,
