@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from efficient_attn.attention import context, delta_rule_attention, gated_linear_attention
+from efficient_attn.attention import context, delta_rule_attention, gated_linear_attention, linear_attention
 from efficient_attn.attention.deltanet import deltanet_attention
 from efficient_attn.attention.gated_deltanet import gated_deltanet_attention
 from efficient_attn.attention.gla import gla_attention
@@ -128,6 +128,22 @@ def test_delta_rule_state_passing_equals_one_device(shards, layout, gated, causa
                                 chunk_size=4, **kw)
 
   _check_split(fn, arrays, ct, shards, layout, ("dq", "dk", "dv", "dbeta", "dg"))
+
+
+@pytest.mark.parametrize("shards, layout, causal, cuts", [(4, "zigzag", True, (0, 13, 30, 47)),
+                                                           (2, "contiguous", False, (0, 13, 30, 47)),
+                                                           (8, "zigzag", False, None)])
+def test_linear_attention_state_passing_equals_one_device(shards, layout, causal, cuts):
+  """Linear attention (elu + 1 features, a key-padding mask, GQA): numerator and denominator pass their states."""
+  (q, k, v, _), ct = _inputs(False, seed=4)
+  keep = jnp.arange(T)[None, :] % 7 != 3  # every 7th key padded
+  arrays = (q, k, v, jnp.broadcast_to(keep, (B, T))) + (() if cuts is None else (_segments(cuts),))
+
+  def fn(q, k, v, keep, seg=None, **kw):
+    return linear_attention(q, k, v, mask=keep[:, None, None, :], segment_ids=seg, is_causal=causal, chunk_size=4,
+                            **kw)
+
+  _check_split(fn, arrays, ct, shards, layout, ("dq", "dk", "dv"))
 
 
 @pytest.mark.parametrize("family", [retnet_attention, gla_attention, mamba2_attention, deltanet_attention,

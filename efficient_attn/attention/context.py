@@ -72,6 +72,18 @@ def _permute(x, P: int, layout: str, order: np.ndarray):
   return jnp.take(pieces, jnp.asarray(order), axis=1).reshape(x.shape)
 
 
+def varying(x, axis_name):
+  """x marked as varying over `axis_name` inside `jax.shard_map` (a no-op if it already is, or None): inputs
+  built from shapes alone (zero or fixed decays) are otherwise replicated, and a custom VJP whose
+  cotangent varies would not type-check."""
+  if x is None:
+    return x
+  kind = getattr(jax.typeof(x), "manual_axis_type", None)  # jax 0.10: ManualAxisType(varying=...)
+  if kind is not None and axis_name in kind.varying:
+    return x
+  return jax.lax.pcast(x, (axis_name,), to="varying")
+
+
 def to_pieces(x, n: int):
   """One shard's [B, T_local, ...] -> its n pieces as separate sequences [B·n, T_local / n, ...] (b-major)."""
   return x.reshape(x.shape[0] * n, x.shape[1] // n, *x.shape[2:])

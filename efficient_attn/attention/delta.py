@@ -127,7 +127,7 @@ def _context_parallel(causal, arrays, ids_BT, is_causal, axis_name, layout: str,
   """`bidirectional(causal, ...)` on one shard of a sequence split over `axis_name` (see context.py): the
   n local pieces run as separate sequences, each restarting its chunk states from the state that
   `context.incoming_state` folds from every piece's (transition, end state)."""
-  piece = lambda x: None if x is None else context.to_pieces(x, n)  # noqa: E731
+  piece = lambda x: None if x is None else context.to_pieces(context.varying(x, axis_name), n)  # noqa: E731
   arrays, ids_BT = tuple(map(piece, arrays)), piece(ids_BT)
 
   def direction(reverse: bool):

@@ -295,7 +295,7 @@ def _context_parallel(causal, arrays, ids_BT, is_causal, axis_name, layout: str,
   piece's first document adds (q_t ⊙ exp(Σ_{i ≤ t} g_i))ᵀ S0. The reverse recurrence of a
   non-causal call runs each piece flipped and takes the suffix combine.
   """
-  piece = lambda x: None if x is None else context.to_pieces(x, n)  # noqa: E731
+  piece = lambda x: None if x is None else context.to_pieces(context.varying(x, axis_name), n)  # noqa: E731
   arrays, ids_BT = tuple(map(piece, arrays)), piece(ids_BT)
 
   def direction(reverse: bool):

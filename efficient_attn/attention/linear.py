@@ -303,6 +303,28 @@ def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False,
   return _normalise(num, den).reshape(B, P, N, H)[:, :T]
 
 
+def _context_parallel(phi_q_BTNM, phi_k_BTKM, p: Prepared, is_causal: bool, axis_name: str, layout: str):
+  """Linear attention on one shard of a sequence split over `axis_name`: Σ φq·φk [v, 1] is decay-free gated
+  linear attention of the features (whose state passing is context parallel), split into numerator and
+  denominator and normalised. Its bidirectional form counts the current token in both directions; the
+  diagonal term is taken off once."""
+  from efficient_attn.attention.gated import gated_linear_attention
+
+  d = p.dims
+  phi_k = phi_k_BTKM if p.key_mask_BSK is None else jnp.where(p.key_mask_BSK[..., None], phi_k_BTKM, 0.0)
+  v = jnp.concatenate([p.value_BSKH, jnp.ones(p.value_BSKH.shape[:-1] + (1,), p.value_BSKH.dtype)], axis=-1)
+  ids = None if p.segment_ids is None else p.segment_ids[0]
+  no_decay = jnp.zeros(phi_k.shape[:3], phi_k.dtype)
+  both = gated_linear_attention(phi_q_BTNM.astype(phi_k.dtype), phi_k, v, no_decay, is_causal=is_causal,
+                                segment_ids=ids, scale=1.0, chunk_size=p.chunk_size, context_axis=axis_name,
+                                context_layout=layout)                       # [B, T, N, Hv + 1]
+  if not is_causal:
+    q = phi_q_BTNM.astype(phi_k.dtype).reshape(d.B, d.T, d.K, d.G, -1)
+    diag = jnp.einsum("btkgm,btkm,btkv->btkgv", q, phi_k, v).reshape(both.shape)
+    both = both - diag
+  return _normalise(both[..., :-1], both[..., -1])
+
+
 def _feature_map(feature_map, fn: str):
   if callable(feature_map):
     return feature_map
@@ -320,7 +342,7 @@ def _scaled(x, scale):
 @compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def linear_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
-                     feature_map="elu", chunk_size=None):
+                     feature_map="elu", chunk_size=None, context_axis=None, context_layout="zigzag"):
   """Linear attention (Katharopoulos et al. 2020): φ(q)(Σφ(k)vᵀ) / φ(q)Σφ(k).
 
   query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv] -> [B, T, N, Hv] in query's
@@ -334,10 +356,17 @@ def linear_attention(query, key, value, bias=None, mask=None, *, is_causal=False
   `bias` is refused. Cost: non-causal O(T·H²); causal / segmented chunkwise
   parallel, O(T·L·H + T·H²) time and O(T·L·N + T·H²·K/L) memory, L = `chunk_size`
   (default DEFAULT_CHUNK_SIZE; T need not divide it).
+
+  Context parallelism (`context_axis`, `context_layout`: as in `gated_linear_attention`): the
+  numerator and denominator are the state-passing recurrence with no decay (one all_gather of each
+  piece's Σφ(k)[v, 1]ᵀ, whatever T), normalised after.
   """
   fn = "linear_attention"
   phi = _feature_map(feature_map, fn)
   p = prepare_kernelized(query, key, value, bias, mask, segment_ids, chunk_size, fn)
+  if context_axis is not None:
+    out = _context_parallel(phi(_scaled(query, scale)), phi(p.key_BSKH), p, is_causal, context_axis, context_layout)
+    return out.astype(query.dtype)
   out = kernelized_attention(phi(_scaled(query, scale)), phi(p.key_BSKH), p.value_BSKH, is_causal=is_causal,
                              key_mask_BSK=p.key_mask_BSK, segment_ids=p.segment_ids, chunk_size=p.chunk_size)
   return out.astype(query.dtype)
