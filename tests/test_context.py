@@ -167,6 +167,8 @@ def test_layouts_round_trip_and_zigzag_pieces():
   np.testing.assert_array_equal(context.to_layout(x, 4, "contiguous"), x)
   with pytest.raises(ValueError, match="T=15 is not a multiple of 8"):
     context.to_layout(jnp.zeros((1, 15)), 4, "zigzag")
+  with pytest.raises(ValueError, match="f: the zigzag layout holds two equal pieces per shard; the local length T=7"):
+    context.local_pieces("zigzag", 7, "f")
   with pytest.raises(ValueError, match="'ring' is not one of"):
     context.to_layout(x, 4, "ring")
 

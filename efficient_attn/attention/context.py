@@ -84,6 +84,36 @@ def varying(x, axis_name):
   return jax.lax.pcast(x, (axis_name,), to="varying")
 
 
+def local_pieces(layout: str, T_local: int, fn: str) -> int:
+  """The number of pieces n a shard holds in `layout` (1 contiguous, 2 zigzag); a ValueError naming `fn` if its
+  T_local tokens do not split into them."""
+  n = check_layout(layout, fn)
+  if T_local % n:
+    raise ValueError(f"{fn}: the zigzag layout holds two equal pieces per shard; the local length T={T_local} is odd.")
+  return n
+
+
+def run_pieces(direction, arrays, ids_BT, is_causal: bool, axis_name, n: int):
+  """A recurrent family's outputs on one shard: `direction(arrays, ids, reverse)` run on the shard's n pieces
+  as separate sequences [B·n, T_local / n, ...] (inputs marked varying over `axis_name`), and for a
+  non-causal call again on the flipped pieces (the reverse recurrence; its output flipped back), summed.
+  arrays: [B, T_local, ...] each; ids_BT: int [B, T_local] or None. Returns [B, T_local, ...]."""
+  piece = lambda x: None if x is None else to_pieces(varying(x, axis_name), n)  # noqa: E731
+  arrays, ids_BT = tuple(map(piece, arrays)), piece(ids_BT)
+
+  def run(reverse: bool):
+    flip = (lambda x: None if x is None else jnp.flip(x, axis=1)) if reverse else (lambda x: x)  # noqa: E731
+    return flip(direction(tuple(map(flip, arrays)), flip(ids_BT), reverse))
+
+  out = run(False)
+  return from_pieces(out if is_causal else out + run(True), n)
+
+
+def edges(ids_BT):
+  """The (first, last) segment id of each piece, int [B·n, 2] (what `incoming_state` links by), or None."""
+  return None if ids_BT is None else jnp.stack([ids_BT[:, 0], ids_BT[:, -1]], axis=-1)
+
+
 def to_pieces(x, n: int):
   """One shard's [B, T_local, ...] -> its n pieces as separate sequences [B·n, T_local / n, ...] (b-major)."""
   return x.reshape(x.shape[0] * n, x.shape[1] // n, *x.shape[2:])
@@ -106,8 +136,8 @@ def prefix_states(A, U, initial=None):
   """Exclusive prefix combine along axis 1: S_0 = initial (default 0), S_{m+1} = A_m S_m + U_m; returns S
   [B, M, ..., H, Hv].
 
-  A [B, M, ..., H or 1] (diagonal) or [B, M, ..., H, H] (matrix; see `apply_transition`); U [B, M, ..., H, Hv]. A `lax.scan`
-  over M steps of the small state: chunks inside a kernel, pieces across shards.
+  A [B, M, ..., H or 1] (diagonal) or [B, M, ..., H, H] (matrix; see `apply_transition`); U [B, M, ..., H, Hv].
+  A `lax.scan` over M steps of the small state: chunks inside a kernel, pieces across shards.
   """
   def step(S, x):
     a, u = x

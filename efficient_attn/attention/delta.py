@@ -123,26 +123,6 @@ def _delta_causal(q_BTKGH, k_BTKH, v_BTKV, beta_BTK, g_BTK, ids_BT, L, incoming=
   return out.reshape(B, -1, *out.shape[3:])[:, :T]
 
 
-def _context_parallel(causal, arrays, ids_BT, is_causal, axis_name, layout: str, n: int):
-  """`bidirectional(causal, ...)` on one shard of a sequence split over `axis_name` (see context.py): the
-  n local pieces run as separate sequences, each restarting its chunk states from the state that
-  `context.incoming_state` folds from every piece's (transition, end state)."""
-  piece = lambda x: None if x is None else context.to_pieces(context.varying(x, axis_name), n)  # noqa: E731
-  arrays, ids_BT = tuple(map(piece, arrays)), piece(ids_BT)
-
-  def direction(reverse: bool):
-    flip = (lambda x: None if x is None else jnp.flip(x, axis=1)) if reverse else (lambda x: x)  # noqa: E731
-    ids = flip(ids_BT)
-    edge = None if ids is None else jnp.stack([ids[:, 0], ids[:, -1]], axis=-1)
-    incoming = lambda A, U: context.incoming_state(A, U, axis_name, layout, reverse=reverse, ids=edge)  # noqa: E731
-    return flip(causal(*map(flip, arrays), ids, incoming))
-
-  out = direction(False)
-  if not is_causal:
-    out = out + direction(True)
-  return context.from_pieces(out, n)
-
-
 @compiled_when_eager()
 def delta_rule_attention(query, key, value, beta, *, log_decay=None, mask=None, is_causal=True, segment_ids=None,
                          scale=None, chunk_size=None, bias=None, context_axis=None, context_layout="zigzag"):
@@ -168,9 +148,7 @@ def delta_rule_attention(query, key, value, beta, *, log_decay=None, mask=None, 
   d, acc = p.dims, p.acc
   beta = token_input(beta, d, 0, "beta", fn, acc)
   g = jnp.zeros_like(beta) if log_decay is None else token_input(log_decay, d, 0, "log_decay", fn, acc)
-  n = 1 if context_axis is None else context.check_layout(context_layout, fn)
-  if d.T % n:
-    raise ValueError(f"{fn}: the zigzag layout holds two equal pieces per shard; the local length T={d.T} is odd.")
+  n = 1 if context_axis is None else context.local_pieces(context_layout, d.T, fn)
   L = min(chunk_size or DEFAULT_CHUNK_SIZE, d.T // n)
   scale = d.H ** -0.5 if scale is None else scale
   q = query.astype(acc).reshape(d.B, d.T, d.K, d.G, d.H) * scale
@@ -181,7 +159,12 @@ def delta_rule_attention(query, key, value, beta, *, log_decay=None, mask=None, 
   if context_axis is None:
     out = bidirectional(causal, (q, k, v, beta, g), p.segment_ids_BT, is_causal)
   else:
-    out = _context_parallel(causal, (q, k, v, beta, g), p.segment_ids_BT, is_causal, context_axis, context_layout, n)
+    def direction(arrays, ids, reverse: bool):  # each piece's chunk states restart from its incoming state
+      incoming = lambda A, U: context.incoming_state(A, U, context_axis, context_layout, reverse=reverse,  # noqa: E731
+                                                     ids=context.edges(ids))
+      return causal(*arrays, ids, incoming)
+
+    out = context.run_pieces(direction, (q, k, v, beta, g), p.segment_ids_BT, is_causal, context_axis, n)
   return out.reshape(d.B, d.T, d.N, -1).astype(query.dtype)
 
 

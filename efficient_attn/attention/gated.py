@@ -285,38 +285,27 @@ def bidirectional(causal_fn, arrays, ids, is_causal):
   return out + flip(causal_fn(*(flip(a) for a in arrays), flip(ids)))
 
 
-def _context_parallel(causal, arrays, ids_BT, is_causal, axis_name, layout: str, n: int):
-  """`bidirectional(causal, ...)` on one shard of a sequence split over `axis_name` (see context.py).
+def _piece_direction(causal, axis_name, layout: str):
+  """`direction` for `context.run_pieces` (see context.py): each piece runs from a zero state (`causal` gives
+  its output and end state U); its transition is exp(Σ g) (zero when a document starts inside it);
+  `context.incoming_state` folds every piece's (transition, U) into this piece's incoming state S0, and
+  token t of the piece's first document adds (q_t ⊙ exp(Σ_{i ≤ t} g_i))ᵀ S0. The reverse recurrence of a
+  non-causal call (flipped pieces) takes the suffix combine."""
 
-  arrays (q [B, T, K, G, H], k, v, g [B, T, K(, H)]) and ids_BT hold this shard's T tokens as n
-  pieces, each run as its own sequence from a zero state (`causal` gives its output and end state
-  U). A piece's transition is exp(Σ g) (zero when a document starts inside it); `context.incoming_state`
-  folds every piece's (transition, U) into this piece's incoming state S0, and token t of the
-  piece's first document adds (q_t ⊙ exp(Σ_{i ≤ t} g_i))ᵀ S0. The reverse recurrence of a
-  non-causal call runs each piece flipped and takes the suffix combine.
-  """
-  piece = lambda x: None if x is None else context.to_pieces(context.varying(x, axis_name), n)  # noqa: E731
-  arrays, ids_BT = tuple(map(piece, arrays)), piece(ids_BT)
-
-  def direction(reverse: bool):
-    flip = (lambda x: None if x is None else jnp.flip(x, axis=1)) if reverse else (lambda x: x)  # noqa: E731
-    q, k, v, g = map(flip, arrays)
-    ids = flip(ids_BT)
+  def direction(arrays, ids, reverse: bool):
+    q, k, v, g = arrays  # q [B·n, T, K, G, H], k, v, g [B·n, T, K(, H)]
     out, end_BKHV = causal(q, k, v, g, ids)
     cum_BTKH = jnp.cumsum(g if g.ndim == 4 else g[..., None], axis=1)   # log-decay since the piece start
-    transition_BKH, edge, first = jnp.exp(cum_BTKH[:, -1]), None, None
+    transition_BKH, first = jnp.exp(cum_BTKH[:, -1]), None
     if ids is not None:
       transition_BKH = jnp.where((ids[:, -1] == ids[:, 0])[:, None, None], transition_BKH, 0.0)
-      edge = jnp.stack([ids[:, 0], ids[:, -1]], axis=-1)
       first = (ids == ids[:, :1])[:, :, None, None]                    # the piece's first document
-    s0_BKHV = context.incoming_state(transition_BKH, end_BKHV, axis_name, layout, reverse=reverse, ids=edge)
+    s0_BKHV = context.incoming_state(transition_BKH, end_BKHV, axis_name, layout, reverse=reverse,
+                                     ids=context.edges(ids))
     q0 = q * masked_exp(cum_BTKH, first)[:, :, :, None, :]
-    return flip(out + jnp.einsum("btkgh,bkhv->btkgv", q0, s0_BKHV))
+    return out + jnp.einsum("btkgh,bkhv->btkgv", q0, s0_BKHV)
 
-  out = direction(False)
-  if not is_causal:
-    out = out + direction(True)
-  return context.from_pieces(out, n)
+  return direction
 
 
 @compiled_when_eager()
@@ -346,9 +335,7 @@ def gated_linear_attention(query, key, value, log_decay, *, mask=None, is_causal
   d, acc = p.dims, p.acc
   g = jnp.asarray(log_decay)
   g = token_input(g, d, int(g.ndim == 4), "log_decay", fn, acc)
-  n = 1 if context_axis is None else context.check_layout(context_layout, fn)
-  if d.T % n:
-    raise ValueError(f"{fn}: the zigzag layout holds two equal pieces per shard; the local length T={d.T} is odd.")
+  n = 1 if context_axis is None else context.local_pieces(context_layout, d.T, fn)
   T = d.T // n  # the length of each sequence the recurrence runs over
   L = min(chunk_size or (DEFAULT_CHANNEL_CHUNK_SIZE if g.ndim == 4 else DEFAULT_CHUNK_SIZE), T)
   scale = d.H ** -0.5 if scale is None else scale
@@ -368,7 +355,8 @@ def gated_linear_attention(query, key, value, log_decay, *, mask=None, is_causal
   if context_axis is None:
     out = bidirectional(causal, (q, k, v, g), p.segment_ids_BT, is_causal)
   else:
-    out = _context_parallel(causal, (q, k, v, g), p.segment_ids_BT, is_causal, context_axis, context_layout, n)
+    out = context.run_pieces(_piece_direction(causal, context_axis, context_layout), (q, k, v, g), p.segment_ids_BT,
+                             is_causal, context_axis, n)
   return out.reshape(d.B, d.T, d.N, -1).astype(query.dtype)
 
 
