@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "experiment":
     _emulate_devices()
   try:
+    from efficient_attn.flops import given_peak
+
+    given_peak()  # a bad EFFICIENT_ATTN_PEAK_FLOPS is one sentence now, not a traceback after compiling
     for path in args.plugin:
       load_plugin(path)
     if args.command == "bench":

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn import attention as attention_lib
+from efficient_attn.errors import ConfigError
 from efficient_attn.moe import ffn as moe_ffn_lib
 
 
@@ -84,6 +85,21 @@ def spec_peak(device_kind: str) -> float | None:
 PEAK_ENV = "EFFICIENT_ATTN_PEAK_FLOPS"
 
 
+def given_peak() -> float | None:
+  """The peak FLOP/s per device that EFFICIENT_ATTN_PEAK_FLOPS sets, or None; a ConfigError if it is not a
+  positive number (the CLI checks it before anything compiles)."""
+  given = os.environ.get(PEAK_ENV)
+  if given is None:
+    return None
+  try:
+    value = float(given)
+  except ValueError:
+    value = math.nan
+  if not (math.isfinite(value) and value > 0):
+    raise ConfigError(f"{PEAK_ENV}={given!r} must be a positive number of FLOP/s per device (e.g. 1.5e11).")
+  return value
+
+
 @functools.lru_cache(maxsize=None)
 def peak_flops_per_device(dtype: str = "float32") -> tuple[float | None, str]:
   """(peak FLOP/s of one device or None, where it came from / why it is unknown).
@@ -97,15 +113,9 @@ def peak_flops_per_device(dtype: str = "float32") -> tuple[float | None, str]:
   means "fraction of what this machine's BLAS does"; `cpu_load()` at that moment is recorded
   by `measured_load`. Emulated CPU devices share the machine: divide by one device's peak on CPU.
   """
-  given = os.environ.get(PEAK_ENV)
+  given = given_peak()
   if given is not None:
-    try:
-      value = float(given)
-    except ValueError:
-      value = math.nan
-    if not (math.isfinite(value) and value > 0):
-      raise ValueError(f"{PEAK_ENV}={given!r} must be a positive number of FLOP/s per device (e.g. 1.5e11).")
-    return value, f"{PEAK_ENV}={given}"
+    return given, f"{PEAK_ENV}={os.environ[PEAK_ENV]}"
   dev = jax.devices()[0]
   if dev.platform != "cpu":
     peak = spec_peak(dev.device_kind)

@@ -17,6 +17,7 @@ elementwise ops (max, sum, divide, compare, where, elu...) as FLOPs too, exp as 
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -315,3 +316,14 @@ def test_peak_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="must be a positive number of FLOP/s per device"):
       flops.peak_flops_per_device("float32")
   flops.peak_flops_per_device.cache_clear()
+
+
+def test_a_bad_peak_is_one_sentence_before_anything_runs(tmp_path, monkeypatch, capsys):
+  from efficient_attn import cli
+
+  monkeypatch.setenv(flops.PEAK_ENV, "fast")
+  assert cli.main(["train", "--workdir", str(tmp_path / "run"), "--set", "train.steps=2"]) == 2
+  err = capsys.readouterr().err
+  assert err == "efficient-attn: error: EFFICIENT_ATTN_PEAK_FLOPS='fast' must be a positive number of FLOP/s per" \
+      " device (e.g. 1.5e11).\n", err
+  assert not os.path.exists(tmp_path / "run")
