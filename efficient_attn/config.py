@@ -203,8 +203,10 @@ class DataConfig:
 class MeshConfig:
   data: int = -1                      # -1 = all devices not used by the other axes
   fsdp: int = 1
+  context: int = 1                    # devices each sequence is split over (attention.context)
   tensor: int = 1
   expert: int = 1
+  context_layout: str = "zigzag"      # zigzag (causal load balance) | contiguous: which tokens each holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,19 +333,21 @@ def _need(cond: bool, msg: str) -> None:
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
   """Resolves `data=-1` and checks that the mesh uses exactly `num_devices` devices."""
-  sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor, "expert": mesh.expert}
+  sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "context": mesh.context, "tensor": mesh.tensor,
+           "expert": mesh.expert}
   for k, v in sizes.items():
     _need(v == -1 if k == "data" and v < 1 else v >= 1,
           f"mesh.{k}={v} must be a positive integer{' (or -1 for the remaining devices)' if k == 'data' else ''}.")
-  others = mesh.fsdp * mesh.tensor * mesh.expert
+  others = mesh.fsdp * mesh.context * mesh.tensor * mesh.expert
   if sizes["data"] == -1:
-    _need(num_devices % others == 0, f"mesh.data=-1 with mesh.fsdp={mesh.fsdp} x mesh.tensor={mesh.tensor} x"
-          f" mesh.expert={mesh.expert} = {others}, which does not divide the {num_devices} available devices;"
+    rest = " x ".join(f"mesh.{k}={v}" for k, v in sizes.items() if k != "data" and (k != "context" or v > 1))
+    _need(num_devices % others == 0, f"mesh.data=-1 with {rest} = {others}, which does not divide the {num_devices}"
+          f" available devices;"
           f" choose sizes whose product divides {num_devices}{_more_devices(others, num_devices)}")
     sizes["data"] = num_devices // others
   need = math.prod(sizes.values())
   _need(need == num_devices,
-        f"{' x '.join(f'mesh.{k}={v}' for k, v in sizes.items())} = {need} devices, but {num_devices} are"
+        f"{' x '.join(f'mesh.{k}={v}' for k, v in sizes.items() if k != 'context' or v > 1)} = {need} devices, but {num_devices} are"
         f" available; make the product equal {num_devices} (mesh.data=-1 fills in){_more_devices(need, num_devices)}")
   return sizes
 
@@ -452,4 +456,21 @@ def validate(cfg: Config, num_devices: int, *, text_data: bool = True) -> dict[s
         f" model.ffn_dim={m.ffn_dim}.")
   _need(not m.num_experts or (m.expert_dim or m.ffn_dim) % sizes["tensor"] == 0,
         f"mesh.tensor={sizes['tensor']} must divide model.expert_dim={m.expert_dim}.")
+  check_context(m, t.seq_len, sizes["context"], cfg.mesh.context_layout)
   return sizes
+
+
+def check_context(m: ModelConfig, seq_len: int, shards: int, layout: str, causal: bool = True) -> None:
+  """ConfigError (one sentence) unless model m's attention family can run with each sequence of seq_len tokens
+  split over `shards` devices in `layout` (`Family.context`)."""
+  from efficient_attn.attention import Shape, context
+
+  _need(layout in context.LAYOUTS, f"mesh.context_layout={layout!r} is not one of {' | '.join(context.LAYOUTS)}.")
+  if shards == 1:
+    return
+  H = m.d_model // m.num_heads
+  try:
+    m.family.validate_context(m.options, Shape(seq_len, seq_len, m.num_heads, m.num_kv_heads or m.num_heads, H,
+                                               causal), shards, layout)
+  except ValueError as e:
+    raise ConfigError(f"model.attention={m.attention!r} with mesh.context={shards}: {e}") from None

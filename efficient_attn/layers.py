@@ -183,6 +183,9 @@ class MultiHeadAttention(nn.Module):
   checkpoints with the params and redrawn with `redraw_buffers`.
   Decoding: pass `decode_state` (from `init_decode_state`) and x of shape
   [B, 1, D] with `positions` [B, 1]; returns (y, new_state).
+  Context parallelism: under a mesh with a `context` axis the attention runs on the sequence split
+  over it; x, `segment_ids` and `positions` (required then: RoPE needs each token's own) must be
+  in `context_layout` order (`attention.context.lay_out_example`).
   """
   num_heads: int
   num_kv_heads: int | None = None
@@ -191,6 +194,7 @@ class MultiHeadAttention(nn.Module):
   is_causal: bool = True
   rope_base: float | None = 10_000.0
   dtype: Any = jnp.float32
+  context_layout: str = "zigzag"  # the token order under a mesh with a `context` axis (see `attention.attend`)
 
   def family_kwargs(self, T: int, H: int) -> dict:
     """The family's keyword arguments at length T: prepared options (cached per shape) + this layer's buffers."""
@@ -232,7 +236,8 @@ class MultiHeadAttention(nn.Module):
       q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
     kw = {**self.family_kwargs(T, H), **self.token_inputs(x_BTD, H)}
     if decode_state is None:
-      out = attention_lib.attend(self.attention, q, k, v, is_causal=self.is_causal, segment_ids=segment_ids, **kw)
+      out = attention_lib.attend(self.attention, q, k, v, is_causal=self.is_causal, segment_ids=segment_ids,
+                                 context_layout=self.context_layout, **kw)
     else:
       out, decode_state = attention_lib.decode_step(self.attention, decode_state, q, k, v, **kw)
     y = _dense(D, ("heads", "head_dim", "embed"), "out", self.dtype, in_axes=(-2, -1))(out)
@@ -287,13 +292,14 @@ class Block(nn.Module):
   use_moe: bool = False
   is_causal: bool = True
   mesh: Any = None
+  context_layout: str = "zigzag"
 
   @nn.compact
   def __call__(self, x_BTD, segment_ids=None, positions=None, decode_state=None):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     attn = MultiHeadAttention(c.num_heads, c.num_kv_heads or None, c.attention, c.options, self.is_causal,
-                              c.rope_base, dtype, name="attention")
+                              c.rope_base, dtype, self.context_layout, name="attention")
     training = c.dropout > 0 and self.has_rng("dropout")
     drop = (lambda y: nn.Dropout(c.dropout, deterministic=False)(y)) if training else (lambda y: y)  # noqa: E731
     h = RMSNorm(dtype=dtype, name="attention_norm")(x_BTD)

@@ -29,13 +29,15 @@ class _Group(nn.Module):
   config: Any
   is_causal: bool = True
   mesh: Any = None
+  context_layout: str = "zigzag"
 
   @nn.compact
   def __call__(self, x, segment_ids, positions):
     c = self.config
     size = c.moe_every if c.num_experts else 1
     for j in range(size):
-      x = Block(c, is_moe_layer(c, j), self.is_causal, self.mesh, name=f"block_{j}")(x, segment_ids, positions)
+      x = Block(c, is_moe_layer(c, j), self.is_causal, self.mesh, self.context_layout, name=f"block_{j}")(
+          x, segment_ids, positions)
     return x, None
 
 
@@ -59,6 +61,7 @@ class Trunk(nn.Module):
   config: Any
   is_causal: bool = True
   mesh: Any = None
+  context_layout: str = "zigzag"
 
   @nn.compact
   def __call__(self, x, segment_ids=None, positions=None, decode_states=None):
@@ -77,13 +80,13 @@ class Trunk(nn.Module):
                         split_rngs={"params": True, "dropout": True}, in_axes=axes, length=groups,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       if decode_states is None:
-        x, _ = scanned(c, self.is_causal, self.mesh, name="layers")(x, segment_ids, positions)
+        x, _ = scanned(c, self.is_causal, self.mesh, self.context_layout, name="layers")(x, segment_ids, positions)
         return x
       return scanned(c, self.mesh, name="layers")(x, decode_states, positions)
     block = nn.remat(Block) if c.remat else Block
     new = []
     for i in range(c.num_layers):
-      b = block(c, is_moe_layer(c, i % size), self.is_causal, self.mesh, name=f"block_{i}")
+      b = block(c, is_moe_layer(c, i % size), self.is_causal, self.mesh, self.context_layout, name=f"block_{i}")
       if decode_states is None:
         x = b(x, segment_ids, positions)
       else:
@@ -124,23 +127,27 @@ class TransformerLM(nn.Module):
 
   `segment_ids` [B, T] keep packed documents apart (attention and rotary
   positions restart per segment). `mesh` enables expert parallelism in MoE layers.
+  Context parallelism (a mesh with a `context` axis, `jax.set_mesh`): tokens, segment ids and
+  `positions` [B, T] come in `context_layout` order (`attention.context.lay_out_example`) and
+  the logits go out in it.
   With `config.dropout` > 0, residual dropout is on when `apply` gets a "dropout" rng
   (training) and off otherwise (evaluation, `generate`).
   `decode` runs one token with per-layer decoding states (see `generate`).
   """
   config: Any
   mesh: Any = None
+  context_layout: str = "zigzag"
 
   def setup(self):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     self.embed = _embedding(c, dtype)
-    self.trunk = Trunk(c, True, self.mesh)
+    self.trunk = Trunk(c, True, self.mesh, self.context_layout)
     self.final_norm = RMSNorm(dtype=dtype)
     self.unembed = Projection((c.vocab_size,), ("embed", "vocab"), dtype=jnp.float32)
 
-  def __call__(self, tokens_BT, segment_ids=None):
-    x = self.trunk(batch_sharded(self.embed(tokens_BT)), segment_ids)
+  def __call__(self, tokens_BT, segment_ids=None, positions=None):
+    x = self.trunk(batch_sharded(self.embed(tokens_BT)), segment_ids, positions)
     return self.unembed(self.final_norm(x))
 
   def decode(self, token_B1, position_B1, states):

@@ -1,8 +1,10 @@
 """Meshes and the one table that maps logical axes to mesh axes, for params and activations.
 
-Mesh axes: `data`, `fsdp`, `tensor`, `expert`. The batch is split over
-(data, fsdp, expert); parameters over fsdp (their `embed` axis, ZeRO-3 style),
-tensor (heads / mlp / vocab) and expert (the expert axis of MoE weights).
+Mesh axes: `data`, `fsdp`, `context`, `tensor`, `expert`. The batch is split over
+(data, fsdp, expert), the sequence (`length`) over context; parameters over fsdp (their
+`embed` axis, ZeRO-3 style), tensor (heads / mlp / vocab) and expert (the expert axis of
+MoE weights). Parameters are whole on `context`: its devices hold the same weights and
+different pieces of each sequence (`attention.context`).
 
 Params carry logical names from `nn.with_logical_partitioning`; activations are named at
 layer boundaries with `constrain(x, ("batch", "length", "embed"))` (MaxText style), and the
@@ -18,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical axis -> mesh axis (None = replicated). A mesh axis serves one dimension of an
@@ -33,18 +35,19 @@ RULES = (
     ("vocab", "tensor"),
     ("expert", "expert"),
     ("head_dim", None),
-    ("length", None),
+    ("length", "context"),
     ("layers", None),
     ("norm", None),
 )
 
 
 def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
-  """A 4-axis mesh (data, fsdp, tensor, expert) with Auto axis types (GSPMD-style propagation).
+  """A 5-axis mesh (data, fsdp, context, tensor, expert) with Auto axis types (GSPMD-style propagation).
 
-  `devices` defaults to all devices (of every process in a multi-process run).
+  `sizes`: {axis: size}, a missing axis is 1. `devices` defaults to all devices (of every process in a
+  multi-process run). Context sits next to tensor, inside data / fsdp: its ring neighbours are near devices.
   """
-  shape = tuple(sizes[a] for a in MESH_AXES)
+  shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
   kw = {} if devices is None else {"devices": devices}
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), **kw)
 
@@ -119,8 +122,9 @@ def constrain(x, logical_axes):
 
 
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
-  """Leading (batch) dimension over the batch axes (data, fsdp, expert); the rest replicated."""
-  return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1), mesh))
+  """Leading (batch) dimension over the batch axes (data, fsdp, expert), the second (length) over context;
+  the rest replicated."""
+  return NamedSharding(mesh, logical_spec(("batch", "length")[:ndim] + (None,) * (ndim - 2), mesh))
 
 
 def replicated(mesh) -> NamedSharding:

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from efficient_attn import platform, reliability, runlog, sharding
 from efficient_attn.config import CONFIG_JSON, Config, ConfigError, resolve_vocab, save_config_json, validate
+from efficient_attn.attention import context
 from efficient_attn.data import pipeline
 from efficient_attn.data.text import TokenStream, lm_example
 from efficient_attn.model import TransformerLM
@@ -79,7 +80,7 @@ def loss_fn(params, batch, model, t, buffers=None, dropout_rng=None):
   variables = {"params": params, **({"buffers": buffers} if buffers else {})}
   rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
   logits, mutated = model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"],
-                                mutable=["intermediates"], rngs=rngs)
+                                positions=batch.get("positions"), mutable=["intermediates"], rngs=rngs)
   nll = token_nll(logits, batch["targets"])
   w = batch["weights"]
   loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
@@ -172,7 +173,7 @@ def make_eval_step(model, t, state_sh, batch_sh, token_bytes_V):
 
   def eval_step(params, buffers, batch):
     variables = {"params": params, **({"buffers": buffers} if buffers else {})}
-    logits = model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"])
+    logits = model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"], positions=batch.get("positions"))
     w = batch["weights"]
     return (jnp.sum(token_nll(logits, batch["targets"]) * w), jnp.sum(w),
             jnp.sum(bytes_V[batch["targets"]] * w))
@@ -226,7 +227,8 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
     if announce and main:
       print(f"efficient-attn: {announce}", file=sys.stderr, flush=True)
     mesh = sharding.make_mesh(sizes, devices)
-    model = TransformerLM(m, mesh=mesh if m.num_experts and sizes['expert'] > 1 else None)
+    model = TransformerLM(m, mesh=mesh if m.num_experts and sizes['expert'] > 1 else None,
+                          context_layout=cfg.mesh.context_layout)
     tx, schedule = make_optimizer(t)
     batch_sh = sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh):
@@ -241,12 +243,15 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
         (state, _), start = init_state(model, tx, mesh, dummy, rng), 0
       if main:  # the config this workdir's checkpoints now belong to
         save_config_json(cfg, os.path.join(workdir, CONFIG_JSON))
-      shardings = {k: batch_sh for k in ("inputs", "targets", "segment_ids", "weights")}
+      keys = ("inputs", "targets", "segment_ids", "weights") + (("positions",) if sizes["context"] > 1 else ())
+      shardings = {k: batch_sh for k in keys}
       train_step = make_train_step(model, tx, schedule, t, state_sh, shardings)
       eval_step = make_eval_step(model, t, state_sh, shardings, data.token_bytes)
 
-      def get_batch(s: TokenStream, i: int):  # each process reads only its own rows
-        return sharding.global_batch(lm_example(s.batch(i, jax.process_index(), jax.process_count())), mesh)
+      def get_batch(s: TokenStream, i: int):  # each process reads only its own rows, laid out for the context axis
+        example = lm_example(s.batch(i, jax.process_index(), jax.process_count()))
+        return sharding.global_batch(context.lay_out_example(example, sizes["context"], cfg.mesh.context_layout),
+                                     mesh)
 
       def evaluate(state) -> dict:  # the same eval_batches held-out batches every time, token-weighted
         sums = [eval_step(state["params"], state.get("buffers"), get_batch(val_stream, i))

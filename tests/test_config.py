@@ -17,7 +17,7 @@ def test_every_design_key_exists():
 def test_overrides_apply():
   cfg = with_overrides(Config(), {"model.attention": "performer", "train.steps": 7, "train.learning_rate": 1})
   assert cfg.model.attention == "performer" and cfg.train.steps == 7 and cfg.train.learning_rate == 1
-  assert validate(cfg, 8) == {"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}
+  assert validate(cfg, 8) == {"data": 8, "fsdp": 1, "context": 1, "tensor": 1, "expert": 1}
 
 
 @pytest.mark.parametrize("overrides, fragment", [

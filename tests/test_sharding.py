@@ -27,15 +27,15 @@ def mesh(**sizes):
 def test_logical_spec_reads_the_rules_table():
   m = mesh(data=2, fsdp=4)
   # an activation: "batch" claims fsdp first, so "embed" stays whole
-  assert sharding.logical_spec(("batch", "length", "embed"), m) == P(("data", "fsdp", "expert"), None, None)
+  assert sharding.logical_spec(("batch", "length", "embed"), m) == P(("data", "fsdp", "expert"), "context", None)
   assert sharding.logical_spec(("embed", "mlp"), m) == P("fsdp", "tensor")
   assert sharding.logical_spec(("vocab", None), m) == P("tensor", None)
   # with a shape, a dimension keeps the axes its size divides
-  assert sharding.logical_spec(("batch", "length"), m, shape=(2, 64)) == P(("data", "expert"), None)
+  assert sharding.logical_spec(("batch", "length"), m, shape=(2, 64)) == P(("data", "expert"), "context")
   # only the axes a mesh has
   small = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   assert sharding.logical_spec(("batch", "embed"), small) == P(("data", "expert"), None)
-  assert sharding.batch_sharding(m, 3).spec == P(sharding.BATCH_AXES, None, None)
+  assert sharding.batch_sharding(m, 3).spec == P(sharding.BATCH_AXES, "context", None)
 
 
 def test_params_placed_by_flax_and_by_the_table_agree():

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from efficient_attn.attention import masks
+from efficient_attn.attention import context, masks
 from efficient_attn.attention.delta import delta_rule_attention, delta_step
 from efficient_attn.attention.gated import gated_init_state, gated_linear_attention, gated_step
 from efficient_attn.attention.linear import linear_attention, linear_init_state, linear_step
@@ -42,7 +42,7 @@ from efficient_attn.attention.softmax_decode import softmax_init_state, softmax_
 from efficient_attn.attention.sparse import block_sparse_attention
 from efficient_attn.errors import did_you_mean
 
-_NOT_FAMILIES = ("masks", "registry")
+_NOT_FAMILIES = ("context", "masks", "registry")
 
 
 def _register_builtins() -> None:
@@ -60,9 +60,27 @@ def _register_builtins() -> None:
 _register_builtins()
 
 
-def attend(kind: str, query, key, value, bias=None, mask=None, **kw):
-  """Runs the registered attention family `kind` (see `names()`) with its own keyword options."""
-  return get(kind).fn(query, key, value, bias, mask, **kw)
+def attend(kind: str, query, key, value, bias=None, mask=None, *, context_layout: str = "zigzag", **kw):
+  """Runs the registered attention family `kind` (see `names()`) with its own keyword options.
+
+  Under a mesh (`jax.set_mesh`) with a `context` axis of size P > 1, the sequence is split over it
+  (context parallelism, `context.split_call`): query / key / value and every [B, T, ...] keyword array
+  must already be in `context_layout` order ("zigzag" | "contiguous"; the trainer's data pipeline lays
+  tokens out once, `context.lay_out_example`), and the output comes back in that order. A family
+  without a context rule (`Family.context`), a bias or a mask is refused there in one sentence.
+  """
+  family = get(kind)
+  shards = context.mesh_shards()
+  if shards == 1:
+    return family.fn(query, key, value, bias, mask, **kw)
+  if family.context is None:
+    raise ValueError(f"attend: attention family {kind!r} has no context-parallel rule (its Family sets no"
+                     f" `context` hook), so it cannot run with the sequence split over the mesh's {shards}"
+                     " context devices; use a mesh without a context axis or give the family one.")
+  if bias is not None or mask is not None:
+    raise ValueError(f"attend({kind!r}): a bias or mask cannot be split over the mesh's {shards} context devices;"
+                     " pass segment_ids (packing) and is_causal instead.")
+  return context.split_call(family.fn, query, key, value, layout=context_layout, **kw)
 
 
 def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:

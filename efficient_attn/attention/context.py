@@ -17,6 +17,12 @@ direction of a bidirectional call) with the rule S ↦ A S + U, the same rule th
 kernels use between chunks (`prefix_states`). The traffic is P·n summaries of
 [B, K, H, Hv] (+ the transition), independent of T.
 
+In a model, `attend` splits the call itself when the current mesh has a `context` axis of size > 1
+(`split_call`: `jax.shard_map` with T on `context` and the batch on the batch axes); the trainer's
+data pipeline lays every [B, T] array out once (`lay_out_example`: tokens, targets, segment ids and
+the positions RoPE uses), so the whole model works on laid-out tokens and the loss, a mean over
+tokens, does not care about their order.
+
 Legend: B batch, T tokens, K kv heads, H key head dim, Hv value head dim, P shards,
 n local pieces per shard (1 contiguous, 2 zigzag), M = n·P pieces in all.
 """
@@ -30,6 +36,7 @@ import numpy as np
 from efficient_attn.attention._common import scale_rows
 
 LAYOUTS = ("contiguous", "zigzag")
+AXIS = "context"  # the mesh axis `attend` splits the sequence over
 
 
 def check_layout(layout: str, fn: str) -> int:
@@ -214,3 +221,83 @@ def incoming_state(transition, state, axis_name, layout: str, *, reverse: bool =
     S_in = S_in[:, ::-1]
   mine = jnp.asarray(order.reshape(P, n))[jax.lax.axis_index(axis_name)]  # positions of this shard's pieces [n]
   return jnp.take(S_in, mine, axis=1).reshape(Bn, *state.shape[1:])
+
+
+# ----------------------------------------------------------------------------- in a model
+
+
+def check_split(options, shape, shards: int, layout: str) -> None:
+  """The usual `Family.context` hook: T must cut into shards × pieces (1 contiguous, 2 zigzag) equal pieces."""
+  del options
+  M = shards * check_layout(layout, "context")
+  if shape.seq_len % M:
+    raise ValueError(f"the {layout} layout over {shards} devices cuts each sequence into {M} equal pieces, and"
+                     f" T={shape.seq_len} is not a multiple of {M}.")
+
+
+def mesh_shards(axis_name: str = AXIS) -> int:
+  """The size of `axis_name` in the current mesh (`jax.set_mesh`), 1 without one or without that axis."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(axis_name, 1)
+
+
+def split_call(fn, query, key, value, *, layout: str = "zigzag", axis_name: str = AXIS, **kw):
+  """`fn(query, key, value, **kw)` with each sequence split over the current mesh's `axis_name`.
+
+  query [B, T, N, H], key / value [B, T, K, H(v)] and every keyword array of shape [B, T, ...] (segment
+  ids, gates, β) already in `layout` order (the data pipeline's `lay_out_example`), T on `axis_name` and
+  B on the batch axes (those B divides); other arrays (the Performer's projection) whole. Runs `fn` in a
+  `jax.shard_map` over the whole mesh with `context_axis=axis_name, context_layout=layout`; returns
+  [B, T, N, Hv] in the same layout. Inside, heads are whole on `tensor`.
+  """
+  from efficient_attn import sharding
+
+  mesh = jax.sharding.get_abstract_mesh()
+  B, T = query.shape[:2]
+  (batch,) = sharding.mesh_axes(("batch",), mesh)
+  batch = sharding.divisible_axes(batch, B, mesh)
+
+  def spec(x):
+    if hasattr(x, "shape") and x.ndim >= 2 and tuple(x.shape[:2]) == (B, T):
+      return sharding.spec([batch, (axis_name,)] + [()] * (x.ndim - 2))
+    return jax.sharding.PartitionSpec()
+
+  arrays = {k: v for k, v in kw.items() if hasattr(v, "shape")}
+  fixed = {k: v for k, v in kw.items() if k not in arrays}
+
+  def local(q, k, v, arrays):
+    return fn(q, k, v, context_axis=axis_name, context_layout=layout, **arrays, **fixed)
+
+  qkv = (query, key, value)
+  return jax.shard_map(local, in_specs=(*map(spec, qkv), {k: spec(v) for k, v in arrays.items()}),
+                       out_specs=spec(query))(*qkv, arrays)
+
+
+def positions(segment_ids_BT: np.ndarray) -> np.ndarray:
+  """int32 [B, T]: each token's position inside its segment (a new id starts at 0), as the layers compute it."""
+  B, T = segment_ids_BT.shape
+  t = np.broadcast_to(np.arange(T), (B, T))
+  starts = np.concatenate([np.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  return (t - np.maximum.accumulate(np.where(starts, t, 0), axis=1)).astype(np.int32)
+
+
+def lay_out_example(example: dict[str, np.ndarray], shards: int, layout: str) -> dict[str, np.ndarray]:
+  """A batch of [B, T] numpy arrays (inputs, targets, segment_ids, weights, ...) in `layout` order for
+  `shards` context devices, plus "positions" (computed in sequence order from segment_ids, then laid out
+  the same way) for RoPE. The identity (no positions added) when shards == 1."""
+  if shards == 1:
+    return example
+  out = dict(example)
+  if "positions" not in out:
+    seg = out.get("segment_ids")
+    B, T = next(iter(out.values())).shape[:2]
+    out["positions"] = positions(seg) if seg is not None else np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+  M = shards * check_layout(layout, "lay_out_example")
+  order = piece_order(shards, layout)
+  for k, x in out.items():
+    B, T = x.shape[:2]
+    if T % M:
+      raise ValueError(f"lay_out_example: the {layout} layout over {shards} devices cuts T into {M} pieces;"
+                       f" {k!r} has T={T}.")
+    out[k] = np.ascontiguousarray(x.reshape(B, M, T // M, *x.shape[2:])[:, order].reshape(x.shape))
+  return out

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims, stats_dtype
 from efficient_attn.attention.delta import delta_flops, delta_rule_attention, delta_step
+from efficient_attn.attention.context import check_split
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.retnet import ChunkOptions, _init_state
 
@@ -70,4 +71,5 @@ FAMILY = Family(
     name="deltanet", fn=deltanet_attention, options=ChunkOptions, init_state=_init_state, step=step,
     flops=_flops, input_params=lambda o, shape, d_model: beta_params(shape, d_model),
     inputs=lambda params, x, o, shape: beta_inputs(params, x),
+    context=check_split,
     description="DeltaNet: delta-rule linear attention, chunkwise via the UT transform (Schlag et al. 2021)")

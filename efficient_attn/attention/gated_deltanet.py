@@ -14,6 +14,7 @@ from __future__ import annotations
 from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims
 from efficient_attn.attention.deltanet import _flops, beta_inputs, beta_params, deltanet_attention, step
 from efficient_attn.attention.mamba2 import decay_inputs, decay_params
+from efficient_attn.attention.context import check_split
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.retnet import ChunkOptions, _init_state, fixed_log_decay
 
@@ -46,4 +47,5 @@ def _inputs(params, x_BTD, o: ChunkOptions, shape: Shape) -> dict:
 FAMILY = Family(
     name="gated_deltanet", fn=gated_deltanet_attention, options=ChunkOptions, init_state=_init_state, step=_step,
     flops=_flops, input_params=_input_params, inputs=_inputs,
+    context=check_split,
     description="Gated DeltaNet: delta rule + scalar decay, chunkwise via the UT transform (Yang et al. 2024)")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims
 from efficient_attn.attention.gated import gated_flops, gated_linear_attention, gated_step
+from efficient_attn.attention.context import check_split
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.retnet import _init_state, fixed_log_decay
 
@@ -81,4 +82,5 @@ def _flops(o: GLAOptions, shape: Shape) -> dict:
 FAMILY = Family(
     name="gla", fn=gla_attention, options=GLAOptions, prepare=_prepare, init_state=_init_state, step=_step,
     flops=_flops, input_params=_input_params, inputs=_inputs,
+    context=check_split,
     description="gated linear attention, low-rank data-dependent per-channel gates (Yang et al. 2024)")

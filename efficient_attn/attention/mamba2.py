@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims
 from efficient_attn.attention.gated import gated_flops, gated_linear_attention, gated_step
+from efficient_attn.attention.context import check_split
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.retnet import ChunkOptions, _init_state, fixed_log_decay
 
@@ -80,4 +81,5 @@ FAMILY = Family(
     name="mamba2", fn=mamba2_attention, options=ChunkOptions, init_state=_init_state, step=_step, flops=_flops,
     input_params=lambda o, shape, d_model: decay_params(shape, d_model),
     inputs=lambda params, x, o, shape: decay_inputs(params, x),
+    context=check_split,
     description="Mamba-2 SSD: scalar data-dependent decay per head, chunkwise (Dao & Gu 2024)")

@@ -82,6 +82,13 @@ class Family:
     inputs: (params, x_BTD, options, Shape) -> dict of keyword arrays [B, T, ...] for `fn`
       (and, on a one-token x [B, 1, D], for `step`). Both or neither; without them `fn` and
       `step` must run on their own defaults (a pure call, `bench attention`).
+    context: (options, Shape, shards, layout) -> None: the family runs with each sequence split over
+      `shards` devices of a mesh axis (context parallelism): its `fn` takes `context_axis` (the axis
+      name; the call then runs inside `jax.shard_map` on one shard's tokens) and `context_layout`
+      ("zigzag" | "contiguous", see `attention.context`) and equals the one-device call; this hook
+      raises ValueError for a split it cannot run (e.g. a length the shards do not divide:
+      `context.check_split` is the usual one). None (the default): refused under `mesh.context` > 1
+      with one sentence naming the family.
     description: one line for listings.
   """
   name: str
@@ -96,6 +103,7 @@ class Family:
   check: Callable[[Any, Shape], None] | None = None
   input_params: Callable[[Any, Shape, int], dict] | None = None
   inputs: Callable[..., dict] | None = None
+  context: Callable[[Any, Shape, int, str], None] | None = None
   description: str = ""
 
   def __post_init__(self):
@@ -153,6 +161,16 @@ class Family:
     options = self.make_options(options)
     if self.check is not None:
       self.check(options, Shape(*shape))
+
+  def validate_context(self, options, shape: Shape, shards: int, layout: str) -> None:
+    """ValueError (one sentence) unless the family runs these options with each sequence split over `shards`
+    devices in `layout`; a family without a `context` hook is refused (one sentence naming it)."""
+    options, shape = self.make_options(options), Shape(*shape)
+    if self.context is None:
+      raise ValueError(f"attention family {self.name!r} has no context-parallel rule (its Family sets no `context`"
+                       " hook), so its sequence cannot be split over devices; use mesh.context=1 or give it one.")
+    self.validate(options, shape)
+    self.context(options, shape, shards, layout)
 
   def flops_per_token(self, options, shape: Shape) -> dict:
     """{"ideal", "executed", "backward"}: forward FLOPs per token (+ executed backward) of one layer."""

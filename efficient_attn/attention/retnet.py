@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims
 from efficient_attn.attention.gated import (
     gated_flops, gated_init_state, gated_linear_attention, gated_step, retnet_log_decay)
+from efficient_attn.attention.context import check_split
 from efficient_attn.attention.registry import Family, Shape
 
 
@@ -64,4 +65,5 @@ def _flops(o: ChunkOptions, shape: Shape) -> dict:
 
 FAMILY = Family(
     name="retnet", fn=retnet_attention, options=ChunkOptions, init_state=_init_state, step=_step, flops=_flops,
+    context=check_split,
     description="RetNet retention: fixed per-head decays, chunkwise (Sun et al. 2023)")
