@@ -175,7 +175,7 @@ def _emulate_mesh_devices(mesh) -> None:
   mesh names (mesh.data=-1 counts 1), unless XLA_FLAGS sets a count, N is 1, or jax has started (a
   plugin or config file ran it). Only the CPU platform reads the flag: a GPU / TPU host keeps its devices."""
   flags = os.environ.get("XLA_FLAGS", "")
-  need = max(mesh.data, 1) * mesh.fsdp * mesh.tensor * mesh.expert
+  need = max(mesh.data, 1) * mesh.fsdp * mesh.context * mesh.tensor * mesh.expert
   if need <= 1 or "xla_force_host_platform_device_count" in flags or _multi_process() or _jax_started():
     return
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from efficient_attn.data.text import DataError
 
-  if args.command == "experiment":
-    _emulate_devices()
+  if args.command == "experiment" or (args.command == "bench" and any(a.startswith("mesh.") for a in args.set)):
+    _emulate_devices()  # a context split of a bench needs its devices; GPU / TPU hosts keep theirs
   try:
     from efficient_attn.flops import given_peak
 

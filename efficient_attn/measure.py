@@ -16,6 +16,7 @@ attention registry counts FLOPs with it.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, Callable
 
@@ -31,6 +32,43 @@ def temp_bytes(compiled) -> int:
   """Temporary (scratch) bytes XLA allocates for one call of `compiled`."""
   mem = compiled.memory_analysis()
   return int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+
+
+def argument_bytes(compiled) -> int:
+  """Bytes of the arguments of one call of `compiled` (one device's share of an SPMD program)."""
+  mem = compiled.memory_analysis()
+  return int(getattr(mem, "argument_size_in_bytes", 0)) if mem is not None else 0
+
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
+_COLLECTIVE = re.compile(r"= (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+               "f64": 8, "s64": 8, "u64": 8}
+
+
+def collective_bytes(compiled) -> dict[str, int]:
+  """{collective: bytes its results hold on one device, summed over the program}, from `compiled.as_text()`.
+
+  All-gather / reduce-scatter / all-reduce / collective-permute / all-to-all; of an async `-start` form
+  (whose result is (operand, output, ...)) the output only. A collective inside a loop counts once per
+  occurrence in the text, not per trip (as XLA's FLOPs count). Empty for a program with none.
+  """
+  out: dict[str, int] = {}
+  for line in compiled.as_text().splitlines():
+    found = _COLLECTIVE.search(line)
+    if not found:
+      continue
+    size, arrays = 0, _ARRAY.findall(found.group(1))
+    if found.group(3) and len(arrays) > 1:
+      arrays = arrays[1:2]
+    for dtype, dims in arrays:
+      n = 1
+      for d in filter(None, dims.split(",")):
+        n *= int(d)
+      size += n * _ITEM_BYTES.get(dtype, 4)
+    out[found.group(2)] = out.get(found.group(2), 0) + size
+  return out
 
 
 def xla_flops(compiled) -> float:

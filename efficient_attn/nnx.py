@@ -101,11 +101,15 @@ class MultiHeadAttention(nnx.Module):
   each segment. Decoding: `mha.init_cache(B, max_len)` once, then `mha(x_BTD, decode=True)` with
   one or more new tokens per call (rotary positions continue from the cache); token by token it
   equals the parallel causal forward. Cost: the family's (softmax O(T²), linear O(T), ...).
+  Context parallelism: under a mesh with a `context` axis (`jax.set_mesh`) the attention runs on the
+  sequence split over it; x, segment_ids and positions (required then) come in `context_layout`
+  order (`attention.context.lay_out_example`).
   """
 
   def __init__(self, num_heads: int, in_features: int, *, num_kv_heads: int | None = None,
                attention: str = "softmax", attention_options=None, is_causal: bool = True,
-               rope_base: float | None = 10_000.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               rope_base: float | None = 10_000.0, dtype=jnp.float32, param_dtype=jnp.float32,
+               context_layout: str = "zigzag", rngs: nnx.Rngs):
     N, K, D = num_heads, num_kv_heads or num_heads, in_features
     if D % N:
       raise ValueError(f"MultiHeadAttention: num_heads={N} does not divide in_features={D}.")
@@ -115,6 +119,7 @@ class MultiHeadAttention(nnx.Module):
     self.attention, self.options = family.name, family.make_options(attention_options)
     self.num_heads, self.num_kv_heads, self.head_dim = N, K, D // N
     self.is_causal, self.rope_base, self.dtype = is_causal, rope_base, dtype
+    self.context_layout = context_layout
     H = self.head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.query = Projection((D,), (N, H), ("embed", "heads", "head_dim"), **kw)
@@ -189,7 +194,7 @@ class MultiHeadAttention(nnx.Module):
       out = self._decode(q, k, v, inputs)
     else:
       out = attention_lib.attend(self.attention, q, k, v, is_causal=self.is_causal, segment_ids=segment_ids,
-                                 **self.family_kwargs(T), **inputs)
+                                 context_layout=self.context_layout, **self.family_kwargs(T), **inputs)
     return self.out(out)
 
   def _decode(self, q_BTNH, k_BTKH, v_BTKH, inputs=None):

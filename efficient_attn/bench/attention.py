@@ -11,6 +11,11 @@ Variants: the `jax_nn` baseline, the aliases `softmax` (materialised logits) and
 `softmax_chunked`, and every registered family by name (a --plugin's too), each
 built from its record with `attention_options[family]`; rows carry the family's own
 forward FLOPs count beside the time and memory.
+
+`mesh.context=P` splits each sequence over P devices (context parallelism, `attention.context`):
+every family runs in `jax.shard_map` on T / P tokens per device (the baseline stays on one device,
+as the reference), and rows report per-device compiled memory (temp and arguments) and the bytes
+of every collective of the compiled fwd+bwd (`measure.collective_bytes`).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from efficient_attn import attention
 from efficient_attn.bench import bench_settings
 from efficient_attn.config import ConfigError, did_you_mean
 from efficient_attn.flops import spec_peak
-from efficient_attn.measure import (compile_fn, environment, format_table, interleaved_times, peak_device_bytes,
-                                    settings_header, spread, temp_bytes)
+from efficient_attn.measure import (argument_bytes, collective_bytes, compile_fn, environment, format_table,
+                                    interleaved_times, peak_device_bytes, settings_header, spread, temp_bytes)
 
 ATTENTION_DEFAULTS = {
     "variants": ["jax_nn", "softmax", "softmax_chunked", "local", "sparse", "linear", "performer"],
@@ -42,6 +47,9 @@ ATTENTION_DEFAULTS = {
     "repeats": 1,
     "min_time": 0.2,
     "seed": 0,
+    # Context parallelism: each sequence split over this many devices (the families; jax_nn stays on one).
+    "mesh.context": 1,
+    "mesh.context_layout": "zigzag",
 }
 SETTINGS_HELP = {
     "variants": ("jax_nn (the baseline), jax_nn_cudnn, softmax (xla), softmax_chunked, softmax_splash / _triton /"
@@ -58,6 +66,9 @@ SETTINGS_HELP = {
     "repeats": "timed calls per variant per round, at least (their median is the round's time) ...",
     "min_time": "... and until this many seconds have passed (at most 50 calls)",
     "seed": "inputs and random features",
+    "mesh.context": ("devices each sequence is split over (context parallelism; the families run in shard_map on"
+                     " that many devices, jax_nn on one); rows add per-device argument bytes and collective bytes"),
+    "mesh.context_layout": "zigzag | contiguous: which tokens each device holds",
 }
 
 BASELINE = "jax_nn"  # jax.nn.dot_product_attention (XLA): not a family, the reference every ratio is taken to
@@ -118,6 +129,11 @@ def _attention_variant(name: str, s: dict, T: int) -> tuple[Callable[..., Any], 
               for (n, (shp, _, init)), k in zip(sorted(spec.items()), jax.random.split(rng_params, len(spec)))}
     x = jax.random.normal(rng_x, (s["batch"], T, d_model), jax.numpy.dtype(s["dtype"]))
     extra = family.inputs(params, x, options, shape)
+  shards = s["mesh.context"]
+  if shards > 1:
+    split = attention.context.split_call
+    return (lambda q, k, v, extra: split(family.fn, q, k, v, layout=s["mesh.context_layout"], is_causal=causal, **kw,
+                                         **extra)), extra
   return (lambda q, k, v, extra: family.fn(q, k, v, is_causal=causal, **kw, **extra)), extra
 
 
@@ -158,14 +174,24 @@ def _check_attention_settings(s: dict) -> None:
     raise ConfigError(f"num_heads={s['num_heads']} must be a multiple of num_kv_heads={s['num_kv_heads']}.")
   if any(not isinstance(T, int) or isinstance(T, bool) or T <= 0 for T in s["seq_lens"]):
     raise ConfigError(f"seq_lens={s['seq_lens']!r} must be positive integers.")
+  shards, layout = s["mesh.context"], s["mesh.context_layout"]
+  if layout not in attention.context.LAYOUTS:
+    raise ConfigError(f"mesh.context_layout={layout!r} is not one of {' | '.join(attention.context.LAYOUTS)}.")
+  if shards < 1:
+    raise ConfigError(f"mesh.context={shards} must be a positive integer.")
+  if shards > len(jax.devices()):
+    raise ConfigError(f"mesh.context={shards} needs {shards} devices, but {len(jax.devices())} are available (on CPU"
+                      f" the command emulates them when XLA_FLAGS sets no device count).")
   for name in s["variants"]:
     if name == BASELINE:
       continue
     try:
       family, options = _variant(name, s)
       for T in s["seq_lens"]:
-        family.validate(options, attention.Shape(T, T, s["num_heads"], s["num_kv_heads"], s["head_dim"],
-                                                 s["causal"]))
+        shape = attention.Shape(T, T, s["num_heads"], s["num_kv_heads"], s["head_dim"], s["causal"])
+        family.validate(options, shape)
+        if shards > 1 and name != JAX_NN_CUDNN:
+          family.validate_context(options, shape, shards, layout)
     except ValueError as e:
       raise ConfigError(f"bench attention, variant {name}: {e}") from None
 
@@ -190,6 +216,12 @@ def bench_attention(settings: dict | None = None, progress: bool = True) -> list
   dtype = jnp.dtype(s["dtype"])
   B, N, K, H = s["batch"], s["num_heads"], s["num_kv_heads"], s["head_dim"]
   names = s["variants"]
+  shards = s["mesh.context"]
+  mesh = None
+  if shards > 1:
+    mesh = jax.make_mesh((shards,), (attention.context.AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:shards])
+    on_shards = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, attention.context.AXIS))
   rows = []
   bar = tqdm(total=len(s["seq_lens"]) * (len(names) + s["rounds"]), desc="bench attention", disable=not progress)
   for T in s["seq_lens"]:
@@ -205,12 +237,24 @@ def bench_attention(settings: dict | None = None, progress: bool = True) -> list
         return jnp.sum(attn(q, k, v, extra).astype(jnp.float32) * ct.astype(jnp.float32))
 
       # Gradients w.r.t. q, k, v and the family's per-token inputs (gates, β).
-      compiled.append(compile_fn(jax.grad(loss, argnums=(0, 1, 2, 3)), *args[:3], extra, args[3]))
-      calls.append(lambda c=compiled[-1], extra=extra: c(*args[:3], extra, args[3]))
+      grads = jax.grad(loss, argnums=(0, 1, 2, 3))
+      inputs = (*args[:3], extra, args[3])
+      if mesh is not None and name not in (BASELINE, JAX_NN_CUDNN):  # split along T, laid out as the data would be
+        inputs = jax.device_put(inputs, jax.tree.map(lambda x: on_shards if x.ndim >= 2 and x.shape[1] == T
+                                                     else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                                                     inputs))
+        with jax.set_mesh(mesh):
+          compiled.append(compile_fn(grads, *inputs))
+      else:
+        compiled.append(compile_fn(grads, *inputs))
+      calls.append(lambda c=compiled[-1], inputs=inputs: c(*inputs))
       bar.update()
     times = interleaved_times(calls, s["rounds"], s["repeats"], s["min_time"], on_round=bar.update)
     for name, c, ts in zip(names, compiled, times):
+      moved = collective_bytes(c)
       row = {"variant": name, "seq_len": T, **spread(ts), "times_s": ts, "temp_bytes": temp_bytes(c),
+             "argument_bytes": argument_bytes(c), "collective_bytes": sum(moved.values()), "collectives": moved,
+             "context": 1 if name in (BASELINE, JAX_NN_CUDNN) else shards,
              **_flops(name, s, T), "options": _options(name, s), "settings": run,
              "device_peak_bytes": peak_device_bytes()}  # process-wide peak so far (None on CPU)
       # Useful work rate: the ideal forward FLOPs x 3 (backward ~ 2x forward) per second, and its share of the
@@ -232,11 +276,18 @@ ATTENTION_COLUMNS = [("variant", "variant", "s"), ("seq_len", "T", "d"), ("time_
                      ("speedup", "speed vs jax.nn", ".2f"), ("temp_mib", "temp MiB", ".1f"),
                      ("memory_ratio", "memory vs jax.nn", ".3f"), ("gflops_ideal", "fwd GFLOP ideal", ".3f"),
                      ("gflops_executed", "fwd GFLOP executed", ".3f"), ("tflops_per_s", "TFLOP/s", ".3f")]
+# Under mesh.context > 1: the devices each sequence is split over, per-device arguments, bytes moved.
+CONTEXT_COLUMNS = [("context", "devices", "d"), ("argument_mib", "args MiB / device", ".1f"),
+                   ("collective_kib", "collectives KiB", ".1f")]
 
 
 def attention_table(rows: list[dict]) -> str:
-  """The Markdown table of `bench_attention` rows."""
-  return format_table([{**r, "temp_mib": r["temp_bytes"] / 2**20} for r in rows], ATTENTION_COLUMNS)
+  """The Markdown table of `bench_attention` rows (with per-device columns when a row ran split)."""
+  columns = ATTENTION_COLUMNS
+  if any(r.get("context", 1) > 1 for r in rows):
+    columns = columns[:2] + CONTEXT_COLUMNS + columns[2:]
+  return format_table([{**r, "temp_mib": r["temp_bytes"] / 2**20, "argument_mib": r.get("argument_bytes", 0) / 2**20,
+                        "collective_kib": r.get("collective_bytes", 0) / 2**10} for r in rows], columns)
 
 
 def attention_header(rows: list[dict]) -> str:
