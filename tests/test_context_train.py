@@ -1,0 +1,111 @@
+"""Context parallelism in a model: the `context` mesh axis trains with one device's losses.
+
+The trainer lays every batch out once (`context.lay_out_example`), `attend` splits each attention call
+over the axis (`context.split_call`), and everything else (embeddings, norms, FFN, MoE, loss) is
+per token, so a 10-step run on `context` = 4 (with a switch MoE on `expert` 2 x `context` 4) logs the
+same losses as one device. Bad settings are one sentence before anything compiles.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efficient_attn import attention
+from efficient_attn.attention import context
+from efficient_attn.bench.attention import bench_attention
+from efficient_attn.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig, validate
+from efficient_attn.train import train
+
+
+def _config(attention_name, mesh, **model_kw):
+  model = ModelConfig(attention=attention_name, num_layers=2, d_model=32, num_heads=4, ffn_dim=64, **model_kw)
+  tr = TrainConfig(steps=10, batch_size=4, seq_len=64, learning_rate=3e-3, warmup_steps=2, log_every=1,
+                   checkpoint_every=10, eval_batches=1)
+  return Config(model=model, train=tr, data=DataConfig(), mesh=mesh)
+
+
+def _losses(cfg, workdir, devices):
+  train(cfg, str(workdir), devices=jax.devices()[:devices], progress=False)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return np.array([r["loss"] for r in rows if "loss" in r]), [r["val_loss"] for r in rows if "val_loss" in r]
+
+
+# (family, model settings, mesh): exact softmax (ring attention) on context 4 in the contiguous layout; the gated
+# delta rule with a switch MoE (top-1, no token dropped at capacity factor 4) on expert 2 x context 4, zigzag.
+RUNS = [
+    ("softmax", {}, MeshConfig(data=1, context=4, context_layout="contiguous")),
+    ("gated_deltanet", {"num_experts": 4, "top_k": 1, "capacity_factor": 4.0, "attention_options": {"chunk_size": 8}},
+     MeshConfig(data=1, context=4, expert=2)),
+]
+
+
+@pytest.mark.parametrize("name, model_kw, mesh", RUNS, ids=[r[0] for r in RUNS])
+def test_training_split_over_context_logs_one_devices_losses(tmp_path, name, model_kw, mesh):
+  want, want_val = _losses(_config(name, MeshConfig(data=1), **model_kw), tmp_path / "one", 1)
+  got, got_val = _losses(_config(name, mesh, **model_kw), tmp_path / "split", mesh.context * mesh.expert)
+  assert len(got) == len(want) == 10
+  assert np.max(np.abs(got - want)) < 1e-4, (got, want)
+  assert want[-1] < want[0] - 0.5  # it learns, so the equality is about a moving model
+  assert np.allclose(got_val, want_val, atol=1e-4)
+
+
+def test_lay_out_example_permutes_every_array_and_adds_positions():
+  seg = np.array([[1] * 5 + [2] * 7 + [3] * 4, [1] * 16], np.int32)
+  tokens = np.arange(32, dtype=np.int32).reshape(2, 16)
+  out = context.lay_out_example({"inputs": tokens, "segment_ids": seg}, 4, "zigzag")
+  for k, x in (("inputs", tokens), ("segment_ids", seg)):
+    np.testing.assert_array_equal(out[k], np.asarray(context.to_layout(x, 4, "zigzag")))
+  want_positions = np.array([list(range(5)) + list(range(7)) + list(range(4)), list(range(16))])
+  np.testing.assert_array_equal(np.asarray(context.from_layout(out["positions"], 4, "zigzag")), want_positions)
+  assert context.lay_out_example({"inputs": tokens}, 1, "zigzag") == {"inputs": tokens}  # one shard: as it was
+
+
+def test_bad_context_settings_are_one_sentence_before_compiling():
+  def refused(cfg, *words):
+    with pytest.raises(ConfigError) as e:
+      validate(cfg, 8)
+    msg = str(e.value)
+    assert msg.count(". ") == 0 and all(w in msg for w in words), msg
+
+  cfg = _config("gla", MeshConfig(data=2, context=4))
+  assert validate(cfg, 8)["context"] == 4
+  refused(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=60)), "T=60", "multiple of 8")
+  refused(dataclasses.replace(cfg, mesh=MeshConfig(data=2, context=4, context_layout="striped")), "striped")
+  refused(dataclasses.replace(cfg, mesh=MeshConfig(data=1, context=16)), "16")
+
+
+def test_a_family_without_a_context_rule_is_refused_by_name():
+  def mine(q, k, v, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None):
+    return attention.softmax_attention(q, k, v, is_causal=is_causal, segment_ids=segment_ids)
+
+  attention.register(attention.Family(name="no_context_rule", fn=mine), replace=True)
+  try:
+    cfg = _config("no_context_rule", MeshConfig(data=2, context=4))
+    with pytest.raises(ConfigError, match="'no_context_rule' has no context-parallel rule"):
+      validate(cfg, 8)
+    validate(dataclasses.replace(cfg, mesh=MeshConfig(data=4)), 4)  # without the axis it is fine
+    mesh = jax.make_mesh((4,), ("context",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+    q = jnp.zeros((1, 16, 2, 8))
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="'no_context_rule' has no context-parallel rule"):
+      attention.attend("no_context_rule", q, q, q, is_causal=True)
+  finally:
+    attention.FAMILIES.pop("no_context_rule")
+    attention.ATTENTION.pop("no_context_rule")
+
+
+def test_bench_attention_splits_over_context_and_reports_bytes_moved():
+  rows = bench_attention({"variants": ["jax_nn", "gla"], "seq_lens": [64, 128], "mesh.context": 2, "rounds": 1,
+                          "min_time": 0.0, "head_dim": 8, "num_heads": 2, "num_kv_heads": 2}, progress=False)
+  by = {(r["variant"], r["seq_len"]): r for r in rows}
+  assert by["jax_nn", 64]["context"] == 1 and by["jax_nn", 64]["collective_bytes"] == 0
+  assert by["gla", 64]["context"] == 2 and by["gla", 64]["collectives"].get("all-gather", 0) > 0
+  # state passing: the same bytes whatever the length
+  assert by["gla", 64]["collective_bytes"] == by["gla", 128]["collective_bytes"]
+  with pytest.raises(ConfigError, match="mesh.context=16 needs 16 devices"):
+    bench_attention({"variants": ["gla"], "seq_lens": [64], "mesh.context": 16}, progress=False)
