@@ -109,3 +109,51 @@ def test_bench_attention_splits_over_context_and_reports_bytes_moved():
   assert by["gla", 64]["collective_bytes"] == by["gla", 128]["collective_bytes"]
   with pytest.raises(ConfigError, match="mesh.context=16 needs 16 devices"):
     bench_attention({"variants": ["gla"], "seq_lens": [64], "mesh.context": 16}, progress=False)
+
+
+# Small options every family runs with at T = 64 over 4 zigzag shards (8-token pieces).
+SMALL = {"local": {"window": 8}, "sparse": {"block_size": 8}, "based": {"window_size": 8, "feature_dim": 4},
+         "performer": {"num_features": 16}, "linear": {"chunk_size": 4}, "retnet": {"chunk_size": 4},
+         "gla": {"chunk_size": 4}, "mamba2": {"chunk_size": 4}, "deltanet": {"chunk_size": 4},
+         "gated_deltanet": {"chunk_size": 4}}
+
+
+@pytest.mark.parametrize("name", ["softmax", "local", "sparse", "linear", "performer", "based", "retnet", "gla",
+                                  "mamba2", "deltanet", "gated_deltanet"])
+def test_every_family_through_attend_on_data_2_x_context_4(name):
+  """`attend` under a (data 2, context 4) mesh, inputs laid out zigzag: one device's output and q/k/v gradients."""
+  B, T, N, K, H = 2, 64, 4, 2, 8
+  family = attention.get(name)
+  options = family.make_options(SMALL.get(name))
+  shape = attention.Shape(T, T, N, K, H, True)
+  kw = family.call_kwargs(options, shape)
+  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  if family.buffers is not None:
+    kw.update(family.buffers(keys[0], options, shape))
+  if family.inputs is not None:
+    spec = family.input_params(options, shape, N * H)
+    params = {n: init(k, s, jnp.float32) for (n, (s, _, init)), k in zip(sorted(spec.items()), jax.random.split(keys[1], len(spec)))}
+    kw.update(family.inputs(params, jax.random.normal(keys[2], (B, T, N * H)), options, shape))
+  q = jax.random.normal(keys[3], (B, T, N, H))
+  k, v = (jax.random.normal(key, (B, T, K, H)) for key in keys[4:])
+  seg = jnp.asarray(np.repeat([[1, 2, 3, 4]], B, 0).repeat([13, 20, 19, 12], axis=1), jnp.int32)
+  ct = jax.random.normal(keys[0], (B, T, N, H))
+  per_token = {n: x for n, x in kw.items() if isinstance(x, jax.Array) and x.shape[:2] == (B, T)}
+  fixed = {n: x for n, x in kw.items() if n not in per_token}
+
+  def loss(q, k, v, split):
+    lay, unlay = ((lambda x: context.to_layout(x, 4, "zigzag"), lambda x: context.from_layout(x, 4, "zigzag"))
+                  if split else (lambda x: x, lambda x: x))
+    out = attention.attend(name, lay(q), lay(k), lay(v), is_causal=True, segment_ids=lay(seg),
+                           **{n: lay(x) for n, x in per_token.items()}, **fixed)
+    return jnp.sum(unlay(out) * ct), unlay(out)
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+  (_, want), want_grads = jax.jit(grad, static_argnums=3)(q, k, v, False)
+  mesh = jax.make_mesh((2, 4), ("data", "context"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:8])
+  with jax.set_mesh(mesh):
+    (_, got), got_grads = jax.jit(grad, static_argnums=3)(q, k, v, True)
+  for what, a, b in zip(("out", "dq", "dk", "dv"), (got, *got_grads), (want, *want_grads)):
+    err = float(jnp.max(jnp.abs(a - b)))
+    assert err <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(b)))), (name, what, err)

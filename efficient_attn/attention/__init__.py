@@ -80,7 +80,7 @@ def attend(kind: str, query, key, value, bias=None, mask=None, *, context_layout
   if bias is not None or mask is not None:
     raise ValueError(f"attend({kind!r}): a bias or mask cannot be split over the mesh's {shards} context devices;"
                      " pass segment_ids (packing) and is_causal instead.")
-  return context.split_call(family.fn, query, key, value, layout=context_layout, **kw)
+  return context.split_call(family.fn, query, key, value, context_layout=context_layout, **kw)
 
 
 def flax_attention_fn(kind: str = "softmax", **opts) -> Callable[..., Any]:

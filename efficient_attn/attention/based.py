@@ -14,6 +14,11 @@ features only carry earlier chunks. The window part is `local.local_attention`
 (w = `window_size`, 64 by default as in the paper). Based alternates the two in separate
 layers; here one layer sums them, so every layer has both exact local recall and the global
 linear state. Decoding: the linear state plus a ring buffer of w keys.
+
+Context parallelism (`context_axis`): the linear half passes its state between shards
+(`linear._context_parallel` on the Taylor features: one all_gather of each piece's Σφ(k)[v, 1]ᵀ,
+M·(Hv + 1) numbers per kv head, whatever T), the window half takes a halo of w − 1 keys from the
+neighbouring pieces (`local.local_attention`'s ppermutes). Exact, like both halves.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.attention import linear, local
+from efficient_attn.attention import context, linear, local
 from efficient_attn.attention._common import compiled_when_eager, leading_batch_dims
 from efficient_attn.attention.linear import kernelized_flops, linear_init_state, linear_step
 from efficient_attn.attention.registry import Family, Shape
@@ -77,17 +82,22 @@ def num_features(feature_dim: int) -> int:
   return 1 + feature_dim + feature_dim * (feature_dim + 1) // 2
 
 
-def taylor_attention(query, key, value, *, mask=None, is_causal=False, segment_ids=None, chunk_size=None):
+def taylor_attention(query, key, value, *, mask=None, is_causal=False, segment_ids=None, chunk_size=None,
+                     context_axis=None, context_layout="zigzag"):
   """The linear half of Based: Σ_s (1 + z + z²/2) v_s / Σ_s (1 + z + z²/2), z = q·k / √d (d = the last dim).
 
   query [B, T, N, d], key [B, S, K, d], value [B, S, K, Hv] -> [B, T, N, Hv]. Chunkwise, the weights
   inside a chunk come from z directly (O(L·d) per query rather than O(L·M)); earlier chunks
-  enter through the states of `taylor_features` (M = 1 + d + d(d+1)/2)."""
+  enter through the states of `taylor_features` (M = 1 + d + d(d+1)/2). With `context_axis` (one shard of a
+  sequence split over that mesh axis, see `based_attention`): the states of the features pass between shards."""
   fn = "based_attention"
   p = linear.prepare_kernelized(query, key, value, None, mask, segment_ids, chunk_size, fn)
   d, dims = query.shape[-1], p.dims
   q = jnp.asarray(query).astype(p.key_BSKH.dtype)
   k = p.key_BSKH
+  if context_axis is not None:
+    out = linear._context_parallel(taylor_features(q), taylor_features(k), p, is_causal, context_axis, context_layout)
+    return out.astype(query.dtype)
   Kc = k.shape[2]
 
   def intra(chunks):
@@ -105,17 +115,30 @@ def taylor_attention(query, key, value, *, mask=None, is_causal=False, segment_i
 @compiled_when_eager()
 @leading_batch_dims(query_mask=False)
 def based_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
-                    feature_dim=16, window_size=64, chunk_size=None):
+                    feature_dim=16, window_size=64, chunk_size=None, context_axis=None, context_layout="zigzag"):
   """Based: query [B, T, N, H], key [B, T, K, H], value [B, T, K, Hv] -> [B, T, N, Hv].
 
   Taylor linear attention on the first `feature_dim` channels + sliding-window softmax
   (`scale`, default H^-½, is the window's). O(T·(d'² + w)·H) time, O(T) memory.
+
+  Context parallelism: `context_axis` (a mesh axis name) says the call runs inside `jax.shard_map` on one
+  shard's T = T_total / P tokens in `context_layout` ("zigzag" | "contiguous", see `attention.context`),
+  segment ids and a key mask laid out the same way. The linear half passes each piece's feature state
+  (one all_gather of P·n·B·K·M·(Hv + 1) numbers), the window half a halo of ceil(w − 1) keys per piece
+  and side (ppermutes; window_size − 1 must fit in a piece): exact, and nothing of size T moves.
   """
   d = min(feature_dim, query.shape[-1])
+  if context_axis is not None:
+    L = query.shape[1] // context.local_pieces(context_layout, query.shape[1], "based_attention")
+    if window_size - 1 > L:
+      raise ValueError(f"based_attention: under context parallelism each piece holds {L} tokens, and"
+                       f" `window_size`={window_size} reaches past the neighbouring piece; use a window_size of at"
+                       f" most {L + 1} or fewer devices.")
+  cp = {"context_axis": context_axis, "context_layout": context_layout}
   lin = taylor_attention(query[..., :d], key[..., :d], value, mask=mask, is_causal=is_causal,
-                         segment_ids=segment_ids, chunk_size=chunk_size)
+                         segment_ids=segment_ids, chunk_size=chunk_size, **cp)
   win = local.local_attention(query, key, value, bias, mask, is_causal=is_causal, segment_ids=segment_ids,
-                              scale=scale, window=window_size)
+                              scale=scale, window=window_size, **cp)
   return (lin.astype(jnp.float32) + win.astype(jnp.float32)).astype(query.dtype)
 
 
@@ -150,4 +173,6 @@ def _flops(o: BasedOptions, shape: Shape) -> dict:
 
 FAMILY = Family(
     name="based", fn=based_attention, options=BasedOptions, init_state=_init_state, step=_step, flops=_flops,
-    check=_check, description="Based: Taylor linear attention + sliding-window softmax (Arora et al. 2024)")
+    check=_check, description="Based: Taylor linear attention + sliding-window softmax (Arora et al. 2024)",
+    context=lambda o, shape, shards, layout: local.check_window_split(o.window_size, shape, shards, layout,
+                                                                      what="window_size"))

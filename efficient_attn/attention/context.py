@@ -79,16 +79,22 @@ def _permute(x, P: int, layout: str, order: np.ndarray):
   return jnp.take(pieces, jnp.asarray(order), axis=1).reshape(x.shape)
 
 
-def varying(x, axis_name):
-  """x marked as varying over `axis_name` inside `jax.shard_map` (a no-op if it already is, or None): inputs
-  built from shapes alone (zero or fixed decays) are otherwise replicated, and a custom VJP whose
-  cotangent varies would not type-check."""
+def varying_axes(x) -> frozenset:
+  """The `jax.shard_map` axes x varies over (empty outside shard_map or for a replicated value)."""
+  kind = getattr(jax.typeof(x), "manual_axis_type", None)  # jax 0.10: ManualAxisType(varying=...)
+  return frozenset(kind.varying) if kind is not None else frozenset()
+
+
+def varying(x, axis_name, like=None):
+  """x marked as varying over `axis_name` (and every axis `like` varies over) inside `jax.shard_map`; a no-op if
+  it already is, or None: inputs built from shapes alone (zero or fixed decays, empty accumulators) are
+  otherwise replicated, and a custom VJP, a scan carry or the branches of a `lax.cond` whose other side varies
+  would not type-check. `like`: an input of the call, e.g. the queries, which under `split_call` vary over
+  the batch axes too."""
   if x is None:
     return x
-  kind = getattr(jax.typeof(x), "manual_axis_type", None)  # jax 0.10: ManualAxisType(varying=...)
-  if kind is not None and axis_name in kind.varying:
-    return x
-  return jax.lax.pcast(x, (axis_name,), to="varying")
+  missing = ({axis_name} | (varying_axes(like) if like is not None else frozenset())) - varying_axes(x)
+  return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
 
 def local_pieces(layout: str, T_local: int, fn: str) -> int:
@@ -226,13 +232,15 @@ def incoming_state(transition, state, axis_name, layout: str, *, reverse: bool =
 # ----------------------------------------------------------------------------- in a model
 
 
-def check_split(options, shape, shards: int, layout: str) -> None:
-  """The usual `Family.context` hook: T must cut into shards × pieces (1 contiguous, 2 zigzag) equal pieces."""
+def check_split(options, shape, shards: int, layout: str) -> int:
+  """The usual `Family.context` hook: T must cut into shards × pieces (1 contiguous, 2 zigzag) equal pieces.
+  Returns the piece length (for a family's own further checks)."""
   del options
   M = shards * check_layout(layout, "context")
   if shape.seq_len % M:
     raise ValueError(f"the {layout} layout over {shards} devices cuts each sequence into {M} equal pieces, and"
                      f" T={shape.seq_len} is not a multiple of {M}.")
+  return shape.seq_len // M
 
 
 def mesh_shards(axis_name: str = AXIS) -> int:
@@ -241,13 +249,13 @@ def mesh_shards(axis_name: str = AXIS) -> int:
   return 1 if mesh.empty else dict(mesh.shape).get(axis_name, 1)
 
 
-def split_call(fn, query, key, value, *, layout: str = "zigzag", axis_name: str = AXIS, **kw):
+def split_call(fn, query, key, value, *, context_layout: str = "zigzag", axis_name: str = AXIS, **kw):
   """`fn(query, key, value, **kw)` with each sequence split over the current mesh's `axis_name`.
 
   query [B, T, N, H], key / value [B, T, K, H(v)] and every keyword array of shape [B, T, ...] (segment
-  ids, gates, β) already in `layout` order (the data pipeline's `lay_out_example`), T on `axis_name` and
+  ids, gates, β) already in `context_layout` order (the data pipeline's `lay_out_example`), T on `axis_name` and
   B on the batch axes (those B divides); other arrays (the Performer's projection) whole. Runs `fn` in a
-  `jax.shard_map` over the whole mesh with `context_axis=axis_name, context_layout=layout`; returns
+  `jax.shard_map` over the whole mesh with `context_axis=axis_name, context_layout=context_layout`; returns
   [B, T, N, Hv] in the same layout. Inside, heads are whole on `tensor`.
   """
   from efficient_attn import sharding
@@ -262,11 +270,11 @@ def split_call(fn, query, key, value, *, layout: str = "zigzag", axis_name: str 
       return sharding.spec([batch, (axis_name,)] + [()] * (x.ndim - 2))
     return jax.sharding.PartitionSpec()
 
-  arrays = {k: v for k, v in kw.items() if hasattr(v, "shape")}
+  arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}  # NumPy (sparse's layout) stays fixed
   fixed = {k: v for k, v in kw.items() if k not in arrays}
 
   def local(q, k, v, arrays):
-    return fn(q, k, v, context_axis=axis_name, context_layout=layout, **arrays, **fixed)
+    return fn(q, k, v, context_axis=axis_name, context_layout=context_layout, **arrays, **fixed)
 
   qkv = (query, key, value)
   return jax.shard_map(local, in_specs=(*map(spec, qkv), {k: spec(v) for k, v in arrays.items()}),

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from efficient_attn.attention._common import (
     Dims, check_mask, check_qkv, compiled_when_eager, leading_batch_dims, split_segment_ids, stats_dtype)
+from efficient_attn.attention.context import check_split
 from efficient_attn.attention.registry import Family, Shape
 
 # Tuned on CPU for causal fwd+bwd at T=8192, H=64 (64 and 128 tie; 128 keeps fewer carried
@@ -260,6 +261,16 @@ def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False,
   kernel, 1 + z + z²/2 from the raw dot product z); `chunks(x)` pads [B, T, ...] to whole
   chunks and returns [B, C, L, ...]. Masked and padded keys are zeroed here.
   """
+  return _normalise(*kernelized_sums(
+      phi_q_BTNM, phi_k_BSKM, value_BSKH, is_causal=is_causal, key_mask_BSK=key_mask_BSK, segment_ids=segment_ids,
+      chunk_size=chunk_size, key_max_BSK=key_max_BSK, intra_weights=intra_weights))
+
+
+def kernelized_sums(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False, key_mask_BSK=None, segment_ids=None,
+                    chunk_size=DEFAULT_CHUNK_SIZE, key_max_BSK=None, intra_weights=None):
+  """The numerator Σ vis·(φq·φk) v [B, T, N, Hv] and denominator Σ vis·(φq·φk) [B, T, N] of
+  `kernelized_attention` (same arguments), before the division: what a caller adds more keys to (the
+  state of earlier shards under context parallelism) before normalising."""
   B, T, N, M = phi_q_BTNM.shape
   _, S, K, _ = phi_k_BSKM.shape
   H = value_BSKH.shape[-1]
@@ -274,7 +285,7 @@ def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False,
     kv_BKMH = jnp.einsum("bskm,bskh->bkmh", phi_k, v)
     num = jnp.einsum("btkgm,bkmh->btkgh", phi_q, kv_BKMH)
     den = jnp.einsum("btkgm,bkm->btkg", phi_q, phi_k.sum(axis=1))
-    return _normalise(num, den).reshape(B, T, N, H)
+    return num.reshape(B, T, N, H), den.reshape(B, T, N)
   L = min(chunk_size, max(T, S))
   P = -(-max(T, S) // L) * L
   # Padded keys have zero features (invisible); padded queries are sliced off.
@@ -300,7 +311,7 @@ def kernelized_attention(phi_q_BTNM, phi_k_BSKM, value_BSKH, *, is_causal=False,
       keep_BCSK = chunks(jnp.broadcast_to(keep_BS1, (B, P, K)))
       a = a * jnp.moveaxis(keep_BCSK, 3, 2)[:, :, :, None, None, :].astype(acc)
   num, den = _chunked(chunks(pad(phi_q, T)), chunks(pad(phi_k, S)), chunks(pad(v, S)), ids, is_causal, m, a)
-  return _normalise(num, den).reshape(B, P, N, H)[:, :T]
+  return num.reshape(B, P, N, H)[:, :T], den.reshape(B, P, N)[:, :T]
 
 
 def _context_parallel(phi_q_BTNM, phi_k_BTKM, p: Prepared, is_causal: bool, axis_name: str, layout: str):
@@ -487,4 +498,5 @@ def _init_state(batch, num_kv_heads, head_dim, *, dtype=None, value_head_dim=Non
 
 FAMILY = Family(
     name="linear", fn=linear_attention, options=LinearOptions, init_state=_init_state, step=linear_step,
-    flops=_flops, description="linear (kernelized) attention, chunkwise parallel (Katharopoulos et al. 2020)")
+    flops=_flops, context=check_split,
+    description="linear (kernelized) attention, chunkwise parallel (Katharopoulos et al. 2020)")

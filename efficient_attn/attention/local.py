@@ -10,6 +10,10 @@ i - P .. i (causal) or i - P .. i + P (bidirectional), P = ceil((window - 1) / b
 Neighbouring key blocks are gathered by slicing a padded copy of K/V, so no
 [T, S] tensor is ever formed: logits are [B, K, G, T/block, block, (2P+1)·block]
 at most, and time and memory are O(T · window).
+
+Context parallelism (`context_axis`): each shard's pieces take as neighbour blocks the `before`
+(and, bidirectional, `after`) blocks of keys / values / key segment ids next to them, from the shard
+that holds the neighbouring piece (`jax.lax.ppermute`, `_halo`): O(window) numbers move, never O(T).
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import jax
 import jax.numpy as jnp
 
 from efficient_attn.attention._common import (
     check_bias, check_mask, check_qkv, compiled_when_eager, gather_block_pairs, leading_batch_dims, masked_softmax,
     mean_visible_keys, resolve_scale, split_segment_ids, stats_dtype)
-from efficient_attn.attention import kernels
+from efficient_attn.attention import context, kernels
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.softmax_decode import softmax_init_state, softmax_step
 
@@ -41,15 +46,20 @@ def default_block(T: int, window: int) -> int:
   return min(T, window if window < 64 else -(-window // 2))
 
 
-def _neighbour_blocks(x, block: int, before: int, after: int):
+def _neighbour_blocks(x, block: int, before: int, after: int, halo=None):
   """[B, nb·block, ...] -> [B, nb, (before + 1 + after)·block, ...]: each block with its neighbours.
 
-  Blocks outside the sequence are zero padding; the caller masks them by position.
+  Blocks outside the sequence are zero padding, or `halo` = (the before·block positions just before it,
+  the after·block just after: [B, before·block, ...], [B, after·block, ...]); the caller masks by position.
   """
   nb = x.shape[1] // block
-  pad = [(0, 0)] * x.ndim
-  pad[1] = (before * block, after * block)
-  xp = jnp.pad(x, pad).reshape(x.shape[0], nb + before + after, block, *x.shape[2:])
+  if halo is None:
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (before * block, after * block)
+    xp = jnp.pad(x, pad)
+  else:
+    xp = jnp.concatenate([halo[0], x, halo[1]], axis=1)
+  xp = xp.reshape(x.shape[0], nb + before + after, block, *x.shape[2:])
   return jnp.concatenate([xp[:, o:o + nb] for o in range(before + 1 + after)], axis=2)
 
 
@@ -61,7 +71,7 @@ def _split_heads(x, N: int, K: int):
 @compiled_when_eager()
 @leading_batch_dims(query_mask=True)
 def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None, scale=None,
-                    window, block_size=None, implementation=None):
+                    window, block_size=None, implementation=None, context_axis=None, context_layout="zigzag"):
   """Sliding-window attention: query t attends to keys within `window` positions.
 
   Args:
@@ -83,6 +93,14 @@ def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
     implementation: "xla" (the blocks above), "splash" (Pallas splash attention with the window
       as its local mask: the TPU kernel; interpret mode elsewhere) or None: splash when lowered
       for TPU and it takes the call (no bias, no dense mask / lengths), else xla.
+    context_axis, context_layout: context parallelism (see `attention.context`): the call runs inside
+      `jax.shard_map` over the mesh axis `context_axis` on one shard's T = T_total / P tokens in
+      `context_layout` ("zigzag" | "contiguous"), segment ids and a key mask [B|1, 1, 1, T] laid out the
+      same way. Each local piece gets the ceil((window − 1) / block) blocks of keys, values, key ids and
+      key mask next to it from the shard holding the neighbouring piece (`jax.lax.ppermute`): per piece
+      and side B·(window − 1 rounded up to a block)·(K·(H + Hv) + 2) numbers, whatever T. Needs
+      window − 1 ≤ the piece length (T / pieces), a block_size dividing it (the default picks one), no
+      bias, the xla implementation.
 
   Returns:
     [B, T, N, Hv] in the query dtype; a query that sees no key outputs 0. Logits and softmax
@@ -101,6 +119,11 @@ def local_attention(query, key, value, bias=None, mask=None, *, is_causal=False,
   mask, bias = check_mask(mask, dims, _FN), check_bias(bias, dims, _FN)
   ids = split_segment_ids(segment_ids, dims, _FN)
   scale = resolve_scale(scale, H)
+  if context_axis is not None:
+    xla = lambda: _local_context(query, key, value, bias, mask, ids, is_causal, scale, window, block_size, dims,
+                                 context_axis, context_layout)
+    return kernels.xla_or_splash(_FN, implementation, "context parallelism runs the XLA blocks with a halo", xla,
+                                 None)
   xla = lambda: _local_blocks(query, key, value, bias, mask, ids, is_causal, scale, window, block, dims)
   splash = lambda interpret: kernels.splash_attention(query, key, value, causal=is_causal, segment_ids=ids,
                                                       scale=scale, window=(window - 1, window - 1),
@@ -123,7 +146,6 @@ def _local_blocks(query, key, value, bias, mask, ids, is_causal, scale, window, 
   v_BnkKV = _neighbour_blocks(jnp.pad(value, pad_t), block, before, after)
 
   acc = stats_dtype(jnp.result_type(query, key, value))
-  logits = jnp.einsum("BnqKGH,BnkKH->BKGnqk", q_BnqKGH, k_BnkKH, preferred_element_type=acc) * scale
 
   # Visibility by position, static NumPy [1, 1, 1, nb, block, W], W = (before + 1 + after)·block;
   # k_pos outside [0, T) are the zero-padded neighbours.
@@ -143,11 +165,126 @@ def _local_blocks(query, key, value, bias, mask, ids, is_causal, scale, window, 
       visible = visible & m.reshape(*m.shape[:5], -1)
     if bias is not None:
       b = gather(bias).astype(acc)
-      logits = logits + b.reshape(*b.shape[:5], -1)
-
-  probs = masked_softmax(logits, visible)
-  out = jnp.einsum("BKGnqk,BnkKV->BnqKGV", probs.astype(value.dtype), v_BnkKV, preferred_element_type=acc)
+      bias = b.reshape(*b.shape[:5], -1)
+  out = _band(q_BnqKGH, k_BnkKH, v_BnkKV, visible, scale, bias)
   return out.reshape(B, Tp, N, Hv)[:, :T].astype(query.dtype)
+
+
+def _band(q_BnqKGH, k_BnkKH, v_BnkKV, visible, scale, bias=None):
+  """Each query block against its neighbour key blocks: [B, nb, block, K, G, Hv] in the stats dtype.
+
+  visible: bool broadcastable to the logits [B, K, G, nb, block, W]; bias: additive, the same (or None)."""
+  acc = stats_dtype(jnp.result_type(q_BnqKGH, k_BnkKH, v_BnkKV))
+  logits = jnp.einsum("BnqKGH,BnkKH->BKGnqk", q_BnqKGH, k_BnkKH, preferred_element_type=acc) * scale
+  if bias is not None:
+    logits = logits + bias
+  probs = masked_softmax(logits, visible)
+  return jnp.einsum("BKGnqk,BnkKV->BnqKGV", probs.astype(v_BnkKV.dtype), v_BnkKV, preferred_element_type=acc)
+
+
+# ----------------------------------------------------------------------------- context parallelism
+
+
+def _piece_block(L: int, window: int, block_size) -> int:
+  """The block of a context-parallel call: `block_size` if it divides the piece length L, by default the
+  largest divisor of L not above `default_block` (blocks must tile each piece so a halo is whole blocks)."""
+  if block_size is None:
+    want = default_block(L, window)
+    return max(d for d in range(1, want + 1) if L % d == 0)
+  if L % block_size:
+    raise ValueError(f"{_FN}: under context parallelism `block_size`={block_size} must divide the piece length"
+                     f" {L} (the local T over its pieces); pass a divisor of {L} or None.")
+  return block_size
+
+
+def _key_mask(mask, dims):
+  """A key mask broadcastable to [B, 1, 1, T] -> bool [B, T]; any other mask is refused (under context a query
+  row or a [T, S] block would need the other shards' positions)."""
+  m = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+  if m.shape[1:3] != (1, 1):
+    raise ValueError(f"{_FN}: under context parallelism `mask` must be a key mask broadcastable to [B, 1, 1, T],"
+                     f" got shape {list(mask.shape)}; use segment_ids for packed documents.")
+  return jnp.broadcast_to(m[:, 0, 0], (dims.B, dims.T))
+
+
+def _halo(ends, axis_name, layout: str, n: int, step: int):
+  """What each local piece's neighbour in the sequence sends (step −1: the piece before it, +1: after it).
+
+  ends: {name: [B, n, h, ...]}, the h positions at the end each local piece offers (its last h for step −1,
+  its first h for step +1). Returns ({name: [B, n, h, ...]}, bool [n]: whether the piece has that
+  neighbour; the first and last pieces of the sequence have none and receive zeros). One
+  `jax.lax.ppermute` per (sending slot, receiving slot) pair: contiguous 1; zigzag 2, as pieces
+  P − 1 and P meet on shard P − 1 and need no transfer.
+  """
+  P = jax.lax.axis_size(axis_name)
+  order = context.piece_order(P, layout).reshape(P, n)   # sequence position of shard s's slot j
+  holder = {int(m): (s, j) for (s, j), m in np.ndenumerate(order)}
+  routes: dict = {}                                      # (sending slot, receiving slot) -> [(from, to) shards]
+  has = np.zeros((P, n), bool)
+  for (s, j), m in np.ndenumerate(order):
+    if int(m) + step in holder:
+      src, i = holder[int(m) + step]
+      routes.setdefault((i, j), []).append((src, s))
+      has[s, j] = True
+  me = jax.lax.axis_index(axis_name)
+  slot = lambda i: {name: x[:, i] for name, x in ends.items()}  # noqa: E731
+  got = [{name: jnp.zeros_like(x[:, 0]) for name, x in ends.items()} for _ in range(n)]
+  for (i, j), pairs in routes.items():
+    moved = [(a, b) for a, b in pairs if a != b]
+    here = jnp.asarray(np.isin(np.arange(P), [b for _, b in pairs]))[me]
+    arrived = jax.lax.ppermute(slot(i), axis_name, moved) if moved else slot(i)
+    got[j] = {name: jnp.where(here, arrived[name], got[j][name]) for name in ends}
+  out = {name: jnp.stack([g[name] for g in got], axis=1) for name in ends}
+  return out, jnp.asarray(has)[me]
+
+
+def _local_context(query, key, value, bias, mask, ids, is_causal, scale, window, block_size, dims, axis_name,
+                   layout):
+  """The XLA path on one shard of a sequence split over `axis_name`: each local piece of L tokens is its own
+  sequence of blocks whose outer neighbour blocks are the halo from the neighbouring pieces (`_halo`)."""
+  B, T, _, N, K, H = dims
+  Hv = value.shape[-1]
+  if bias is not None:
+    raise ValueError(f"{_FN}: under context parallelism `bias` is not supported (it would need the other shards'"
+                     " positions); use a key mask or segment_ids.")
+  n = context.local_pieces(layout, T, _FN)
+  L = T // n
+  if window - 1 > L:
+    raise ValueError(f"{_FN}: under context parallelism each piece holds {L} tokens, and `window`={window} reaches"
+                     f" past the neighbouring piece; use a window of at most {L + 1} or fewer devices.")
+  block = _piece_block(L, window, block_size)
+  nb, before = L // block, -(-(window - 1) // block)
+  after = 0 if is_causal else before
+  q_ids, kv_ids = (None, None) if ids is None else ids
+  keys = {"k": key, "v": value}
+  if kv_ids is not None:
+    keys["ids"] = kv_ids
+  if mask is not None:
+    keys["ok"] = _key_mask(mask, dims)
+  keys = {name: x.reshape(B, n, L, *x.shape[2:]) for name, x in keys.items()}
+  ends = lambda lo, hi: {name: x[:, :, lo:hi] for name, x in keys.items()}  # noqa: E731
+  none = (ends(0, 0), jnp.zeros(n, bool))  # window 1 / causal: no halo on that side
+  prev, has_prev = _halo(ends(L - before * block, L), axis_name, layout, n, -1) if before else none
+  nxt, has_next = _halo(ends(0, after * block), axis_name, layout, n, +1) if after else none
+  Bn = B * n
+  flat = lambda x: x.reshape(Bn, *x.shape[2:])  # noqa: E731
+  neighbours = lambda name: _neighbour_blocks(flat(keys[name]), block, before, after,  # noqa: E731
+                                              (flat(prev[name]), flat(nxt[name])))
+
+  # Visibility: static by position within the piece ([nb, block, W]; k_pos < 0 or >= L is the halo),
+  # the halo only where the neighbouring piece exists, then segments and the key mask.
+  q_pos = np.arange(L).reshape(nb, block, 1)
+  k_pos = (np.arange(nb)[:, None, None] - before) * block + np.arange((before + 1 + after) * block)[None, None]
+  near = jnp.asarray((q_pos - k_pos < window) & (k_pos - q_pos < (1 if is_causal else window)))
+  edge = lambda flag, where: jnp.tile(flag, B).reshape(Bn, 1, 1, 1) | jnp.asarray(where)  # noqa: E731
+  visible = (near & edge(has_prev, k_pos >= 0) & edge(has_next, k_pos < L)).reshape(Bn, 1, 1, nb, block, -1)
+  if q_ids is not None:
+    visible = visible & (q_ids.reshape(Bn, 1, 1, nb, block, 1) == neighbours("ids").reshape(Bn, 1, 1, nb, 1, -1))
+  if mask is not None:
+    visible = visible & neighbours("ok").reshape(Bn, 1, 1, nb, 1, -1)
+  q_BnqKGH = query.reshape(Bn, nb, block, K, N // K, H)
+  out = _band(q_BnqKGH, neighbours("k"), neighbours("v"), visible, scale)
+  return out.reshape(B, T, N, Hv).astype(query.dtype)
 
 
 # ----------------------------------------------------------------------------- the family record
@@ -185,6 +322,18 @@ def _check(o: LocalOptions, shape: Shape) -> None:
     raise ValueError(f"local attention needs self-attention lengths T == S, got T={shape.seq_len}, S={shape.kv_len}.")
 
 
+def check_window_split(window: int, shape: Shape, shards: int, layout: str, block_size=None, what="window") -> None:
+  """`Family.context` of a sliding window: the halo comes from the neighbouring piece only, so window − 1 must
+  not exceed a piece (and a given block size must divide it)."""
+  piece = context.check_split(None, shape, shards, layout)
+  if window - 1 > piece:
+    raise ValueError(f"{what}={window} reaches past the neighbouring piece: over {shards} devices ({layout}) a piece"
+                     f" holds {piece} tokens; use {what} <= {piece + 1}, a longer T or fewer devices.")
+  if block_size is not None and piece % block_size:
+    raise ValueError(f"block_size={block_size} does not divide the {piece}-token pieces of a {layout} split over"
+                     f" {shards} devices; leave block_size unset or pick a divisor of {piece}.")
+
+
 def _init_state(batch, num_kv_heads, head_dim, *, max_len=None, dtype=None, window=128, value_head_dim=None, **_):
   """A ring-buffer KV cache of `window` slots: decoding memory is O(window), not O(T)."""
   del max_len
@@ -198,4 +347,5 @@ def _step(state, query_B1NH, key_B1KH, value_B1KH, *, window=128, scale=None, **
 FAMILY = Family(
     name="local", fn=local_attention, options=LocalOptions, init_state=_init_state, step=_step,
     decode_window=lambda o: o.window, flops=_flops, check=_check,
+    context=lambda o, shape, shards, layout: check_window_split(o.window, shape, shards, layout, o.block_size),
     description="sliding-window softmax attention (Longformer / Sparse Transformer local heads)")

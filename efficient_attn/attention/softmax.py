@@ -11,6 +11,7 @@ The implementations live beside this file:
                       VJP (Dao, 2023), O(T·chunk) memory; causal / windowed calls skip invisible tiles.
   kernels.py          "cudnn", "splash", "triton": the fused kernels' glue and what each refuses.
   softmax_decode.py   KV-cache decoding (`softmax_init_state`, `softmax_step`), shared with local.
+  ring.py             context parallelism: ring attention and the all_gather strategy.
 
 Internally queries are grouped as [B, K, G, T, H] (G = N // K query heads per
 key/value head), so GQA / MQA never repeat keys or values.
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from efficient_attn.attention import _common, kernels
+from efficient_attn.attention import _common, context, kernels, ring
 from efficient_attn.attention.registry import Family, Shape
 from efficient_attn.attention.softmax_chunked import DEFAULT_CHUNK, chunked_attention
 from efficient_attn.attention.softmax_decode import softmax_init_state, softmax_step
@@ -41,7 +42,8 @@ CHUNKED_MIN_TS = 256 * 256
 @_common.leading_batch_dims(query_mask=True)
 def softmax_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None,
                       scale=None, implementation=None, chunk_size=None, local_window_size=None,
-                      return_residual=False, dropout_rate=0.0, dropout_rng=None, broadcast_dropout=True):
+                      return_residual=False, dropout_rate=0.0, dropout_rng=None, broadcast_dropout=True,
+                      context_axis=None, context_layout="zigzag", context_strategy="ring"):
   """Exact scaled dot-product attention softmax(q kᵀ · scale + bias) v; a drop-in for
   `jax.nn.dot_product_attention` (same arguments, same numbers) with GQA, packing and dropout.
 
@@ -75,6 +77,17 @@ def softmax_attention(query, key, value, bias=None, mask=None, *, is_causal=Fals
       [T, S] mask across batch and heads. Each element's keep bit is a hash of `dropout_rng`
       and its (batch, head, query, key) position, so "xla" and "chunked" (any chunk size)
       drop exactly the same weights for the same rng. Not with "cudnn".
+    context_axis, context_layout, context_strategy: context parallelism. With `context_axis` (a
+      mesh axis name) the call runs inside `jax.shard_map` over that axis on one shard's T / P
+      tokens of query, key, value and segment_ids, laid out by `context_layout` ("zigzag":
+      pieces r and 2P - 1 - r of 2P; "contiguous"; see `context.to_layout`), and returns that
+      shard's rows of the whole sequence's output: exact, forward and gradients.
+      `context_strategy` "ring" (ring attention: K/V blocks travel by `ppermute`, causal pairs
+      of pieces skipped, O(T / P) memory; per step softmax_chunked's block kernel on every
+      platform, one tile when a piece is short) or "all_gather" (K/V gathered whole, a causal
+      [T / P, T] mask; the dispatch below picks the lowering); see `ring`. Self-attention only
+      (T == S), without bias, mask / lengths, window, dropout or the residual; `implementation`
+      None, "xla" (one tile per ring step) or "chunked".
 
   Returns [..., T, N, Hv] in query's dtype (and the residual when asked); softmax statistics
   are float32 (float64 for float64 inputs). A query that sees no key outputs 0 and passes no
@@ -92,6 +105,18 @@ def softmax_attention(query, key, value, bias=None, mask=None, *, is_causal=Fals
   mask = _common.check_mask(mask, dims, _FN)
   seg = _common.split_segment_ids(segment_ids, dims, _FN)
   scale = _common.resolve_scale(scale, dims.H)
+  if context_strategy not in ring.STRATEGIES:
+    raise ValueError(f"{_FN}: `context_strategy`={context_strategy!r} is not one of {list(ring.STRATEGIES)}.")
+  if context_axis is not None:
+    n = _check_context(dims, implementation, context_axis, context_layout, bias, mask, window, drop, return_residual)
+    if context_strategy == "ring":
+      T_piece = dims.T // n
+      impl = implementation or _xla_or_chunked(T_piece, T_piece)
+      plan = ring.Ring(context_axis, context_layout, bool(is_causal), float(scale),
+                       (T_piece, T_piece) if impl == "xla" else chunk)
+      return ring.ring_attention(query, key, value, seg, plan).astype(query.dtype)
+    key, value, seg, mask = ring.gather_keys(key, value, seg, context_axis, context_layout, is_causal)
+    dims, is_causal = dims._replace(S=key.shape[1]), False
   Hv = value.shape[-1]
   refusals = _kernel_refusals(dims, query.dtype, Hv, bias, mask, seg, is_causal, window, drop, return_residual)
   if implementation in ("splash", "triton", "cudnn") and refusals[implementation]:
@@ -162,6 +187,24 @@ def softmax_weights(query, key, bias=None, mask=None, *, is_causal=False, segmen
                                 _resolve_window(local_window_size), _common.resolve_scale(scale, dims.H))
   p_BKGTS = jnp.where(seen_rows(lse_BKGT), p_BKGTS, jnp.zeros((), p_BKGTS.dtype))
   return p_BKGTS.reshape(dims.B, dims.N, dims.T, dims.S)
+
+
+def _check_context(dims, implementation, axis, layout, bias, mask, window, drop, return_residual) -> int:
+  """The number of local pieces of a context-parallel call, or one sentence saying what it cannot take."""
+  unsupported = [name for name, given in (("bias", bias is not None), ("mask (or sequence lengths)", mask is not None),
+                                          ("local_window_size", window is not None), ("dropout", drop is not None),
+                                          ("return_residual", return_residual)) if given]
+  if unsupported:
+    raise ValueError(f"{_FN}: context parallelism (context_axis={axis!r}) does not take {', '.join(unsupported)};"
+                     " use segment_ids and is_causal for packing and causality.")
+  if dims.T != dims.S:
+    raise ValueError(f"{_FN}: context parallelism (context_axis={axis!r}) is self-attention, query and key/value"
+                     f" the same local length; got T={dims.T}, S={dims.S}.")
+  if implementation not in (None, "xla", "chunked"):
+    raise ValueError(f"{_FN}: implementation={implementation!r} cannot run under context parallelism (the ring"
+                     " needs each block's log-sum-exp and the all_gather strategy a dense mask, which the fused kernels"
+                     " do not give or take); use None, 'chunked' or 'xla'.")
+  return context.local_pieces(layout, dims.T, _FN)
 
 
 def _resolve_chunk(chunk_size):
@@ -237,13 +280,17 @@ def pick_implementation(T: int, S: int, H: int, dtype, *, has_bias: bool = False
 @dataclasses.dataclass(frozen=True)
 class SoftmaxOptions:
   """implementation: None (best for the lowering platform) | "xla" | "chunked" | "cudnn" | "splash" | "triton".
-  chunk_size: the chunked path's tile, an int or (query_chunk, key_chunk); None = DEFAULT_CHUNK."""
+  chunk_size: the chunked path's tile, an int or (query_chunk, key_chunk); None = DEFAULT_CHUNK.
+  context_strategy: how a call with a `context_axis` moves keys: "ring" (ppermute round the ring) | "all_gather"."""
   implementation: str | None = None
   chunk_size: int | tuple[int, int] | None = None
+  context_strategy: str = "ring"
 
   def __post_init__(self):
     if self.implementation not in (None, *IMPLEMENTATIONS):
       raise ValueError(f"implementation={self.implementation!r} is not one of {[None, *IMPLEMENTATIONS]}.")
+    if self.context_strategy not in ring.STRATEGIES:
+      raise ValueError(f"context_strategy={self.context_strategy!r} is not one of {list(ring.STRATEGIES)}.")
     if self.chunk_size is not None:
       object.__setattr__(self, "chunk_size", _resolve_chunk(self.chunk_size))
 
@@ -277,7 +324,22 @@ def _init_state(batch, num_kv_heads, head_dim, *, max_len=None, dtype=None, valu
   return softmax_init_state(batch, max_len, num_kv_heads, head_dim, dtype or jnp.float32, value_head_dim)
 
 
+def _step(state, query_B1NH, key_B1KH, value_B1KH, *, context_strategy="ring", **kw):
+  """`softmax_step` under the family's options (decoding has no context axis)."""
+  del context_strategy
+  return softmax_step(state, query_B1NH, key_B1KH, value_B1KH, **kw)
+
+
+def _check_split(o: SoftmaxOptions, shape: Shape, shards: int, layout: str) -> None:
+  """`Family.context`: any split of T into equal pieces; each ring step runs the chunked / xla block (the fused
+  kernels return no log-sum-exp to merge steps with)."""
+  context.check_split(o, shape, shards, layout)
+  if o.implementation in ("splash", "triton", "cudnn"):
+    raise ValueError(f"implementation={o.implementation!r} cannot run a {o.context_strategy} step (no log-sum-exp"
+                     " to merge blocks with); use None, 'chunked' or 'xla' under context parallelism.")
+
+
 FAMILY = Family(
-    name="softmax", fn=softmax_attention, options=SoftmaxOptions, init_state=_init_state, step=softmax_step,
-    flops=_flops,
+    name="softmax", fn=softmax_attention, options=SoftmaxOptions, init_state=_init_state, step=_step,
+    flops=_flops, context=_check_split,
     description="exact softmax attention (xla / chunked online softmax / cudnn / splash / triton); KV-cache decoding")

@@ -78,6 +78,18 @@ def chunked_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, causal, window, 
   chunk (query_chunk, key_chunk). Returns (out [B, K, G, T, Hv] in q's dtype, the rows' logsumexp
   [B, K, G, T] in the stats dtype (-inf where nothing is visible) if `want_lse`, else None).
   """
+  T = q_BKGTH.shape[3]
+  tiling, q, k, v, bias, mask, seg = _padded(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, causal, window, scale, chunk,
+                                             drop)
+  seed = None if drop is None else drop.seed
+  if want_lse:
+    out, lse = _flash_with_lse(tiling, q, k, v, bias, mask, seg, seed)
+    return out[:, :, :, :T], jnp.where(jnp.isinf(lse), -jnp.inf, lse)[:, :, :, :T]
+  return _flash(tiling, q, k, v, bias, mask, seg, seed)[:, :, :, :T], None
+
+
+def _padded(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, causal, window, scale, chunk, drop):
+  """The static tiling of a call and its arguments padded to whole chunks (padded keys are invisible)."""
   T, S = q_BKGTH.shape[3], k_BKSH.shape[2]
   cq, ck = min(chunk[0], T), min(chunk[1], S)
   nq, ns = -(-T // cq), -(-S // ck)
@@ -89,11 +101,31 @@ def chunked_attention(q_BKGTH, k_BKSH, v_BKSH, bias, mask, seg, causal, window, 
   bias, mask = (None if x is None else _pad_tiles(x, Tp, Sp) for x in (bias, mask))
   if seg is not None:
     seg = (_pad_to(seg[0], 1, Tp, -1), _pad_to(seg[1], 1, Sp, -2))
-  seed = None if drop is None else drop.seed
-  if want_lse:
-    out, lse = _flash_with_lse(tiling, q, k, v, bias, mask, seg, seed)
-    return out[:, :, :, :T], jnp.where(jnp.isinf(lse), -jnp.inf, lse)[:, :, :, :T]
-  return _flash(tiling, q, k, v, bias, mask, seg, seed)[:, :, :, :T], None
+  return tiling, q, k, v, bias, mask, seg
+
+
+def block_forward(q_BKGTH, k_BKSH, v_BKSH, seg, causal, scale, chunk):
+  """One block of a longer attention (a ring step): the online softmax of these queries over these keys alone.
+
+  Returns (out [B, K, G, T, Hv], logsumexp [B, K, G, T]) in the stats dtype, -inf where the block shows a row
+  nothing; no VJP of its own: the caller merges blocks and differentiates them with `block_grads`.
+  """
+  T = q_BKGTH.shape[3]
+  tiling, q, k, v, _, _, seg = _padded(q_BKGTH, k_BKSH, v_BKSH, None, None, seg, causal, None, scale, chunk, None)
+  out, lse = _flash_forward(tiling, q, k, v, None, None, seg, None)
+  return out[:, :, :, :T], jnp.where(jnp.isinf(lse), -jnp.inf, lse)[:, :, :, :T]
+
+
+def block_grads(q_BKGTH, k_BKSH, v_BKSH, seg, causal, scale, chunk, lse_BKGT, delta_BKGT, d_out_BKGTH):
+  """(dq, dk, dv) in the stats dtype of one block of a longer attention, FlashAttention-2's backward given the
+  whole row's logsumexp (-inf: the row sees nothing anywhere) and delta = rowsum(dO ∘ O) of the whole output."""
+  T, S = q_BKGTH.shape[3], k_BKSH.shape[2]
+  tiling, q, k, v, _, _, seg = _padded(q_BKGTH, k_BKSH, v_BKSH, None, None, seg, causal, None, scale, chunk, None)
+  Tp = q.shape[3]
+  lse = _pad_to(jnp.where(jnp.isinf(lse_BKGT), jnp.inf, lse_BKGT), 3, Tp, jnp.inf)  # +inf: p = 0, never NaN
+  delta, d_out = _pad_to(delta_BKGT, 3, Tp), _pad_to(d_out_BKGTH, 3, Tp)
+  dq, dk, dv, _ = _flash_grads(tiling, q, k, v, None, None, seg, None, lse, delta, d_out)
+  return dq[:, :, :, :T], dk[:, :, :S], dv[:, :, :S]
 
 
 def _pad_tiles(x, Tp, Sp):
@@ -158,7 +190,9 @@ def _flash_forward(tiling, q, k, v, bias, mask, seg, seed):
       pv = jnp.einsum("BKGTS,BKSH->BKGTH", p_v.astype(v.dtype), v_j, preferred_element_type=sd)
       return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-    init = (jnp.full((B, K, G, cq), -jnp.inf, sd), jnp.zeros((B, K, G, cq), sd), jnp.zeros((B, K, G, cq, Hv), sd))
+    # Built from q_i, not from shapes: inside shard_map the carry then varies over the mesh axes as q does.
+    init = (jnp.full_like(q_i, -jnp.inf, sd, shape=(B, K, G, cq)), jnp.zeros_like(q_i, sd, shape=(B, K, G, cq)),
+            jnp.zeros_like(q_i, sd, shape=(B, K, G, cq, Hv)))
     m, l, acc = _two_loops(tiling, i, body, init)
     seen = l > 0
     safe_l = jnp.where(seen, l, jnp.ones((), sd))
@@ -179,15 +213,23 @@ def _add_at(acc, x, starts):
 
 
 def _flash_backward(tiling, res, d_out):
-  """FlashAttention-2 backward: recomputes each visible tile (and its dropout mask); dK, dV
-  (and dbias) accumulate across query chunks."""
+  """FlashAttention-2 backward of `_flash` / `_flash_with_lse`."""
   q, k, v, bias, mask, seg, seed, out, lse = res
   if isinstance(d_out, tuple):  # _flash_with_lse: the logsumexp output is gradient-stopped
     d_out = d_out[0]
+  sd = _common.stats_dtype(q.dtype)
+  delta = jnp.sum(d_out.astype(sd) * out.astype(sd), -1)  # rowsum(dO * O) [B, K, G, Tp]
+  dq, dk, dv, db = _flash_grads(tiling, q, k, v, bias, mask, seg, seed, lse, delta, d_out)
+  return ((dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+           None if bias is None else db.astype(bias.dtype), None, None, None))
+
+
+def _flash_grads(tiling, q, k, v, bias, mask, seg, seed, lse, delta, d_out):
+  """Recomputes each visible tile (and its dropout mask); dK, dV (and dbias) accumulate across query chunks.
+  lse: +inf where a row sees nothing. Returns (dq, dk, dv, dbias or None) in the stats dtype."""
   cq, ck = tiling.cq, tiling.ck
   sd = _common.stats_dtype(q.dtype)
   drop = tiling.drop(seed)
-  delta = jnp.sum(d_out.astype(sd) * out.astype(sd), -1)  # rowsum(dO * O) [B, K, G, Tp]
 
   def q_chunk(carry, i):
     q_i, do_i = (lax.dynamic_slice_in_dim(x, i * cq, cq, axis=3) for x in (q, d_out))
@@ -216,14 +258,13 @@ def _flash_backward(tiling, res, d_out):
                      (0, 0, 0, i * cq if t > 1 else 0, j * ck if s_len > 1 else 0))
       return dq_i, dk, dv, db
 
-    dq_i, *carry = _two_loops(tiling, i, body, (jnp.zeros(q_i.shape, sd), *carry))
+    dq_i, *carry = _two_loops(tiling, i, body, (jnp.zeros_like(q_i, sd), *carry))
     return tuple(carry), dq_i
 
-  init = (jnp.zeros(k.shape, sd), jnp.zeros(v.shape, sd), None if bias is None else jnp.zeros(bias.shape, sd))
+  init = (jnp.zeros_like(k, sd), jnp.zeros_like(v, sd), None if bias is None else jnp.zeros_like(bias, sd))
   (dk, dv, db), dq = lax.scan(q_chunk, init, jnp.arange(tiling.nq))
   dq = jnp.moveaxis(dq, 0, 3).reshape(q.shape) * tiling.scale
-  return ((dq.astype(q.dtype), (dk * tiling.scale).astype(k.dtype), dv.astype(v.dtype),
-           None if bias is None else db.astype(bias.dtype), None, None, None))
+  return dq, dk * tiling.scale, dv, db
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

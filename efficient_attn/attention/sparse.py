@@ -11,6 +11,11 @@ within 2x, and no [T, S] tensor is formed. The builders of layouts are in
 `efficient_attn.attention.masks`. As in splash attention, the description becomes a static
 plan once: the model's layout once per (options, shape) (`build_layout`), its block plan
 once per layout (`block_plan`), both cached, never rebuilt on a retrace.
+
+Context parallelism (`context_axis`): the layout stays the one of the whole sequence; each shard
+gathers all of K / V (`jax.lax.all_gather`), puts them in sequence order and computes its own query
+blocks, the layout's rows of the pieces it holds (a static plan per shard, chosen by
+`jax.lax.axis_index`). All of K / V moves, O(T): what global and random blocks need anyway.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 from efficient_attn.attention._common import (
     check_bias, check_divisible, check_mask, check_qkv, compiled_when_eager, gather_block_pairs, leading_batch_dims,
     masked_softmax, resolve_scale, split_segment_ids, stats_dtype)
-from efficient_attn.attention import kernels, masks
+from efficient_attn.attention import context, kernels, masks
 from efficient_attn.attention.registry import Family, Shape
 
 _FN = "block_sparse_attention"
@@ -108,7 +113,8 @@ def _by_head(x, N: int, K: int):
 @compiled_when_eager(static=("layout",))
 @leading_batch_dims(query_mask=True)
 def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal=False, segment_ids=None,
-                           scale=None, layout, block_size, implementation=None):
+                           scale=None, layout, block_size, implementation=None, context_axis=None,
+                           context_layout="zigzag"):
   """Softmax attention restricted to the blocks that `layout` marks.
 
   Args:
@@ -129,6 +135,13 @@ def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal
       when lowered for TPU and it takes the call (T == S, every diagonal block marked, no bias,
       no dense mask / lengths), else xla.
     block_size: positions per block, for queries and keys.
+    context_axis, context_layout: context parallelism (see `attention.context`): the call runs inside
+      `jax.shard_map` over the mesh axis `context_axis` on one shard's T = T_total / P queries and
+      S = S_total / P keys in `context_layout` ("zigzag" | "contiguous"), segment ids and a key mask
+      [B|1, 1, 1, S] laid out the same way; `layout` is the whole sequence's [T_total/bs, S_total/bs].
+      One all_gather of K, V (+ key ids and mask): B·S_total·K·(H + Hv) numbers per shard; the shard
+      then computes the layout's rows of its own pieces. block_size must divide the piece lengths
+      (T / pieces, S / pieces); no bias, the xla implementation.
 
   Returns:
     [B, T, N, Hv] in the query dtype; a query that sees no key outputs 0. Logits and softmax
@@ -141,6 +154,12 @@ def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal
   B, T, S, N, K, H = dims
   if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
     raise ValueError(f"{_FN}: `block_size` must be a positive integer, got {block_size!r}.")
+  if context_axis is not None:
+    mask, bias = check_mask(mask, dims, _FN), check_bias(bias, dims, _FN)
+    xla = lambda: _sparse_context(query, key, value, bias, mask, split_segment_ids(segment_ids, dims, _FN),
+                                  is_causal, resolve_scale(scale, H), layout, int(block_size), dims, context_axis,
+                                  context_layout)
+    return kernels.xla_or_splash(_FN, implementation, "context parallelism runs the XLA gathers", xla, None)
   check_divisible(T, block_size, "query length T", "block_size", _FN)
   check_divisible(S, block_size, "key length S", "block_size", _FN)
   bs, nq, nk = int(block_size), T // block_size, S // block_size
@@ -156,8 +175,11 @@ def block_sparse_attention(query, key, value, bias=None, mask=None, *, is_causal
   return kernels.xla_or_splash(_FN, implementation, refusal, xla, splash)
 
 
-def _gathered_blocks(query, key, value, bias, mask, ids, is_causal, scale, layout, bs):
-  """The XLA path on checked arguments: each query block against its gathered marked key blocks."""
+def _gathered_blocks(query, key, value, bias, mask, ids, is_causal, scale, layout, bs, q_rows=None):
+  """The XLA path on checked arguments: each query block against its gathered marked key blocks.
+
+  q_rows: int NumPy [T/bs], the sequence's block index of each query block (default 0 .. T/bs − 1; a
+  shard's own rows under context parallelism), which the causal test inside blocks reads."""
   B, T, N, H = query.shape
   K, nq = key.shape[2], T // bs
   q_BiqKGH = query.reshape(B, nq, bs, K, N // K, H)
@@ -166,7 +188,7 @@ def _gathered_blocks(query, key, value, bias, mask, ids, is_causal, scale, layou
   for rows_u, kv_blocks, valid in groups:
     q_u = q_BiqKGH if len(groups) == 1 else q_BiqKGH[:, rows_u]
     parts.append(_attend_rows(q_u, key, value, bias, mask, ids, is_causal, scale, rows_u,
-                              kv_blocks, valid, bs))
+                              kv_blocks, valid, bs, q_rows))
     rows.append(rows_u)
   out_BiqKGH = parts[0]
   if len(parts) > 1:  # Back to query-block order.
@@ -174,7 +196,8 @@ def _gathered_blocks(query, key, value, bias, mask, ids, is_causal, scale, layou
   return out_BiqKGH.reshape(B, T, N, value.shape[-1]).astype(query.dtype)
 
 
-def _attend_rows(q_BuqKGH, key, value, bias, mask, ids, is_causal, scale, rows, kv_blocks, valid, bs: int):
+def _attend_rows(q_BuqKGH, key, value, bias, mask, ids, is_causal, scale, rows, kv_blocks, valid, bs: int,
+                 q_rows=None):
   """Attention of the query blocks `rows` to their marked key blocks: [B, u, bs, K, G, Hv], float32
   (float64 for float64 inputs).
 
@@ -193,7 +216,8 @@ def _attend_rows(q_BuqKGH, key, value, bias, mask, ids, is_causal, scale, rows, 
   valid_hu1M1 = valid[:, :, None, :, None]
   if is_causal:  # static: key position <= query position, [h, u, bs, M, bs]
     k_pos = (kv_blocks * bs)[:, :, None, :, None] + np.arange(bs).reshape(1, 1, 1, 1, bs)
-    q_pos = (np.asarray(rows) * bs).reshape(1, u, 1, 1, 1) + np.arange(bs).reshape(1, 1, bs, 1, 1)
+    at = np.asarray(rows) if q_rows is None else np.asarray(q_rows)[rows]
+    q_pos = (at * bs).reshape(1, u, 1, 1, 1) + np.arange(bs).reshape(1, 1, bs, 1, 1)
     valid_hu1M1 = valid_hu1M1 & (k_pos <= q_pos)
   visible = as_heads(valid_hu1M1)
   if ids is not None:
@@ -208,6 +232,45 @@ def _attend_rows(q_BuqKGH, key, value, bias, mask, ids, is_causal, scale, rows, 
 
   probs = masked_softmax(logits, visible, axis=(-2, -1))
   return jnp.einsum(f"BKGuqmk,{v_spec}->BuqKGV", probs.astype(value.dtype), v_blocks, preferred_element_type=acc)
+
+
+def _sparse_context(query, key, value, bias, mask, ids, is_causal, scale, layout, bs: int, dims, axis_name,
+                    layout_name: str):
+  """The XLA path on one shard of a sequence split over `axis_name` (see `block_sparse_attention`): K, V, key
+  ids and a key mask gathered whole in sequence order; this shard's query blocks against them."""
+  B, T, S, N, K, H = dims
+  if bias is not None:
+    raise ValueError(f"{_FN}: under context parallelism `bias` is not supported (it would need the other shards'"
+                     " positions); use a key mask or segment_ids.")
+  if mask is not None and mask.reshape((1,) * (4 - mask.ndim) + mask.shape).shape[1:3] != (1, 1):
+    raise ValueError(f"{_FN}: under context parallelism `mask` must be a key mask broadcastable to [B, 1, 1, S],"
+                     f" got shape {list(mask.shape)}; use segment_ids for packed documents.")
+  n = context.local_pieces(layout_name, T, _FN)
+  if T % (n * bs) or S % (n * bs):
+    raise ValueError(f"{_FN}: under context parallelism `block_size`={bs} must divide the piece lengths"
+                     f" T/{n}={T / n:g} and S/{n}={S / n:g} (a block may not straddle two pieces).")
+  P = jax.lax.axis_size(axis_name)
+  layout = _static_layout(layout, dims, P * T // bs, P * S // bs, is_causal)
+  order = context.piece_order(P, layout_name)
+  slot = np.argsort(order)                  # gathered piece holding each sequence position
+
+  def whole(x, t_axis=1):                   # [.., S, ..] on this shard -> [.., P·S, ..] in sequence order
+    x = jax.lax.all_gather(x, axis_name, axis=t_axis, tiled=True)
+    pieces = x.reshape(*x.shape[:t_axis], P * n, S // n, *x.shape[t_axis + 1:])
+    return jnp.take(pieces, jnp.asarray(slot), axis=t_axis).reshape(x.shape)
+
+  key, value = whole(key), whole(value)
+  ids = None if ids is None else (ids[0], whole(ids[1]))
+  if mask is not None and mask.shape[-1] > 1:  # [B|1, 1, 1, S]
+    mask = whole(mask.reshape((1,) * (4 - mask.ndim) + mask.shape), t_axis=3)
+  nq = T // n // bs                         # query blocks per piece
+
+  def branch(s: int):                       # shard s: the layout's rows of its pieces, in its order
+    rows = (order.reshape(P, n)[s][:, None] * nq + np.arange(nq)).reshape(-1)
+    return lambda: _gathered_blocks(query, key, value, None, mask, ids, is_causal, scale, layout[:, rows], bs,
+                                    q_rows=rows)
+
+  return jax.lax.switch(jax.lax.axis_index(axis_name), [branch(s) for s in range(P)])
 
 
 # ----------------------------------------------------------------------------- the family record
@@ -265,6 +328,13 @@ def _check(o: SparseOptions, shape: Shape) -> None:
                        f" pick a length that is a multiple of {o.block_size}.")
 
 
+def _check_context(o: SparseOptions, shape: Shape, shards: int, layout: str) -> None:
+  piece = context.check_split(o, shape, shards, layout)
+  if piece % o.block_size:
+    raise ValueError(f"block_size={o.block_size} does not divide the {piece}-token pieces of a {layout} split over"
+                     f" {shards} devices; pick a block size that divides {piece}, a longer T or fewer devices.")
+
+
 def _prepare(o: SparseOptions, shape: Shape) -> dict:
   _check(o, shape)
   return {"layout": build_layout(o, shape.seq_len // o.block_size, shape.kv_len // o.block_size),
@@ -292,4 +362,5 @@ def _flops(o: SparseOptions, shape: Shape) -> dict:
 
 FAMILY = Family(
     name="sparse", fn=block_sparse_attention, options=SparseOptions, prepare=_prepare, flops=_flops, check=_check,
+    context=_check_context,
     description="block-sparse softmax attention on a static layout (BigBird / Sparse Transformer)")

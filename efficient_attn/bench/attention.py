@@ -132,8 +132,8 @@ def _attention_variant(name: str, s: dict, T: int) -> tuple[Callable[..., Any], 
   shards = s["mesh.context"]
   if shards > 1:
     split = attention.context.split_call
-    return (lambda q, k, v, extra: split(family.fn, q, k, v, layout=s["mesh.context_layout"], is_causal=causal, **kw,
-                                         **extra)), extra
+    return (lambda q, k, v, extra: split(family.fn, q, k, v, context_layout=s["mesh.context_layout"],
+                                         is_causal=causal, **kw, **extra)), extra
   return (lambda q, k, v, extra: family.fn(q, k, v, is_causal=causal, **kw, **extra)), extra
 
 
