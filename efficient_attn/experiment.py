@@ -41,7 +41,7 @@ from typing import Any
 
 from efficient_attn.config import ConfigError, apply_overrides, did_you_mean
 
-EXPERIMENTS = ("quickstart", "attention_scaling", "equal_compute", "moe_scaling", "listops", "mqar")
+EXPERIMENTS = ("quickstart", "attention_scaling", "equal_compute", "moe_scaling", "listops", "mqar", "long_context")
 PACKAGE = "efficient_attn._experiments"
 
 

@@ -1,4 +1,4 @@
-"""The experiment runner and the language-model experiments (quickstart, equal_compute, moe_scaling).
+"""The experiment runner and the language-model experiments (quickstart, equal_compute, moe_scaling, long_context).
 
 Each runs end to end at smoke=true; a rerun resumes finished variants; a workdir
 with other settings is refused without touching it; the equal-compute budget is
@@ -173,6 +173,8 @@ def test_experiment_files_load_by_path(tmp_path, capsys):
     (["experiment", "moe_scaling", "--set", "moe_every=9"], "moe_every=9 exceeds num_layers=4"),
     (["experiment", "quickstart", "--set", "mesh_data=4"], "the mesh needs 16 devices but 8 are available"),
     (["experiment", "moe_scaling", "--set", "steps=-1"], "train.steps=-1 must be a positive integer"),
+    (["experiment", "long_context", "--set", "contexts=[1, 16]"], "needs 16 devices, but 8 are available"),
+    (["experiment", "long_context", "--set", "start_len=100"], "T=100 is not a multiple of 8"),
 ])
 def test_bad_settings_exit_2_before_anything_runs(tmp_path, capsys, argv, needle):
   workdir = tmp_path / "w"
@@ -180,3 +182,18 @@ def test_bad_settings_exit_2_before_anything_runs(tmp_path, capsys, argv, needle
   err = capsys.readouterr().err
   assert needle in err and err.count("\n") == 1 and "Traceback" not in err
   assert not workdir.exists()
+
+
+def test_long_context_reach_grows_with_the_devices_and_only_the_split_moves_bytes(tmp_path):
+  out = _run("long_context", tmp_path, families=["gla"], max_len=256, time_len=128)
+  _check_outputs(tmp_path, out, 4, "Longest trainable sequence within 2 MiB per device")
+  reach = {r["context"]: r for r in out["rows"] if r["kind"] == "reach"}
+  timed = {r["context"]: r for r in out["rows"] if r["kind"] == "time"}
+  assert reach[1]["max_len"] == 128 and reach[2]["max_len"] == 256 and reach[2]["capped"]
+  for r in reach.values():  # the reach fits the budget; the next length probed from it did not (or is capped)
+    assert r["device_bytes"] <= 2 * 2**20
+  assert reach[1]["probes"][-1]["device_bytes"] > 2 * 2**20
+  # memory per device falls with the split; only the split program moves bytes, a state of fixed size
+  assert timed[2]["temp_bytes"] < timed[1]["temp_bytes"]
+  assert timed[1]["collective_bytes"] == 0 < timed[2]["collective_bytes"]
+  assert all(r["step_time_s"] > 0 for r in timed.values())
