@@ -185,7 +185,7 @@ def test_bad_settings_exit_2_before_anything_runs(tmp_path, capsys, argv, needle
 
 
 def test_long_context_reach_grows_with_the_devices_and_only_the_split_moves_bytes(tmp_path):
-  out = _run("long_context", tmp_path, families=["gla"], max_len=256, time_len=128)
+  out = _run("long_context", tmp_path, families=["gla"])
   _check_outputs(tmp_path, out, 4, "Longest trainable sequence within 2 MiB per device")
   reach = {r["context"]: r for r in out["rows"] if r["kind"] == "reach"}
   timed = {r["context"]: r for r in out["rows"] if r["kind"] == "time"}
