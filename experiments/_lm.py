@@ -33,11 +33,11 @@ def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> 
 
 
 def devices_for(config: Config):
-  """The first data x fsdp x tensor x expert devices; ConfigError if the machine has fewer."""
+  """The first data x fsdp x context x tensor x expert devices; ConfigError if the machine has fewer."""
   import jax
 
   m = config.mesh
-  need = max(m.data, 1) * m.fsdp * m.tensor * m.expert
+  need = max(m.data, 1) * m.fsdp * m.context * m.tensor * m.expert
   have = jax.devices()
   if need > len(have):
     raise ConfigError(f"the mesh needs {need} devices but {len(have)} are available; on CPU set"
