@@ -157,3 +157,29 @@ def test_every_family_through_attend_on_data_2_x_context_4(name):
   for what, a, b in zip(("out", "dq", "dk", "dv"), (got, *got_grads), (want, *want_grads)):
     err = float(jnp.max(jnp.abs(a - b)))
     assert err <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(b)))), (name, what, err)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_ring_attention_lowers_for_accelerators_with_permutes_only(platform):
+  """The ring as TPU / GPU would run it (jax.export, no chip needed): collective-permutes of K/V blocks, no
+  all-gather; each step is the XLA blockwise softmax (no fused kernel: they return no log-sum-exp)."""
+  mesh = jax.make_mesh((4,), ("context",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "context"))
+  x = jax.ShapeDtypeStruct((1, 256, 2, 16), jnp.bfloat16, sharding=split)
+  loss = lambda q, k, v: jnp.sum(attention.attend("softmax", q, k, v, is_causal=True).astype(jnp.float32))  # noqa: E731
+  with jax.set_mesh(mesh):
+    text = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform])(x, x, x).mlir_module()
+  assert "collective_permute" in text and "all_gather" not in text
+
+
+def test_bench_moe_splits_sequences_over_context():
+  from efficient_attn.bench.moe import bench_moe
+
+  settings = {"batch": 2, "seq_len": 32, "d_model": 16, "hidden_dim": 32, "num_experts": [4],
+              "variants": ["dense", "switch_cf1.25"], "rounds": 1, "repeats": 1, "min_time": 0.0}
+  one, split = bench_moe(settings, progress=False), bench_moe({**settings, "mesh.context": 2}, progress=False)
+  assert [r["context"] for r in one] == [1, 1] and [r["context"] for r in split] == [2, 2]
+  assert one[1]["collective_bytes"] == 0 < split[1]["collective_bytes"]
+  assert split[1]["argument_bytes"] < one[1]["argument_bytes"]  # each device holds half of every sequence
+  with pytest.raises(ConfigError, match="mesh.context=3 must be a positive integer dividing seq_len=32"):
+    bench_moe({**settings, "mesh.context": 3}, progress=False)

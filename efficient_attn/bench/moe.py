@@ -13,6 +13,11 @@ temp_bytes (XLA's compiled scratch memory), temp_vs_dense, flops_per_token (idea
 forward + backward), executed_flops_per_token (capacity padding included) and
 settings (every setting and the machine).
 
+`mesh.context=P` splits every sequence over P devices (the layout a context-parallel model hands
+its FFN: tokens [B, T/P, D] per device, params whole); rows then add per-device argument bytes and the
+bytes of the compiled program's collectives (`measure.collective_bytes`): the routing groups are whole
+sequences, so what the partitioner moves to route them shows there.
+
 On XLA:CPU the dense FFN's GELU backward is fused into a slow transposed loop, so
 with activation="gelu" (the default) MoE layers can beat the dense layer; set
 {"activation": "relu"} for a matmul-bound comparison.
@@ -25,8 +30,8 @@ import jax.numpy as jnp
 
 from efficient_attn.bench import bench_settings
 from efficient_attn.config import ConfigError, did_you_mean
-from efficient_attn.measure import (compile_fn, environment, format_table, interleaved_times, settings_header, spread,
-                                    temp_bytes)
+from efficient_attn.measure import (argument_bytes, collective_bytes, compile_fn, environment, format_table,
+                                    interleaved_times, settings_header, spread, temp_bytes)
 from efficient_attn.moe.ffn import flops_per_token, moe_ffn, resolve_activation
 
 VARIANTS = {
@@ -52,6 +57,7 @@ DEFAULTS = {
     "rounds": 3,            # rounds over all variants, interleaved; time = the median round
     "repeats": 3,           # timed calls per round at least (after one warm-up) ...
     "min_time": 0.2,        # ... and until this many seconds have passed
+    "mesh.context": 1,      # devices each sequence is split over (context parallelism)
 }
 SETTINGS_HELP = {
     "batch": "B", "seq_len": "T (one routing group per sequence)", "d_model": "D",
@@ -62,6 +68,7 @@ SETTINGS_HELP = {
     "rounds": "interleaved timing rounds; time = median over rounds (min / max reported)",
     "repeats": "timed calls per variant per round, at least (their median is the round's time) ...",
     "min_time": "... and until this many seconds have passed (at most 50 calls)",
+    "mesh.context": "devices each sequence is split over; rows add per-device argument and collective bytes",
 }
 
 COLUMNS = [
@@ -89,6 +96,12 @@ def _settings(settings: dict | None) -> dict:
   if not s["num_experts"] or any(not isinstance(e, int) or e < 2 for e in s["num_experts"]):
     raise ConfigError(f"bench_moe: setting 'num_experts'={s['num_experts']!r} must be a list of integers >= 2.")
   resolve_activation(s["activation"], "bench_moe")
+  P = s["mesh.context"]
+  if not isinstance(P, int) or P < 1 or s["seq_len"] % P:
+    raise ConfigError(f"bench_moe: mesh.context={P!r} must be a positive integer dividing seq_len={s['seq_len']}.")
+  if P > len(jax.devices()):
+    raise ConfigError(f"bench_moe: mesh.context={P} needs {P} devices, but {len(jax.devices())} are available (on CPU"
+                      " the command emulates them when XLA_FLAGS sets no device count).")
   return s
 
 
@@ -111,8 +124,12 @@ def _params(rng, D, F, E, dtype):
   return {"router": jax.random.normal(k[2], (D, E), dtype) * D ** -0.5, "w_in": w_in, "w_out": w_out}
 
 
-def _compile(loss, params, x):
-  compiled = compile_fn(jax.grad(loss, argnums=(0, 1)), params, x)
+def _compile(loss, params, x, mesh=None):
+  if mesh is None:
+    compiled = compile_fn(jax.grad(loss, argnums=(0, 1)), params, x)
+  else:
+    with jax.set_mesh(mesh):
+      compiled = compile_fn(jax.grad(loss, argnums=(0, 1)), params, x)
   return compiled, temp_bytes(compiled)
 
 
@@ -133,6 +150,14 @@ def bench_moe(settings: dict | None = None, progress: bool = True) -> list[dict]
   act = resolve_activation(s["activation"], "bench_moe")
   rng_x, rng_p = jax.random.split(jax.random.key(s["seed"]))
   x = jax.random.normal(rng_x, (B, T, D), dtype)
+  mesh, whole = None, None
+  if s["mesh.context"] > 1:  # tokens split along T, params whole
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((s["mesh.context"],), ("context",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:s["mesh.context"]])
+    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec(None, "context")))
+    whole = NamedSharding(mesh, PartitionSpec())
   configs = [("dense", None)] + [(v, E) for E in s["num_experts"] for v in s["variants"] if v != "dense"]
   run = {**s, **environment()}
   bar = None
@@ -142,18 +167,22 @@ def bench_moe(settings: dict | None = None, progress: bool = True) -> list[dict]
   rows, calls = [], []
   for variant, E in configs:
     params = _params(rng_p, D, F, E, dtype)
+    if whole is not None:
+      params = jax.device_put(params, whole)
     options = VARIANTS[variant] or {}
     if E is None:
-      compiled, temp = _compile(lambda p, x: _dense_loss(p, x, act), params, x)
+      compiled, temp = _compile(lambda p, x: _dense_loss(p, x, act), params, x, mesh)
       flops = {"ideal": 4.0 * D * F, "executed": 4.0 * D * F}
     else:
-      compiled, temp = _compile(lambda p, x, o=options: _moe_loss(p, x, act, o), params, x)
+      compiled, temp = _compile(lambda p, x, o=options: _moe_loss(p, x, act, o), params, x, mesh)
       dropless = options.get("dropless", False)
       flops = flops_per_token(D, F, E, top_k=options.get("top_k", 1), tokens_per_group=T,
                               capacity_factor=None if dropless else options.get("capacity_factor"))
     rows.append({"variant": variant, "num_experts": E, "top_k": options.get("top_k", 1) if E else None,
                  "capacity_factor": None if options.get("dropless") else options.get("capacity_factor"),
-                 "temp_bytes": temp, "flops_per_token": 3 * flops["ideal"],
+                 "temp_bytes": temp, "argument_bytes": argument_bytes(compiled),
+                 "collective_bytes": sum(collective_bytes(compiled).values()), "context": s["mesh.context"],
+                 "flops_per_token": 3 * flops["ideal"],
                  "executed_flops_per_token": 3 * flops["executed"]})
     calls.append(lambda c=compiled, p=params: c(p, x))
     bar and bar.update()
@@ -169,8 +198,12 @@ def bench_moe(settings: dict | None = None, progress: bool = True) -> list[dict]
 
 
 def format_moe_table(rows: list[dict]) -> str:
-  """The Markdown table of `bench_moe` rows."""
-  return format_table(rows, COLUMNS)
+  """The Markdown table of `bench_moe` rows (with per-device columns when the sequences were split)."""
+  columns = COLUMNS
+  if any(r.get("context", 1) > 1 for r in rows):
+    columns = columns + [("context", "devices", "d"), ("argument_bytes", "args bytes / device", ",d"),
+                         ("collective_bytes", "collective bytes", ",d")]
+  return format_table(rows, columns)
 
 
 def moe_header(rows: list[dict]) -> str:
