@@ -176,22 +176,20 @@ def test_layouts_round_trip_and_zigzag_pieces():
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
 
 
-def _collective_bytes(T_total: int, delta: bool) -> dict[str, list[int]]:
-  """{collective: sorted result bytes} of the compiled fwd+bwd of an 8-way zigzag split at T_total tokens."""
+def collective_sizes(family, shapes, shards: int = 8) -> dict[str, list[int]]:
+  """{collective: sorted result bytes} of the compiled fwd+bwd of `family(*arrays, context_axis="context")` with
+  float32 arrays of `shapes` ([B, T, ...] each) already laid out and split over `shards` devices (zigzag):
+  only what the family itself moves."""
   import re
 
   from jax.sharding import NamedSharding
 
-  mesh = _mesh(8)
-  on_shards = NamedSharding(mesh, P(None, "context"))  # inputs already laid out and split: only the family moves data
-  shape = lambda *d: jax.ShapeDtypeStruct(d, jnp.float32, sharding=on_shards)  # noqa: E731
-  args = (shape(B, T_total, N, H), shape(B, T_total, K, H), shape(B, T_total, K, Hv), shape(B, T_total, K))
-  if delta:  # g doubles as β (only shapes matter here)
-    family = lambda q, k, v, g: delta_rule_attention(q, k, v, g, chunk_size=16, context_axis="context")  # noqa: E731
-  else:
-    family = lambda q, k, v, g: gated_linear_attention(q, k, v, g, chunk_size=16, context_axis="context")  # noqa: E731
-  fn = jax.shard_map(family, mesh=mesh, in_specs=P(None, "context"), out_specs=P(None, "context"))
-  step = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3)), out_shardings=on_shards)
+  mesh = _mesh(shards)
+  on_shards = NamedSharding(mesh, P(None, "context"))
+  args = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=on_shards) for s in shapes]
+  fn = jax.shard_map(lambda *a: family(*a, context_axis="context"), mesh=mesh, in_specs=P(None, "context"),
+                     out_specs=P(None, "context"))
+  step = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(len(args)))), out_shardings=on_shards)
   found: dict[str, list[int]] = {}
   for line in step.lower(*args).compile().as_text().splitlines():
     op = next((c for c in COLLECTIVES if f" {c}(" in line or f" {c}-start(" in line), None)
@@ -199,6 +197,15 @@ def _collective_bytes(T_total: int, delta: bool) -> dict[str, list[int]]:
       dims = re.search(r"= \(?(?:f32|s32|u32|pred)\[([\d,]*)\]", line).group(1)
       found.setdefault(op, []).append(4 * int(np.prod([int(d) for d in dims.split(",") if d])))
   return {op: sorted(sizes) for op, sizes in found.items()}
+
+
+def _collective_bytes(T_total: int, delta: bool) -> dict[str, list[int]]:
+  """The gated (or delta-rule) core's collectives at T_total tokens over 8 devices."""
+  if delta:  # g doubles as β (only shapes matter here)
+    family = lambda q, k, v, g, **c: delta_rule_attention(q, k, v, g, chunk_size=16, **c)  # noqa: E731
+  else:
+    family = lambda q, k, v, g, **c: gated_linear_attention(q, k, v, g, chunk_size=16, **c)  # noqa: E731
+  return collective_sizes(family, [(B, T_total, N, H), (B, T_total, K, H), (B, T_total, K, Hv), (B, T_total, K)])
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["gated", "delta"])

@@ -7,7 +7,6 @@ forward and dq / dk / dv, float32, max |difference| within 1e-5 of the largest e
 token to token, so the causal running key max grows inside and across shards.
 """
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import test_context
 from efficient_attn.attention import performer_attention, performer_projection
-from test_context import COLLECTIVES, _assert_close, _mesh, _segments, _value_and_grads, split
+from test_context import _assert_close, _mesh, _segments, _value_and_grads, collective_sizes, split
 
 B, T, N, K, H, Hv = 2, 64, 4, 2, 8, 4
 W = performer_projection(jax.random.key(0), 16, H)  # M = 16
@@ -84,22 +83,10 @@ def test_context_errors_name_the_function():
 
 
 def _collective_bytes(T_total: int, causal: bool) -> dict[str, list[int]]:
-  """{collective: sorted result bytes} of the compiled fwd+bwd of an 8-way zigzag split at T_total tokens."""
-  mesh = _mesh(8)
-  on_shards = NamedSharding(mesh, P(None, "context"))
-  shape = lambda *d: jax.ShapeDtypeStruct(d, jnp.float32, sharding=on_shards)  # noqa: E731
-  args = (shape(B, T_total, N, H), shape(B, T_total, K, H), shape(B, T_total, K, Hv))
-  family = lambda q, k, v: performer_attention(q, k, v, is_causal=causal, projection=W, chunk_size=16,  # noqa: E731
-                                               context_axis="context")
-  fn = jax.shard_map(family, mesh=mesh, in_specs=P(None, "context"), out_specs=P(None, "context"))
-  step = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2)), out_shardings=on_shards)
-  found: dict[str, list[int]] = {}
-  for line in step.lower(*args).compile().as_text().splitlines():
-    op = next((c for c in COLLECTIVES if f" {c}(" in line or f" {c}-start(" in line), None)
-    if op:
-      dims = re.search(r"= \(?(?:f32|s32|u32|pred)\[([\d,]*)\]", line).group(1)
-      found.setdefault(op, []).append(4 * int(np.prod([int(d) for d in dims.split(",") if d])))
-  return {op: sorted(sizes) for op, sizes in found.items()}
+  """Performer's collectives at T_total tokens over 8 devices (zigzag)."""
+  family = lambda q, k, v, **c: performer_attention(q, k, v, is_causal=causal, projection=W, chunk_size=16,  # noqa: E731
+                                                    **c)
+  return collective_sizes(family, [(B, T_total, N, H), (B, T_total, K, H), (B, T_total, K, Hv)])
 
 
 def test_causal_softmax_moves_the_same_bytes_at_any_length():
