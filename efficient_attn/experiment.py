@@ -3,8 +3,11 @@
 An experiment is a file `experiments/NAME.py` (or a user's own FILE.py) that defines
 
     get_config() -> dict           flat settings, every key overridable with --set; includes "smoke"
+                                   (the runner adds RUNNER_DEFAULTS: mesh.context, mesh.context_layout)
     SMOKE: dict                    what smoke=true changes (well under a minute on a laptop CPU)
     check(cfg) -> None             optional: raise ConfigError on impossible settings, before compiling
+    CONTEXT_PARALLEL = True        optional: the runs split each sequence over cfg["mesh.context"] devices
+                                   in cfg["mesh.context_layout"] (without it mesh.context > 1 is refused)
     variants(cfg) -> list[str]     the independent runs, in order
     run_variant(cfg, name, ctx) -> list[dict]   rows of one variant (ctx: workdir, progress)
     summarize(cfg, rows) -> str    the Markdown comparison table(s)
@@ -43,6 +46,9 @@ from efficient_attn.config import ConfigError, apply_overrides, did_you_mean
 
 EXPERIMENTS = ("quickstart", "attention_scaling", "equal_compute", "moe_scaling", "listops", "mqar", "long_context")
 PACKAGE = "efficient_attn._experiments"
+# Settings every experiment accepts, under its own get_config(): the devices each sequence is split over
+# (context parallelism, `efficient_attn.attention.context`) and the token layout over them.
+RUNNER_DEFAULTS = {"mesh.context": 1, "mesh.context_layout": "zigzag"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +118,40 @@ def load(name: str):
 
 
 def resolve_config(module, overrides: dict[str, Any]) -> dict[str, Any]:
-  """get_config() updated by smoke (if set) and then by the user's --set values, checked."""
+  """RUNNER_DEFAULTS + get_config(), updated by smoke (if set) and then by the user's --set values, checked."""
   name = module.__name__.rsplit(".", 1)[-1]
   where = f"experiment {name}"
-  cfg = apply_overrides(module.get_config(), overrides, where)
+  cfg = apply_overrides({**RUNNER_DEFAULTS, **module.get_config()}, overrides, where)
   if cfg.get("smoke"):
     cfg = apply_overrides(apply_overrides(cfg, module.SMOKE, where), overrides, where)
+  _check_context(module, cfg, where)
   if hasattr(module, "check"):
     module.check(cfg)
   return cfg
+
+
+def _check_context(module, cfg: dict, where: str) -> None:
+  """ConfigError (one sentence) unless mesh.context is a positive integer that the devices hold, 1 for an
+  experiment that does not split sequences (CONTEXT_PARALLEL), and mesh.context_layout a known layout;
+  each experiment checks its own lengths against the split."""
+  import jax
+
+  from efficient_attn.attention.context import LAYOUTS
+
+  P, layout = cfg["mesh.context"], cfg["mesh.context_layout"]
+  if P < 1:
+    raise ConfigError(f"{where}: mesh.context={P} must be a positive integer (the devices each sequence is split"
+                      " over; 1 = no split).")
+  if P > 1 and not getattr(module, "CONTEXT_PARALLEL", False):
+    # long_context compares several splits itself: its own `contexts` list is the knob there.
+    own = (f"; set its own contexts list instead (now {cfg['contexts']!r}), such as contexts=[1, {P}]"
+           if "contexts" in cfg else "; leave mesh.context=1")
+    raise ConfigError(f"{where} does not split its sequences by mesh.context={P}{own}.")
+  if P > len(jax.devices()):
+    raise ConfigError(f"{where}: mesh.context={P} needs {P} devices, but {len(jax.devices())} are available (on CPU"
+                      " the command emulates 8).")
+  if layout not in LAYOUTS:
+    raise ConfigError(f"{where}: mesh.context_layout={layout!r} is not one of {' | '.join(LAYOUTS)}.")
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -138,7 +169,7 @@ def _check_same_config(workdir: str, cfg: dict) -> None:
     _atomic_write(path, json.dumps(cfg, indent=1, sort_keys=True) + "\n")
     return
   with open(path) as f:
-    old = json.load(f)
+    old = {**RUNNER_DEFAULTS, **json.load(f)}  # a workdir from before the runner's keys ran at their defaults
   diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
   if diff:
     shown = ", ".join(f"{k}={old.get(k)!r} there vs {cfg.get(k)!r} now" for k in diff[:3])
@@ -196,6 +227,17 @@ def run(name: str, workdir: str, overrides: dict[str, Any] | None = None, *,
 
 
 # ----------------------------------------------------------------------------- shared by the experiments
+
+
+def context_mesh(cfg: dict):
+  """The mesh of the first P = cfg["mesh.context"] devices, all on its `context` axis (each sequence split
+  over them), or None when P is 1 (the experiment runs on one device, unsplit)."""
+  import jax
+
+  from efficient_attn import sharding
+
+  P = cfg["mesh.context"]
+  return None if P == 1 else sharding.make_mesh({"context": P}, jax.devices()[:P])
 
 
 def attention_variant(cfg: dict, name: str, aliases: dict | None = None) -> tuple[str, dict]:

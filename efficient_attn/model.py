@@ -217,18 +217,20 @@ class EncoderClassifier(nn.Module):
   """Bidirectional encoder for sequence classification (e.g. ListOps): tokens [B, T] -> logits [B, classes].
 
   Padding is segment id 0: padded tokens neither attend to nor are attended by
-  real ones, and the mean pool ignores them.
+  real ones, and the mean pool ignores them. Context parallelism as `TransformerLM` (tokens, segment
+  ids and `positions` in `context_layout` order; the pool does not depend on the order).
   """
   config: Any
   num_classes: int
   mesh: Any = None
+  context_layout: str = "zigzag"
 
   @nn.compact
-  def __call__(self, tokens_BT, segment_ids=None):
+  def __call__(self, tokens_BT, segment_ids=None, positions=None):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     x = _embedding(c, dtype, "embed")(tokens_BT)
-    x = Trunk(c, False, self.mesh, name="trunk")(x, segment_ids)
+    x = Trunk(c, False, self.mesh, self.context_layout, name="trunk")(x, segment_ids, positions)
     x = RMSNorm(dtype=dtype, name="final_norm")(x).astype(jnp.float32)
     w = jnp.ones(tokens_BT.shape, jnp.float32) if segment_ids is None else (segment_ids > 0).astype(jnp.float32)
     pooled = jnp.sum(x * w[..., None], 1) / jnp.maximum(jnp.sum(w, 1, keepdims=True), 1.0)

@@ -3,7 +3,9 @@
 `train_variant` runs `efficient_attn.train.train` in the variant's directory (so a
 killed variant resumes from its checkpoint) and turns its metrics.jsonl into one
 result row: final train / validation loss, throughput, MFU, compiled memory, the
-training FLOPs spent, and the loss curve for the plots.
+training FLOPs spent, and the loss curve for the plots. `--set mesh.context=P` splits
+every variant's sequences over P devices, a P times larger mesh (`base_config`); a dense
+model's losses stay the same.
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ TRAIN_KEYS = ("batch_size", "seq_len", "learning_rate", "warmup_steps", "seed", 
 
 
 def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> Config:
-  """The training Config of one variant: the experiment's shared settings + the variant's model fields."""
+  """The training Config of one variant: the experiment's shared settings + the variant's model fields.
+
+  mesh: the variant's data / fsdp / expert sizes (default one device), times cfg["mesh.context"] devices
+  that each sequence is split over in cfg["mesh.context_layout"] (the runner's keys)."""
   model.setdefault("attention_options", cfg.get("attention_options", {}).get(model.get("attention", "softmax")))
   m = ModelConfig(**{k: cfg[k] for k in MODEL_KEYS if k in cfg}, **model)
   # At most 4 checkpoints a run (every ceil(steps / 4) steps): a killed variant resumes from its last quarter.
   t = TrainConfig(steps=steps, checkpoint_every=max(-(-steps // 4), 1), max_to_keep=1,
                   **{k: cfg[k] for k in TRAIN_KEYS if k in cfg})
   data = DataConfig(val_fraction=cfg.get("val_fraction", 0.05), tokenizer=cfg.get("tokenizer", "bytes"))
-  return Config(model=m, train=t, data=data,
-                mesh=MeshConfig(**(mesh or {"data": 1})))
+  context = {"context": cfg["mesh.context"], "context_layout": cfg["mesh.context_layout"]}
+  return Config(model=m, train=t, data=data, mesh=MeshConfig(**(mesh or {"data": 1}), **context))
 
 
 def devices_for(config: Config):

@@ -16,7 +16,9 @@ A length whose step is predicted (quadratic growth from the previous length) to 
 longer than `max_step_s`, or whose compiled memory exceeds `max_memory_gib`, is
 compiled but not run: its row keeps the memory and says why; one predicted past
 LONG_STEP_S is timed once after the warm-up. `--set smoke=true`
-measures a tiny model at 256 and 512 tokens in about 20 s.
+measures a tiny model at 256 and 512 tokens in about 20 s. `--set mesh.context=P` compiles and
+times every step with each sequence split over P devices (as long_context does; rows carry
+"context", memory is per device); on CPU the P devices are emulated and share the cores.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ ALIASES = {"softmax": ("softmax", {"implementation": "xla"}),
            "softmax_chunked": ("softmax", {"implementation": "chunked"})}
 BASELINE = "softmax"
 LONG_STEP_S = 10.0
+CONTEXT_PARALLEL = True  # --set mesh.context=P: every step with its sequence split over P devices
 
 
 def get_config() -> dict:
@@ -74,7 +77,7 @@ def check(cfg: dict) -> None:
   for name in cfg["families"]:
     for T in lens:  # each family checks its own constraints (e.g. sparse: T a multiple of its block)
       try:
-        validate(_train_config(cfg, name, T), 1)
+        validate(_train_config(cfg, name, T), cfg["mesh.context"])
       except ConfigError as e:
         raise ConfigError(f"attention_scaling family {name}: {e}") from None
 
@@ -89,11 +92,17 @@ def _train_config(cfg: dict, name: str, T: int):
   keys = ("d_model", "num_layers", "num_heads", "ffn_dim", "dtype")
   attention, options = attention_variant(cfg, name, ALIASES)
   m = ModelConfig(attention=attention, attention_options=options, **{k: cfg[k] for k in keys})
-  return Config(model=m, train=TrainConfig(batch_size=cfg["batch_size"], seq_len=T), mesh=MeshConfig(data=1))
+  mesh = MeshConfig(data=1, context=cfg["mesh.context"], context_layout=cfg["mesh.context_layout"])
+  return Config(model=m, train=TrainConfig(batch_size=cfg["batch_size"], seq_len=T), mesh=mesh)
 
 
-def _compile(cfg: dict, name: str, T: int, variables) -> tuple[dict, object, dict]:
-  """Compiles the training step of family `name` at length T: (row with memory and FLOPs, executable, batch)."""
+def _compile(cfg: dict, name: str, T: int, variables, mesh) -> tuple[dict, object, dict]:
+  """Compiles the training step of family `name` at length T: (row with memory and FLOPs, executable, batch).
+
+  mesh: None (one device), or `experiment.context_mesh`: the step splits each sequence over its P devices
+  (`variables` already whole on each), the batch laid out for them."""
+  import contextlib
+
   import jax
 
   from efficient_attn import flops, train
@@ -105,18 +114,36 @@ def _compile(cfg: dict, name: str, T: int, variables) -> tuple[dict, object, dic
   tokens = jax.random.randint(jax.random.PRNGKey(cfg["seed"] + T), (B, T + 1), 0, m.vocab_size)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": None,
            "weights": jax.numpy.ones((B, T), jax.numpy.float32)}
-  model = TransformerLM(m)
+  if mesh is not None:
+    batch = _laid_out(cfg, batch, mesh)
+  model = TransformerLM(m, context_layout=cfg["mesh.context_layout"])
   params, buffers = variables
   step = jax.value_and_grad(lambda p, b: train.loss_fn(p, b, model, config.train, buffers), has_aux=True)
-  compiled = compile_fn(step, params, batch)
+  with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # per thread: compiles run in a pool
+    compiled = compile_fn(step, params, batch)
   impl = getattr(m.options, "implementation", None)
   fpt = flops.model_flops_per_token(m, T)
   row = {"family": name, "attention": m.attention, "implementation": impl, "seq_len": T, "batch_size": B,
-         "memory_bytes": temp_bytes(compiled), "flops": fpt["train"] * B * T,
+         "context": cfg["mesh.context"], "memory_bytes": temp_bytes(compiled), "flops": fpt["train"] * B * T,
          "flops_executed": fpt["executed_train"] * B * T, "xla_flops": xla_flops(compiled) or None,
          "step_time_s": None, "repeats": 0, "load_avg": None, "tokens_per_sec": None, "device_peak_bytes": None,
          "skipped": None}
   return row, compiled, batch
+
+
+def _laid_out(cfg: dict, batch: dict, mesh) -> dict:
+  """`batch` laid out for the mesh's P context devices (`context.lay_out_example`, positions added) and
+  sharded over them. Every row is one segment (`train.loss_fn` reads segment ids; all ones attend as None
+  does)."""
+  import numpy as np
+
+  from efficient_attn import sharding
+  from efficient_attn.attention import context
+
+  example = {k: np.asarray(v) for k, v in batch.items() if v is not None}
+  example["segment_ids"] = np.ones(example["inputs"].shape, np.int32)
+  P = mesh.shape[context.AXIS]
+  return sharding.global_batch(context.lay_out_example(example, P, cfg["mesh.context_layout"]), mesh)
 
 
 def _time(cfg: dict, row: dict, compiled, params, batch, predicted_s: float | None) -> None:
@@ -170,20 +197,25 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   """
   from concurrent.futures import ThreadPoolExecutor
 
+  import jax
   from tqdm.auto import tqdm
 
-  from efficient_attn.experiment import finished_rows
+  from efficient_attn import sharding
+  from efficient_attn.experiment import context_mesh, finished_rows
 
   root = os.path.dirname(os.path.dirname(ctx.workdir))  # the runner's DIR (ctx.workdir = DIR/variants/NAME)
   base = {r["seq_len"]: r for r in (finished_rows(root, BASELINE) or [])}
+  mesh = context_mesh(cfg)
   variables = _init_params(cfg, name)
+  if mesh is not None:  # params and buffers whole on every device of the split
+    variables = jax.device_put(variables, sharding.replicated(mesh))
   params = variables[0]
   lengths = sorted(cfg["seq_lens"])
   bar = tqdm(total=2 * len(lengths), desc=f"{name} compile+time", unit="step", disable=not ctx.progress,
              leave=False)
 
   def build(T):
-    out = _compile(cfg, name, T, variables)
+    out = _compile(cfg, name, T, variables, mesh)
     bar.update()
     return out
 
@@ -271,7 +303,10 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
            f" sparse = BigBird layout of {opt('sparse', 'block_size')}-token blocks ({opt('sparse', 'window')} window,"
            f" {opt('sparse', 'num_global')} global, {opt('sparse', 'num_random')} random); Performer"
            f" M={opt('performer', 'num_features')}")
-  intro = (f"One training step (forward + backward of the LM loss) of a {model}. Time: median of >="
+  P = cfg["mesh.context"]
+  split = (f" Each sequence is split over {P} devices (mesh.context, {cfg['mesh.context_layout']} layout): memory"
+           " and XLA FLOPs are per device; emulated CPU devices share the cores." if P > 1 else "")
+  intro = (f"One training step (forward + backward of the LM loss) of a {model}.{split} Time: median of >="
            f" {cfg['repeats']} calls after a warm-up (one call where the step was predicted past {LONG_STEP_S:g} s)."
            " Memory: XLA's compiled temporary bytes of the step. Ratios are against `softmax` (exact, XLA,"
            " materialised T x T logits) at the same length. FLOPs: ideal and executed from"

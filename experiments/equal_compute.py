@@ -9,7 +9,8 @@ dimension and chunks), so cheaper attention trains on more tokens. The budget is
 `budget_flops`, or (0) what softmax spends in `reference_steps`. Reported: final
 validation loss and bits per byte, the training seconds each family needs to reach
 softmax's final validation loss, tokens/s, MFU and compiled memory.
-Plots: `loss_vs_flops.png`, `loss_vs_time.png`.
+Plots: `loss_vs_flops.png`, `loss_vs_time.png`. `--set mesh.context=P` splits each
+sequence over P devices (the same losses; the step time is the split's).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from efficient_attn.config import ConfigError
 from efficient_attn.experiment import check_attention_variants, line_plot
 
 from . import _lm
+
+CONTEXT_PARALLEL = True  # --set mesh.context=P: every variant's sequences split over P devices (_lm)
 
 FAMILIES = ["softmax", "local", "sparse", "linear", "performer"]  # the default variants; any registered family runs
 

@@ -24,6 +24,8 @@ from efficient_attn.experiment import attention_option, check_attention_variants
 
 from ._papers import LRA_TABLE1
 
+CONTEXT_PARALLEL = True  # --set mesh.context=P: every example split over P devices (the pool is order-free)
+
 FAMILIES = ["softmax", "local", "sparse", "linear", "performer"]  # the default families; any registered one runs
 # Our family -> the LRA Table 1 row it corresponds to (sparse uses BigBird's window + global + random layout).
 LRA_ROW = {"softmax": "Transformer", "local": "Local Attention", "sparse": "BigBird", "linear": "Linear Trans.",
@@ -86,7 +88,8 @@ def check(cfg: dict) -> None:
   check_counts(cfg, "listops", ("steps", "batch_size", "eval_examples", "eval_points"))
   for f in cfg["families"]:
     check_model(model_config(cfg, f), seq_len=cfg["max_length"], batch_size=cfg["batch_size"],
-                what=f"experiment listops, family {f} (seq_len = max_length)")
+                what=f"experiment listops, family {f} (seq_len = max_length)", context=cfg["mesh.context"],
+                layout=cfg["mesh.context_layout"])
     try:
       need = step_flops(cfg, f)
     except ValueError as e:
@@ -124,14 +127,16 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   import numpy as np
 
   from efficient_attn.data.listops import NUM_CLASSES
+  from efficient_attn.experiment import context_mesh
   from efficient_attn.model import EncoderClassifier
 
   from ._synthetic import step_seed, train_and_eval
 
-  model = EncoderClassifier(model_config(cfg, name), NUM_CLASSES)
+  model = EncoderClassifier(model_config(cfg, name), NUM_CLASSES, context_layout=cfg["mesh.context_layout"])
 
-  def loss_fn(variables, batch):
-    return task_loss(model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"]), batch)
+  def loss_fn(variables, batch):  # positions: only under mesh.context > 1 (laid-out tokens)
+    logits = model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"], positions=batch.get("positions"))
+    return task_loss(logits, batch)
 
   B, seed = cfg["batch_size"], cfg["seed"]
   held_out = _batch(cfg, step_seed(seed, 1), cfg["eval_examples"])
@@ -140,7 +145,8 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   out = train_and_eval(model, loss_fn, lambda i: _batch(cfg, step_seed(seed, 0, i), B), evals, steps=steps,
                        learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"], seed=seed,
                        tokens_per_batch=B * cfg["max_length"], eval_every=max(steps // cfg["eval_points"], 1),
-                       progress=ctx.progress, desc=name)
+                       progress=ctx.progress, desc=name, mesh=context_mesh(cfg),
+                       context_layout=cfg["mesh.context_layout"])
   majority = float(np.bincount(held_out["labels"], minlength=NUM_CLASSES).max() / len(held_out["labels"]))
   return [{"family": name, "lra_row": LRA_ROW.get(name), "seq_len": cfg["max_length"], "batch_size": B,
            "flops_per_step": per_step, "flops": per_step * (out["diverged_at_step"] or steps),

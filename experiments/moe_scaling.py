@@ -10,7 +10,9 @@ E=8 at capacity factors 1.0 and 2.0, top-2 at E=8, and dropless E=8. All train
 for the same steps on the same data. Reported: final validation loss, the
 speed-up to reach the dense model's final validation loss in steps
 and in seconds, tokens/s, executed-vs-active FLOPs (capacity padding), compiled
-memory. Plots: `moe_loss_vs_step.png`, `moe_speedup.png`.
+memory. Plots: `moe_loss_vs_step.png`, `moe_speedup.png`. `--set mesh.context=P`
+splits each sequence over P devices: dense losses are the same, an MoE's move a little (which
+tokens a full expert drops depends on the order the split puts them in).
 
 Anchor: Fedus et al. 2021 (Switch Transformers), Figure 1 and Table 1: at equal
 FLOPs per token, more experts reach a given quality in fewer steps (Switch-Base up to
@@ -26,6 +28,8 @@ from efficient_attn.experiment import line_plot
 
 from . import _lm
 from ._papers import SWITCH_NOTE
+
+CONTEXT_PARALLEL = True  # --set mesh.context=P: every variant's sequences split over P devices (_lm)
 
 # name -> MoE fields (ffn_scale: expert width / dense FFN width, for equal active FLOPs)
 VARIANTS = {

@@ -11,6 +11,7 @@ argmax prediction is the value. Every variant trains the same steps on the same
 batches (batch i is a pure function of i). CPU scale: 64-token rows with 8 pairs,
 widths 32 / 64 / 128, 2 layers, about 8 minutes on 2 cores. Writes `mqar_accuracy.png`
 (accuracy vs width per family). `--set smoke=true` trains two tiny models for a few steps.
+`--set mesh.context=P` splits every row over P devices (`_synthetic.train_and_eval`): the same losses.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from efficient_attn.experiment import attention_option, check_attention_variants
 
 from ._papers import MQAR_PUBLISHED, MQAR_PUBLISHED_NOTE, ZOOLOGY_NOTE
 
+CONTEXT_PARALLEL = True  # --set mesh.context=P: every row split over P devices
 
 
 def get_config() -> dict:
@@ -68,7 +70,8 @@ def check(cfg: dict) -> None:
     raise ConfigError(f"experiment mqar: {e}") from None
   for name in variants(cfg):
     check_model(model_config(cfg, *_split(name)), seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
-                what=f"experiment mqar, variant {name}")
+                what=f"experiment mqar, variant {name}", context=cfg["mesh.context"],
+                layout=cfg["mesh.context_layout"])
 
 
 def variants(cfg: dict) -> list[str]:
@@ -96,16 +99,20 @@ def task_loss(logits_BTV, batch):
 
 def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   from efficient_attn import flops
+  from efficient_attn.experiment import context_mesh
   from efficient_attn.model import TransformerLM
 
   from ._synthetic import step_seed, train_and_eval
 
   family, width = _split(name)
   m = model_config(cfg, family, width)
-  model = TransformerLM(m)
+  model = TransformerLM(m, context_layout=cfg["mesh.context_layout"])
+  mesh = context_mesh(cfg)
 
-  def loss_fn(variables, batch):
-    return task_loss(model.apply(variables, batch["inputs"]), batch)
+  def loss_fn(variables, batch):  # segment ids and positions: only under mesh.context > 1
+    logits = model.apply(variables, batch["inputs"], segment_ids=batch.get("segment_ids"),
+                         positions=batch.get("positions"))
+    return task_loss(logits, batch)
 
   B, T, seed = cfg["batch_size"], cfg["seq_len"], cfg["seed"]
   held_out = _batch(cfg, step_seed(seed, 1), cfg["eval_examples"])
@@ -113,7 +120,7 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   out = train_and_eval(model, loss_fn, lambda i: _batch(cfg, step_seed(seed, 0, i), B), evals,
                        steps=cfg["steps"], learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"],
                        seed=seed, tokens_per_batch=B * T, eval_every=max(cfg["steps"] // 4, 1),
-                       progress=ctx.progress, desc=name)
+                       progress=ctx.progress, desc=name, mesh=mesh, context_layout=cfg["mesh.context_layout"])
   per_token = flops.model_flops_per_token(m, T)["train"]
   trained = out["diverged_at_step"] or cfg["steps"]
   return [{"family": family, "d_model": width, "seq_len": T, "num_kv_pairs": cfg["num_kv_pairs"],

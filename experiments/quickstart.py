@@ -11,6 +11,8 @@ table and writes three plots of validation loss: `quickstart_loss.png` (vs step)
 `quickstart_time.png` (vs training seconds, counted as steps x each variant's median step
 time, so machine load does not bend the curves) and `quickstart_flops.png` (vs training
 FLOPs). `--set smoke=true` runs 6 steps of a tiny model for three of the variants.
+`--set mesh.context=P` splits each sequence over P devices too (mesh_data x mesh_model x P in all,
+e.g. with mesh_model=2 for P=2 on 8 devices).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 from efficient_attn.experiment import line_plot
 
 from . import _lm
+
+CONTEXT_PARALLEL = True  # --set mesh.context=P: every variant's sequences split over P devices (_lm)
 
 VARIANTS = {
     "softmax": {"attention": "softmax"},

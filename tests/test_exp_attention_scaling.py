@@ -29,7 +29,7 @@ def test_smoke_rows_table_and_plots(smoke):
   assert sorted((r["variant"], r["seq_len"]) for r in out["rows"]) == sorted(
       (f, T) for f in A.FAMILIES for T in LENGTHS)
   for r in out["rows"]:
-    assert r["skipped"] is None and r["repeats"] == 2 and r["load_avg"] is not None
+    assert r["skipped"] is None and r["repeats"] == 2 and r["load_avg"] is not None and r["context"] == 1
     assert r["step_time_s"] > 0 and r["memory_bytes"] > 0 and r["flops"] > 0
     assert r["tokens_per_sec"] == pytest.approx(r["seq_len"] / r["step_time_s"])
     base = _row(out, "softmax", r["seq_len"])
@@ -79,6 +79,16 @@ def test_rerun_resumes_finished_variants(smoke, monkeypatch):
   assert again["rows"] == out["rows"]
 
 
+@pytest.mark.slow
+def test_smoke_split_over_two_devices(tmp_path):
+  overrides = {"smoke": True, "families": ["softmax", "linear"], "seq_lens": [256], "mesh.context": 2}
+  out = experiment.run("attention_scaling", str(tmp_path), overrides, progress=False)
+  assert [(r["variant"], r["seq_len"], r["context"]) for r in out["rows"]] == [("softmax", 256, 2), ("linear", 256, 2)]
+  for r in out["rows"]:
+    assert r["skipped"] is None and r["step_time_s"] > 0 and r["memory_bytes"] > 0
+  assert "Each sequence is split over 2 devices (mesh.context, zigzag layout)" in out["summary"]
+
+
 @pytest.mark.parametrize("overrides, words", [
     ({"families": ["softmax", "flash"]}, "families"),
     ({"families": []}, "families"),
@@ -89,6 +99,7 @@ def test_rerun_resumes_finished_variants(smoke, monkeypatch):
     ({"seq_lens": [0]}, "seq_lens"),
     ({"num_heads": 3}, "num_heads"),
     ({"repeats": 0}, "repeats"),
+    ({"mesh.context": 3}, "T=1024 is not a multiple of 6"),
 ])
 def test_bad_settings_raise_one_sentence(overrides, words, tmp_path):
   with pytest.raises(ConfigError, match=words):

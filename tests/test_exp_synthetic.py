@@ -1,8 +1,9 @@
 """The synthetic-task experiments (listops, mqar) and their shared training loop.
 
 Each runs end to end at smoke=true and writes rows, table and plots; a rerun
-resumes without training; ListOps gives every family the same training FLOPs
-(within one step); bad settings are one ConfigError sentence, exit 2 on the CLI.
+resumes without training; MQAR and ListOps split over two devices (mesh.context=2) train to
+the same losses; ListOps gives every family the same training FLOPs (within one
+step); bad settings are one ConfigError sentence, exit 2 on the CLI.
 """
 
 import json
@@ -87,6 +88,19 @@ def test_mqar_smoke_resume(tmp_path, monkeypatch):
   assert MQAR_PUBLISHED_NOTE in summary and "; ".join(MQAR_PUBLISHED["softmax"]) in summary
   _no_rerun(mqar, monkeypatch)
   assert _run("mqar", tmp_path)["rows"] == out["rows"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, family", [("mqar", "linear"), ("listops", "softmax")])
+def test_split_over_two_devices_gives_the_same_losses(tmp_path, name, family):
+  # MQAR on linear attention (state passing, one sequence a row); ListOps' encoder on softmax (the ring,
+  # bidirectional, padding as segment 0, a mean pool over laid-out tokens)
+  rows = {P: _run(name, tmp_path / f"context{P}", families=[family], **{"mesh.context": P})["rows"]
+          for P in (1, 2)}
+  (one,), (two,) = rows[1], rows[2]
+  for key in ("loss", "eval_loss"):
+    assert two[key] == pytest.approx(one[key], abs=1e-4), key
+  assert two["curve_loss"] == pytest.approx(one["curve_loss"], abs=1e-4) and two["accuracy"] == one["accuracy"]
 
 
 @pytest.mark.parametrize("overrides", [{}, {"smoke": True}, {"budget_flops": 3e12, "max_length": 256}])
@@ -178,6 +192,8 @@ def test_training_loop_learns_and_stops_on_divergence():
     ("mqar", {"steps": 0}, "steps=0 must be a positive integer"),
     ("mqar", {"seq_len": 20}, "too short for 8 key-value pairs"),
     ("mqar", {"families": ["sparse"], "seq_len": 72}, "not divisible by block_size=16"),
+    ("mqar", {"mesh.context": 3}, "6 equal pieces, and T=64 is not a multiple of 6"),
+    ("listops", {"mesh.context": 3}, "6 equal pieces, and T=128 is not a multiple of 6"),
 ])
 def test_bad_settings(name, overrides, match):
   with pytest.raises(ConfigError, match=match) as e:

@@ -2,7 +2,8 @@
 
 Each runs end to end at smoke=true; a rerun resumes finished variants; a workdir
 with other settings is refused without touching it; the equal-compute budget is
-the same for every family; bad settings exit 2 with one sentence.
+the same for every family; mesh.context=2 (each sequence on two devices) trains to the
+same losses; bad settings exit 2 with one sentence.
 """
 
 import json
@@ -111,6 +112,28 @@ def test_moe_scaling_smoke_equal_active_flops(tmp_path):
   assert "Fedus et al. 2021" in out["summary"] and "7x" in out["summary"]
 
 
+@pytest.mark.slow
+def test_equal_compute_split_over_two_devices_gives_the_same_losses(tmp_path):
+  rows = {P: _run("equal_compute", tmp_path / f"context{P}", variants=["softmax"], **{"mesh.context": P})["rows"]
+          for P in (1, 2)}
+  (one,), (two,) = rows[1], rows[2]
+  assert two["steps"] == one["steps"] and two["val_step"] == one["val_step"]
+  for key in ("loss", "val_loss"):
+    assert two[key] == pytest.approx(one[key], abs=1e-4), key
+  assert two["curve_loss"] == pytest.approx(one["curve_loss"], abs=1e-4)
+  assert json.loads((tmp_path / "context2" / "config.json").read_text())["mesh.context"] == 2
+
+
+def test_runner_keys_are_in_every_config_and_older_workdirs_still_resume(tmp_path):
+  cfg = experiment.resolve_config(experiment.load("equal_compute"), {"smoke": True})
+  assert cfg["mesh.context"] == 1 and cfg["mesh.context_layout"] == "zigzag"
+  older = {k: v for k, v in cfg.items() if not k.startswith("mesh.")}  # config.json from before these keys
+  (tmp_path / "config.json").write_text(json.dumps(older))
+  experiment._check_same_config(str(tmp_path), cfg)  # the same settings: resumes
+  with pytest.raises(ConfigError, match="mesh.context=1 there vs 2 now"):
+    experiment._check_same_config(str(tmp_path), {**cfg, "mesh.context": 2})
+
+
 USER_EXPERIMENT = '''"""Mine: one variant, one row."""
 import os
 
@@ -175,6 +198,12 @@ def test_experiment_files_load_by_path(tmp_path, capsys):
     (["experiment", "moe_scaling", "--set", "steps=-1"], "train.steps=-1 must be a positive integer"),
     (["experiment", "long_context", "--set", "contexts=[1, 16]"], "needs 16 devices, but 8 are available"),
     (["experiment", "long_context", "--set", "start_len=100"], "T=100 is not a multiple of 8"),
+    (["experiment", "equal_compute", "--set", "mesh.context=3"], "6 equal pieces, and T=512 is not a multiple of 6"),
+    (["experiment", "moe_scaling", "--set", "mesh.context=0"], "mesh.context=0 must be a positive integer"),
+    (["experiment", "quickstart", "--set", "mesh.context=16"], "mesh.context=16 needs 16 devices, but 8 are"),
+    (["experiment", "quickstart", "--set", "mesh.context=2"], "the mesh needs 16 devices but 8 are available"),
+    (["experiment", "equal_compute", "--set", "mesh.context_layout=ring"], "'ring' is not one of contiguous"),
+    (["experiment", "long_context", "--set", "mesh.context=4"], "set its own contexts list instead"),
 ])
 def test_bad_settings_exit_2_before_anything_runs(tmp_path, capsys, argv, needle):
   workdir = tmp_path / "w"

@@ -97,6 +97,18 @@ def varying(x, axis_name, like=None):
   return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
 
+def vary_together(arrays, axis_name):
+  """`arrays` (None entries kept) each marked varying over `axis_name` and every axis any of them varies over:
+  under `split_call` the queries vary over the batch axes too, while fixed decays built from shapes vary over
+  nothing, and a custom VJP or scan over both needs one type."""
+  axes = frozenset({axis_name}).union(*(varying_axes(x) for x in arrays if x is not None))
+  out = []
+  for x in arrays:
+    missing = None if x is None else axes - varying_axes(x)
+    out.append(jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x)
+  return tuple(out)
+
+
 def local_pieces(layout: str, T_local: int, fn: str) -> int:
   """The number of pieces n a shard holds in `layout` (1 contiguous, 2 zigzag); a ValueError naming `fn` if its
   T_local tokens do not split into them."""
@@ -111,7 +123,8 @@ def run_pieces(direction, arrays, ids_BT, is_causal: bool, axis_name, n: int):
   as separate sequences [B·n, T_local / n, ...] (inputs marked varying over `axis_name`), and for a
   non-causal call again on the flipped pieces (the reverse recurrence; its output flipped back), summed.
   arrays: [B, T_local, ...] each; ids_BT: int [B, T_local] or None. Returns [B, T_local, ...]."""
-  piece = lambda x: None if x is None else to_pieces(varying(x, axis_name), n)  # noqa: E731
+  piece = lambda x: None if x is None else to_pieces(x, n)  # noqa: E731
+  *arrays, ids_BT = vary_together((*arrays, ids_BT), axis_name)
   arrays, ids_BT = tuple(map(piece, arrays)), piece(ids_BT)
 
   def run(reverse: bool):
@@ -290,20 +303,22 @@ def positions(segment_ids_BT: np.ndarray) -> np.ndarray:
 
 
 def lay_out_example(example: dict[str, np.ndarray], shards: int, layout: str) -> dict[str, np.ndarray]:
-  """A batch of [B, T] numpy arrays (inputs, targets, segment_ids, weights, ...) in `layout` order for
-  `shards` context devices, plus "positions" (computed in sequence order from segment_ids, then laid out
-  the same way) for RoPE. The identity (no positions added) when shards == 1."""
+  """A batch of numpy arrays in `layout` order for `shards` context devices: every [B, T, ...] array (T: the
+  length of "inputs"; inputs, targets, segment_ids, weights, ...) permuted along T, others (a label per row)
+  kept, plus "positions" (computed in sequence order from segment_ids, then laid out the same way) for
+  RoPE. The identity (no positions added) when shards == 1."""
   if shards == 1:
     return example
   out = dict(example)
+  B, T = out["inputs"].shape[:2]
   if "positions" not in out:
     seg = out.get("segment_ids")
-    B, T = next(iter(out.values())).shape[:2]
     out["positions"] = positions(seg) if seg is not None else np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
   M = shards * check_layout(layout, "lay_out_example")
   order = piece_order(shards, layout)
   for k, x in out.items():
-    B, T = x.shape[:2]
+    if x.ndim < 2 or x.shape[:2] != (B, T):
+      continue
     if T % M:
       raise ValueError(f"lay_out_example: the {layout} layout over {shards} devices cuts T into {M} pieces;"
                        f" {k!r} has T={T}.")

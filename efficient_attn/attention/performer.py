@@ -221,7 +221,7 @@ def _causal_context(phi_q_BTNM, masked_BTKM, valid_BTK1, p, axis_name, layout: s
      `context.incoming_state`; query t of the first document reads it at exp(m_in − m_t) <= 1.
   """
   d = p.dims
-  piece = lambda x: None if x is None else context.to_pieces(context.varying(x, axis_name), n)  # noqa: E731
+  piece = lambda x: None if x is None else context.to_pieces(context.varying(x, axis_name, like=masked_BTKM), n)  # noqa: E731
   ids = None if p.segment_ids is None else piece(p.segment_ids[1])
   key_mask = piece(p.key_mask_BSK)
   masked = piece(masked_BTKM)                                             # [Bn, T, K, M]
