@@ -210,9 +210,9 @@ def _collective_bytes(T_total: int, delta: bool) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("delta", [False, True], ids=["gated", "delta"])
 def test_state_passing_moves_the_same_bytes_at_any_length(delta):
-  """One all_gather of the per-piece summaries forward (its transpose backward): the same bytes at 512 and
-  4096 tokens, and no collective of the sequence itself."""
-  short, long = _collective_bytes(512, delta), _collective_bytes(4096, delta)
+  """One all_gather of the per-piece summaries forward (its transpose backward): the same bytes at 4096 and
+  32768 tokens, and no collective of the sequence itself."""
+  short, long = _collective_bytes(4096, delta), _collective_bytes(32768, delta)
   # Per shard, 2 zigzag pieces x (transition: K scalar decays or K H x H matrices, + K end states), float32.
   summary = 4 * B * 2 * (K * (H * H if delta else 1) + K * H * Hv)
   assert short == long == {"all-gather": [8 * summary], "reduce-scatter": [summary]}, (short, long)

@@ -2,8 +2,8 @@
 
 The trainer lays every batch out once (`context.lay_out_example`), `attend` splits each attention call
 over the axis (`context.split_call`), and everything else (embeddings, norms, FFN, MoE, loss) is
-per token, so a 10-step run on `context` = 4 (with a switch MoE on `expert` 2 x `context` 4) logs the
-same losses as one device. Bad settings are one sentence before anything compiles.
+per token, so a 10-step run on fsdp 2 x context 2 x tensor 2 (and a switch MoE on `expert` 2 x
+`context` 4) logs the same losses as one device. Bad settings are one sentence before anything compiles.
 """
 
 import dataclasses
@@ -36,10 +36,11 @@ def _losses(cfg, workdir, devices):
   return np.array([r["loss"] for r in rows if "loss" in r]), [r["val_loss"] for r in rows if "val_loss" in r]
 
 
-# (family, model settings, mesh): exact softmax (ring attention) on context 4 in the contiguous layout; the gated
-# delta rule with a switch MoE (top-1, no token dropped at capacity factor 4) on expert 2 x context 4, zigzag.
+# (family, model settings, mesh): exact softmax (ring attention) on fsdp 2 x context 2 x tensor 2 in the contiguous
+# layout (the split composes with ZeRO-3 params and tensor-split heads); the gated delta rule with a switch MoE
+# (top-1, no token dropped at capacity factor 4) on expert 2 x context 4, zigzag.
 RUNS = [
-    ("softmax", {}, MeshConfig(data=1, context=4, context_layout="contiguous")),
+    ("softmax", {}, MeshConfig(data=1, fsdp=2, context=2, tensor=2, context_layout="contiguous")),
     ("gated_deltanet", {"num_experts": 4, "top_k": 1, "capacity_factor": 4.0, "attention_options": {"chunk_size": 8}},
      MeshConfig(data=1, context=4, expert=2)),
 ]
@@ -48,7 +49,8 @@ RUNS = [
 @pytest.mark.parametrize("name, model_kw, mesh", RUNS, ids=[r[0] for r in RUNS])
 def test_training_split_over_context_logs_one_devices_losses(tmp_path, name, model_kw, mesh):
   want, want_val = _losses(_config(name, MeshConfig(data=1), **model_kw), tmp_path / "one", 1)
-  got, got_val = _losses(_config(name, mesh, **model_kw), tmp_path / "split", mesh.context * mesh.expert)
+  got, got_val = _losses(_config(name, mesh, **model_kw), tmp_path / "split",
+                         mesh.fsdp * mesh.context * mesh.tensor * mesh.expert)
   assert len(got) == len(want) == 10
   assert np.max(np.abs(got - want)) < 1e-4, (got, want)
   assert want[-1] < want[0] - 0.5  # it learns, so the equality is about a moving model
