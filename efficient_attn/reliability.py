@@ -130,13 +130,13 @@ class workdir_lock:
 
 # What a rerun may change and still resume (README, "The command line"): how long to train, how often to
 # log / evaluate / save, what to do on a non-finite step, TensorBoard, and how the same maths is laid out
-# (mesh.*: checkpoints reshard; train.grad_accum: micro-batches give the same update; model.remat), and where
+# (mesh.*: checkpoints reshard, a context split is exact in any layout; train.grad_accum: micro-batches give the same update; model.remat), and where
 # and how the token store is built (data.cache_dir, data.num_proc: the same tokens either way).
 # Any other difference (model, data, optimiser, schedule, seed, ...) would mix two runs in one workdir.
 MAY_CHANGE_ON_RESUME = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                         "train.max_to_keep", "train.eval_batches", "train.on_nonfinite", "train.tensorboard",
                         "train.grad_accum", "model.remat", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.expert",
-                        "data.cache_dir", "data.num_proc")
+                        "mesh.context", "mesh.context_layout", "data.cache_dir", "data.num_proc")
 
 
 def has_checkpoints(workdir: str) -> bool:

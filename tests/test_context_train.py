@@ -187,3 +187,18 @@ def test_bench_moe_splits_sequences_over_context():
   assert split[1]["argument_bytes"] < one[1]["argument_bytes"]  # each device holds half of every sequence
   with pytest.raises(ConfigError, match="mesh.context=3 must be a positive integer dividing seq_len=32"):
     bench_moe({**settings, "mesh.context": 3}, progress=False)
+
+
+def test_a_resume_may_change_the_context_split_but_not_the_model(tmp_path):
+  """The split is exact in any layout, so a workdir trained on context 4 resumes on 2 (checkpoints reshard);
+  a different model is still refused."""
+  from efficient_attn import reliability
+  from efficient_attn.config import CONFIG_JSON, save_config_json
+
+  cfg = _config("gla", MeshConfig(data=2, context=4))
+  save_config_json(cfg, str(tmp_path / CONFIG_JSON))
+  resumed = dataclasses.replace(cfg, mesh=MeshConfig(data=4, context=2, context_layout="contiguous"))
+  assert reliability.check_same_run(str(tmp_path), resumed, True) is None
+  other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=64))
+  with pytest.raises(ConfigError, match="model.d_model=32 there, 64 now"):
+    reliability.check_same_run(str(tmp_path), other, True)
