@@ -26,7 +26,7 @@ LAYERS = (
     # The root package, parent of every module: it loads its public names lazily, on first use.
     ("efficient_attn",),
     # Leaves: they import nothing from efficient_attn.
-    ("efficient_attn.errors", "efficient_attn.platform"),
+    ("efficient_attn.errors", "efficient_attn.platform", "efficient_attn.scaling"),
     # Foundation: measurement helpers, and the mesh + the one logical-axis rules table, which the MoE's
     # shard_map specs and the fused attention kernels' per-shard maps read (sharding imports flax late).
     ("efficient_attn.measure", "efficient_attn.sharding"),
