@@ -165,6 +165,10 @@ def _experiment(args) -> None:
   from efficient_attn import experiment
 
   out = experiment.run(args.name, args.workdir, parse_overrides(args.set))
+  import jax
+
+  if jax.process_index():  # one process reports (process 0 wrote the files)
+    return
   print(out["summary"])
   print("wrote " + ", ".join(os.path.join(args.workdir, p) for p in ("results.jsonl", "summary.md"))
         + (", " + ", ".join(out["plots"]) if out["plots"] else ""))
@@ -278,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
   if args.command == "experiment" or (args.command == "bench" and any(a.startswith("mesh.") for a in args.set)):
     _emulate_devices()  # a context split of a bench needs its devices; GPU / TPU hosts keep theirs
+  if args.command == "experiment":
+    maybe_initialize_distributed()  # under a launcher every process joins one global mesh, as `train` does
   try:
     from efficient_attn.flops import given_peak
 

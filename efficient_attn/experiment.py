@@ -34,6 +34,7 @@ a user's FILE.py can do the same.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.machinery
 import importlib.util
@@ -201,10 +202,15 @@ def run(name: str, workdir: str, overrides: dict[str, Any] | None = None, *,
     raise ConfigError(f"--workdir {workdir} is a file, not a directory; pass a directory (it is created if missing).")
   os.makedirs(workdir, exist_ok=True)
   progress = sys.stderr.isatty() if progress is None else progress
-  with reliability.workdir_lock(workdir):
-    _check_same_config(workdir, cfg)
+  # Under a launcher (several processes, one global mesh) every process runs every variant's collectives;
+  # process 0 alone holds the lock and writes, and barriers keep all of them deciding from the same files.
+  main = _process_index() == 0
+  with reliability.workdir_lock(workdir) if main else contextlib.nullcontext():
+    if main:
+      _check_same_config(workdir, cfg)
+    _barrier(f"experiment {name}: config")
     rows: list[dict] = []
-    bar = tqdm(names, desc=name, unit="variant", disable=not progress)
+    bar = tqdm(names, desc=name, unit="variant", disable=not (progress and main))
     for variant in bar:
       bar.set_postfix_str(variant)
       done = finished_rows(workdir, variant)
@@ -212,18 +218,39 @@ def run(name: str, workdir: str, overrides: dict[str, Any] | None = None, *,
         vdir = os.path.join(workdir, "variants", variant)
         os.makedirs(vdir, exist_ok=True)
         done = [{"experiment": name, "variant": variant, **r}
-                for r in module.run_variant(cfg, variant, Context(vdir, progress))]
-        _atomic_write(os.path.join(vdir, "rows.json"), json.dumps(done, indent=1) + "\n")
+                for r in module.run_variant(cfg, variant, Context(vdir, progress and main))]
+        if main:
+          _atomic_write(os.path.join(vdir, "rows.json"), json.dumps(done, indent=1) + "\n")
+      _barrier(f"experiment {name}: {variant}")
       rows.extend(done)
-      _atomic_write(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+      if main:
+        _atomic_write(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     bar.close()
     body = module.summarize(cfg, rows)
     doc = module.__doc__.strip().splitlines()[0] if module.__doc__ else name
     settings = " ".join(f"{k}={v}" for k, v in sorted(cfg.items()))
     summary = f"# {name}: {doc}\n\n{body.strip()}\n\nSettings: `{settings}`\n"
-    _atomic_write(os.path.join(workdir, "summary.md"), summary)
-    plots = module.plot(cfg, rows, workdir)
+    plots = []
+    if main:
+      _atomic_write(os.path.join(workdir, "summary.md"), summary)
+      plots = module.plot(cfg, rows, workdir)
   return {"rows": rows, "summary": summary, "plots": plots}
+
+
+def _process_index() -> int:
+  import jax
+
+  return jax.process_index()
+
+
+def _barrier(name: str) -> None:
+  """Every process of a multi-process run waits here for the others (a no-op in one process)."""
+  import jax
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 # ----------------------------------------------------------------------------- shared by the experiments
