@@ -250,8 +250,7 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
 
       def get_batch(s: TokenStream, i: int):  # each process reads only its own rows, laid out for the context axis
         example = lm_example(s.batch(i, jax.process_index(), jax.process_count()))
-        return sharding.global_batch(context.lay_out_example(example, sizes["context"], cfg.mesh.context_layout),
-                                     mesh)
+        return context.global_example(example, mesh, cfg.mesh.context_layout)
 
       def evaluate(state) -> dict:  # the same eval_batches held-out batches every time, token-weighted
         sums = [eval_step(state["params"], state.get("buffers"), get_batch(val_stream, i))

@@ -71,9 +71,7 @@ def placement(mesh, layout: str) -> tuple[Callable[[dict], dict], Any]:
   from efficient_attn import sharding
   from efficient_attn.attention import context
 
-  P = mesh.shape[context.AXIS]
-  return (lambda batch: sharding.global_batch(context.lay_out_example(batch, P, layout), mesh),
-          sharding.replicated(mesh))
+  return (lambda batch: context.global_example(batch, mesh, layout)), sharding.replicated(mesh)
 
 
 def train_and_eval(model, loss_fn: Callable, batch_fn: Callable[[int], dict], eval_batches: list[dict], *,

@@ -137,13 +137,11 @@ def _laid_out(cfg: dict, batch: dict, mesh) -> dict:
   does)."""
   import numpy as np
 
-  from efficient_attn import sharding
   from efficient_attn.attention import context
 
   example = {k: np.asarray(v) for k, v in batch.items() if v is not None}
   example["segment_ids"] = np.ones(example["inputs"].shape, np.int32)
-  P = mesh.shape[context.AXIS]
-  return sharding.global_batch(context.lay_out_example(example, P, cfg["mesh.context_layout"]), mesh)
+  return context.global_example(example, mesh, cfg["mesh.context_layout"])
 
 
 def _time(cfg: dict, row: dict, compiled, params, batch, predicted_s: float | None) -> None:

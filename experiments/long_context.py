@@ -148,13 +148,8 @@ class _Step:
     buffers = jax.tree.map(draw, self.shapes.get("buffers", {}))
     tokens = rng.integers(0, self.model.config.vocab_size, (1, T + 1)).astype(np.int32)
     example = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((1, T), np.int32),
-               "weights": np.ones((1, T), np.float32)}
-    example = context.lay_out_example(example, P, self.cfg["context_layout"])
-    if P == 1:
-      example["positions"] = np.arange(T, dtype=np.int32)[None]
-    from efficient_attn import sharding
-
-    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in example.items()}
+               "weights": np.ones((1, T), np.float32), "positions": np.arange(T, dtype=np.int32)[None]}
+    batch = context.global_example(example, mesh, self.cfg["context_layout"])  # the step takes positions at any P
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params, buffers = jax.device_put((params, buffers), whole)
     times = [time_compiled(compiled, params, buffers, batch, repeats=1, min_time=self.cfg["min_time_s"])

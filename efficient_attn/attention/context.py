@@ -302,6 +302,14 @@ def positions(segment_ids_BT: np.ndarray) -> np.ndarray:
   return (t - np.maximum.accumulate(np.where(starts, t, 0), axis=1)).astype(np.int32)
 
 
+def global_example(example: dict[str, np.ndarray], mesh, layout: str) -> dict:
+  """This process's rows of a batch as global arrays on `mesh`: `lay_out_example` for the mesh's context axis
+  (none: as it is), then `sharding.global_batch` ([B, T] arrays on the batch axes and `context`)."""
+  from efficient_attn import sharding
+
+  return sharding.global_batch(lay_out_example(example, dict(mesh.shape).get(AXIS, 1), layout), mesh)
+
+
 def lay_out_example(example: dict[str, np.ndarray], shards: int, layout: str) -> dict[str, np.ndarray]:
   """A batch of numpy arrays in `layout` order for `shards` context devices: every [B, T, ...] array (T: the
   length of "inputs"; inputs, targets, segment_ids, weights, ...) permuted along T, others (a label per row)
