@@ -201,6 +201,8 @@ def run(name: str, workdir: str, overrides: dict[str, Any] | None = None, *,
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} is a file, not a directory; pass a directory (it is created if missing).")
   os.makedirs(workdir, exist_ok=True)
+  # Not on a terminal (output to a file, a batch job) and not told otherwise: a plain line per variant instead.
+  plain = progress is None and not sys.stderr.isatty()
   progress = sys.stderr.isatty() if progress is None else progress
   # Under a launcher (several processes, one global mesh) every process runs every variant's collectives;
   # process 0 alone holds the lock and writes, and barriers keep all of them deciding from the same files.
@@ -222,6 +224,9 @@ def run(name: str, workdir: str, overrides: dict[str, Any] | None = None, *,
         if main:
           _atomic_write(os.path.join(vdir, "rows.json"), json.dumps(done, indent=1) + "\n")
       _barrier(f"experiment {name}: {variant}")
+      if plain and main:
+        print(f"experiment {name}: variant {variant} done ({names.index(variant) + 1}/{len(names)})",
+              file=sys.stderr, flush=True)
       rows.extend(done)
       if main:
         _atomic_write(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
