@@ -5,6 +5,8 @@ An experiment is a file `experiments/NAME.py` (or a user's own FILE.py) that def
     get_config() -> dict           flat settings, every key overridable with --set; includes "smoke"
                                    (the runner adds RUNNER_DEFAULTS: mesh.context, mesh.context_layout)
     SMOKE: dict                    what smoke=true changes (well under a minute on a laptop CPU)
+    PRESETS: dict                  optional: {name: changes}, chosen by the setting "preset" (e.g. a grid
+                                   for an accelerator cluster); applied before smoke, under --set
     check(cfg) -> None             optional: raise ConfigError on impossible settings, before compiling
     CONTEXT_PARALLEL = True        optional: the runs split each sequence over cfg["mesh.context"] devices
                                    in cfg["mesh.context_layout"] (without it mesh.context > 1 is refused)
@@ -45,7 +47,8 @@ from typing import Any
 
 from efficient_attn.config import ConfigError, apply_overrides, did_you_mean
 
-EXPERIMENTS = ("quickstart", "attention_scaling", "equal_compute", "moe_scaling", "listops", "mqar", "long_context")
+EXPERIMENTS = ("quickstart", "attention_scaling", "equal_compute", "moe_scaling", "listops", "mqar", "long_context",
+               "scaling_laws")
 PACKAGE = "efficient_attn._experiments"
 # Settings every experiment accepts, under its own get_config(): the devices each sequence is split over
 # (context parallelism, `efficient_attn.attention.context`) and the token layout over them.
@@ -119,10 +122,17 @@ def load(name: str):
 
 
 def resolve_config(module, overrides: dict[str, Any]) -> dict[str, Any]:
-  """RUNNER_DEFAULTS + get_config(), updated by smoke (if set) and then by the user's --set values, checked."""
+  """RUNNER_DEFAULTS + get_config(), updated by the chosen preset (if the experiment has PRESETS), by smoke (if
+  set) and each time again by the user's --set values, checked."""
   name = module.__name__.rsplit(".", 1)[-1]
   where = f"experiment {name}"
   cfg = apply_overrides({**RUNNER_DEFAULTS, **module.get_config()}, overrides, where)
+  presets = getattr(module, "PRESETS", None)
+  if presets is not None:
+    if cfg.get("preset") not in presets:
+      raise ConfigError(f"{where}: preset={cfg.get('preset')!r} is not one of {', '.join(presets)};"
+                        f"{did_you_mean(str(cfg.get('preset')), presets)} pick one of those.")
+    cfg = apply_overrides(apply_overrides(cfg, presets[cfg["preset"]], where), overrides, where)
   if cfg.get("smoke"):
     cfg = apply_overrides(apply_overrides(cfg, module.SMOKE, where), overrides, where)
   _check_context(module, cfg, where)

@@ -32,7 +32,8 @@ def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> 
   # At most 4 checkpoints a run (every ceil(steps / 4) steps): a killed variant resumes from its last quarter.
   t = TrainConfig(steps=steps, checkpoint_every=max(-(-steps // 4), 1), max_to_keep=1,
                   **{k: cfg[k] for k in TRAIN_KEYS if k in cfg})
-  data = DataConfig(val_fraction=cfg.get("val_fraction", 0.05), tokenizer=cfg.get("tokenizer", "bytes"))
+  data = DataConfig(**{"val_fraction": cfg.get("val_fraction", 0.05), "tokenizer": cfg.get("tokenizer", "bytes"),
+                       **cfg.get("data", {})})  # an experiment's "data": DataConfig fields (its own corpus)
   context = {"context": cfg["mesh.context"], "context_layout": cfg["mesh.context_layout"]}
   return Config(model=m, train=t, data=data, mesh=MeshConfig(**(mesh or {"data": 1}), **context))
 

@@ -2,7 +2,7 @@
 
 Copied from the papers' tables; nothing here is measured. The experiments that use them:
 attention_scaling (LRA Table 2), listops (LRA Table 1), moe_scaling (Switch Transformer),
-mqar (Zoology), long_context (Ring Attention, LASP-2).
+mqar (Zoology), long_context (Ring Attention, LASP-2), scaling_laws (Kaplan, Chinchilla, Tay et al. 2022).
 """
 
 # Tay et al. 2020 (Long Range Arena, ICLR 2021), Table 1: ListOps test accuracy in %.
@@ -84,4 +84,23 @@ LONG_CONTEXT_NOTE = (
     " show the first claim for every family (memory per device falls about as 1/P), and the collective bytes of"
     " the recurrent families stay flat in T while softmax's ring moves all of K/V (tests/test_context*.py assert"
     " both). We do not measure multi-GPU speed on this machine."
+)
+
+# Kaplan et al. 2020 (Scaling Laws for Neural Language Models), Hoffmann et al. 2022 (Chinchilla), Besiroglu et
+# al. 2024 (Chinchilla Scaling: A replication attempt), Tay et al. 2022 (Scaling Laws vs Model Architectures),
+# Shen et al. 2024 (Scaling Laws for Linear Complexity Language Models): their statements, as the papers give them.
+KAPLAN_ALPHA_C = 0.050      # L(C_min) = (C_c / C_min)^0.050, a pure power law (no irreducible term), Transformer
+KAPLAN_N_OPT = 0.73         # N_opt ∝ C^0.73 (Kaplan et al. 2020)
+CHINCHILLA_N_OPT = 0.50     # N_opt ∝ C^a, a = 0.50 / 0.49 / 0.46 by their approaches 1 / 2 / 3 (Table 2)
+SCALING_NOTE = (
+    f"Kaplan et al. 2020 fitted the Transformer's compute-efficient frontier as a pure power law with exponent"
+    f" {KAPLAN_ALPHA_C} (no irreducible term, so not our α, which is measured above E) and N_opt ∝ C^{KAPLAN_N_OPT};"
+    f" Hoffmann et al. 2022 (Chinchilla) found N_opt ∝ C^a with a ≈ {CHINCHILLA_N_OPT} (0.50 / 0.49 / 0.46 by"
+    " their three approaches), with annealed runs per budget, and Besiroglu et al. 2024 showed their approach-3"
+    " intervals were implausibly narrow, so point fits need bootstrap intervals. Tay et al. 2022 (Scaling Laws vs"
+    " Model Architectures) found efficient-attention variants such as the Performer scaling worse than the vanilla"
+    " Transformer in pretraining, and the best architecture changing with scale; Shen et al. 2024 fitted"
+    " linear-complexity models (70M-7B) with scaling comparable to a softmax Transformer. Those are 10^18-10^22"
+    " FLOPs; ours are 10^11, byte-level, on a CPU: read our α, E and N_opt exponents as this grid's, with their"
+    " intervals, not as estimates of theirs."
 )
