@@ -115,6 +115,13 @@ class ModelConfig:
   dtype: str = "float32"              # compute dtype; params stay float32
   remat: bool = False
   dropout: float = 0.0                # residual dropout on attention and FFN outputs (training only)
+  # Hybrid stacks: the family of each layer. attention_pattern is cycled over the layers (a remainder at the
+  # end); full_attention_every=N makes every N-th layer softmax and the others model.attention. Both empty:
+  # every layer model.attention. family_options: {family: {option: value}} for the pattern's families other
+  # than model.attention (whose options stay model.attention_options).
+  attention_pattern: tuple = ()
+  full_attention_every: int = 0
+  family_options: Any = None
 
   def __post_init__(self):
     # Typed and hashable (modules hash their config): a mapping becomes the family's options
@@ -131,6 +138,47 @@ class ModelConfig:
     elif isinstance(opts, Mapping):
       opts = tuple(sorted(opts.items()))
     object.__setattr__(self, "attention_options", opts)
+    object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern or ()))
+    object.__setattr__(self, "family_options", _typed_family_options(self.family_options))
+
+  def layer_families(self) -> tuple[str, ...]:
+    """The attention family of each of the num_layers layers."""
+    if self.attention_pattern:
+      p = self.attention_pattern
+      return tuple(p[i % len(p)] for i in range(self.num_layers))
+    if self.full_attention_every > 0:
+      n = self.full_attention_every
+      return tuple("softmax" if (i + 1) % n == 0 else self.attention for i in range(self.num_layers))
+    return (self.attention,) * self.num_layers
+
+  @property
+  def hybrid(self) -> bool:
+    """True when the layers do not all use model.attention (a pattern or full_attention_every)."""
+    return bool(self.attention_pattern) or self.full_attention_every > 0
+
+  def family_period(self) -> int:
+    """The layers after which the families repeat (1 for a homogeneous stack)."""
+    if self.attention_pattern:
+      return len(self.attention_pattern)
+    return self.full_attention_every if self.full_attention_every > 0 else 1
+
+  def options_of(self, family: str):
+    """The options `family` runs with in this model: model.attention_options for model.attention, else
+    model.family_options[family] (its defaults when absent)."""
+    if family == self.attention:
+      return self.attention_options
+    return dict(self.family_options or ()).get(family)
+
+  def layer(self, i: int) -> "ModelConfig":
+    """Layer i's own homogeneous config: its family as model.attention with that family's options."""
+    family = self.layer_families()[i]
+    if not self.hybrid:
+      return self
+    return dataclasses.replace(self, attention=family, attention_options=self.options_of(family),
+                               attention_pattern=(), full_attention_every=0, family_options=None)
+
+  def layer_configs(self) -> tuple["ModelConfig", ...]:
+    return tuple(self.layer(i) for i in range(self.num_layers))
 
   @property
   def family(self):
@@ -148,6 +196,33 @@ class ModelConfig:
     """The attention family's typed options."""
     return self.family.make_options(self.attention_options if not isinstance(self.attention_options, tuple)
                                     else dict(self.attention_options))
+
+
+def _typed_family_options(value):
+  """model.family_options as a sorted tuple of (family, options): each registered family's typed options
+  dataclass (a ConfigError naming model.family_options.FAMILY.KEY on a bad option), else a sorted tuple."""
+  if not value:
+    return None
+  if isinstance(value, tuple):
+    value = dict(value)
+  if not isinstance(value, Mapping) or not all(isinstance(v, (Mapping, tuple)) or dataclasses.is_dataclass(v)
+                                               for v in value.values()):
+    raise ConfigError(f"model.family_options={value!r} must map a family to its options, e.g."
+                      " {'local': {'window': 512}}.")
+  out = []
+  for name, opts in sorted(value.items()):
+    family = _registered_family(name)
+    if family is not None:
+      if dataclasses.is_dataclass(opts) and not isinstance(opts, family.options):
+        opts = None
+      try:
+        opts = family.make_options(dict(opts) if isinstance(opts, tuple) else opts)
+      except ValueError as e:
+        raise ConfigError(f"model.family_options.{name}: {e}") from None
+    elif isinstance(opts, Mapping):
+      opts = tuple(sorted(opts.items()))
+    out.append((name, opts))
+  return tuple(out)
 
 
 def _registered_family(name: str):
@@ -218,12 +293,20 @@ class Config:
 
 
 OPTIONS_PREFIX = "model.attention_options."
+FAMILY_OPTIONS_PREFIX = "model.family_options."  # model.family_options.FAMILY.OPTION
+
+
+def _option_items(opts) -> dict:
+  items = {g.name: getattr(opts, g.name) for g in dataclasses.fields(opts)} if dataclasses.is_dataclass(opts) \
+      else dict(opts or ())
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in items.items()}
 
 
 def flatten(cfg) -> dict:
   """Config -> {'model.attention': 'softmax', ..., 'model.attention_options.window': 128, ...}.
 
-  The attention family's options appear as `model.attention_options.NAME`, one key each.
+  The attention family's options appear as `model.attention_options.NAME`, one key each; a hybrid's
+  other families' as `model.family_options.FAMILY.NAME`.
   """
   flat = {}
   for sec in dataclasses.fields(cfg):
@@ -231,11 +314,13 @@ def flatten(cfg) -> dict:
     for f in dataclasses.fields(sub):
       if sec.name == "model" and f.name == "attention_options":
         opts = sub.options if _registered_family(sub.attention) else dict(sub.attention_options or ())
-        items = ({g.name: getattr(opts, g.name) for g in dataclasses.fields(opts)}
-                 if dataclasses.is_dataclass(opts) else opts)
-        flat.update({OPTIONS_PREFIX + k: (list(v) if isinstance(v, tuple) else v) for k, v in items.items()})
+        flat.update({OPTIONS_PREFIX + k: v for k, v in _option_items(opts).items()})
+      elif sec.name == "model" and f.name == "family_options":
+        for family, opts in sub.family_options or ():
+          flat.update({f"{FAMILY_OPTIONS_PREFIX}{family}.{k}": v for k, v in _option_items(opts).items()})
       else:
-        flat[f"{sec.name}.{f.name}"] = getattr(sub, f.name)
+        value = getattr(sub, f.name)
+        flat[f"{sec.name}.{f.name}"] = list(value) if isinstance(value, tuple) else value
   return flat
 
 
@@ -249,8 +334,22 @@ def with_overrides(cfg: Config, overrides: dict) -> Config:
     opts = {k[len(OPTIONS_PREFIX):]: v for k, v in flat.items() if k.startswith(OPTIONS_PREFIX)}
     return opts, {k: v for k, v in flat.items() if not k.startswith(OPTIONS_PREFIX)}
 
+  def split_families(flat: dict) -> tuple[dict, dict]:  # ({family: {option: value}}, everything else)
+    fams: dict = {}
+    for k, v in flat.items():
+      if k.startswith(FAMILY_OPTIONS_PREFIX):
+        family, _, option = k[len(FAMILY_OPTIONS_PREFIX):].partition(".")
+        if not option:
+          raise ConfigError(f"{k}: name one option of the family, as in {FAMILY_OPTIONS_PREFIX}local.window=512.")
+        fams.setdefault(family, {})[option] = v
+    return fams, {k: v for k, v in flat.items() if not k.startswith(FAMILY_OPTIONS_PREFIX)}
+
+  families, overrides = split_families(overrides)
+  old_families, _ = split_families(flatten(cfg))
   options, overrides = split(overrides)
   old_opts, base = split(flatten(cfg))
+  base = {k: v for k, v in base.items() if not k.startswith(FAMILY_OPTIONS_PREFIX)}
+  base["model.family_options"] = None
   flat = apply_overrides(base, overrides, "the training config")
   if options and _registered_family(flat["model.attention"]) is None:
     _ = ModelConfig(attention=flat["model.attention"]).family  # the ConfigError naming the registered families
@@ -261,6 +360,16 @@ def with_overrides(cfg: Config, overrides: dict) -> Config:
     values = {f.name: flat[f"{sec.name}.{f.name}"] for f in dataclasses.fields(sub) if f"{sec.name}.{f.name}" in flat}
     if sec.name == "model":
       values["attention_options"] = {**new_opts, **options}
+      merged = {f: dict(o) for f, o in old_families.items()}
+      whole = values.get("family_options")  # --set model.family_options="{'local': {'window': 64}}"
+      if whole is not None and not isinstance(whole, Mapping):
+        raise ConfigError(f"model.family_options={whole!r} must map a family to its options, e.g."
+                          " {'local': {'window': 512}}.")
+      for f, o in (whole or {}).items():
+        merged.setdefault(f, {}).update(dict(o) if isinstance(o, (Mapping, tuple)) else o)
+      for f, o in families.items():
+        merged.setdefault(f, {}).update(o)
+      values["family_options"] = merged or None
     sections[sec.name] = dataclasses.replace(sub, **values)
   return Config(**sections)
 
@@ -438,7 +547,9 @@ def validate(cfg: Config, num_devices: int, *, text_data: bool = True) -> dict[s
   _need(d.num_proc >= 1, f"data.num_proc={d.num_proc} must be a positive integer.")
   _need(d.sample_by in ("document", "paragraph", "line"),
         f"data.sample_by={d.sample_by!r} is not document, paragraph or line.")
-  check_attention(m, t.seq_len)
+  check_pattern(m)
+  for layer in _distinct_layers(m):
+    check_attention(layer, t.seq_len)
   sizes = mesh_shape(cfg.mesh, num_devices)
   if m.num_experts:
     _need(m.num_experts % sizes["expert"] == 0, f"model.num_experts={m.num_experts} is not divisible by"
@@ -456,8 +567,39 @@ def validate(cfg: Config, num_devices: int, *, text_data: bool = True) -> dict[s
         f" model.ffn_dim={m.ffn_dim}.")
   _need(not m.num_experts or (m.expert_dim or m.ffn_dim) % sizes["tensor"] == 0,
         f"mesh.tensor={sizes['tensor']} must divide model.expert_dim={m.expert_dim}.")
-  check_context(m, t.seq_len, sizes["context"], cfg.mesh.context_layout)
+  for layer in _distinct_layers(m):
+    check_context(layer, t.seq_len, sizes["context"], cfg.mesh.context_layout)
   return sizes
+
+
+def _distinct_layers(m: ModelConfig) -> list[ModelConfig]:
+  """One homogeneous config per distinct family of model m's layers (m itself when it is not a hybrid)."""
+  if not m.hybrid:
+    return [m]
+  seen: dict = {}
+  for i, family in enumerate(m.layer_families()):
+    seen.setdefault(family, i)
+  return [m.layer(i) for i in seen.values()]
+
+
+def check_pattern(m: ModelConfig) -> None:
+  """ConfigError (one sentence) unless the hybrid settings name registered families, do not conflict, and
+  family_options names only families the layers use (other than model.attention)."""
+  from efficient_attn.attention import names
+
+  _need(m.full_attention_every >= 0, f"model.full_attention_every={m.full_attention_every} must be >= 0 (0 = off).")
+  _need(not (m.attention_pattern and m.full_attention_every), "model.attention_pattern and"
+        f" model.full_attention_every={m.full_attention_every} both set the layers' families; use one of them.")
+  for family in m.attention_pattern:
+    _need(isinstance(family, str) and _registered_family(family) is not None,
+          f"model.attention_pattern={list(m.attention_pattern)!r}: {family!r} is not a registered attention family;"
+          f"{did_you_mean(str(family), names())} valid ones are {names()}.")
+  used = sorted(set(m.layer_families()))
+  for family, _ in m.family_options or ():
+    _need(family != m.attention, f"model.family_options.{family}: {family} is model.attention; set its options as"
+          f" model.attention_options.KEY.")
+    _need(family in used, f"model.family_options.{family}: no layer uses {family!r};"
+          f"{did_you_mean(family, used)} the layers' families are {used}.")
 
 
 def check_context(m: ModelConfig, seq_len: int, shards: int, layout: str, causal: bool = True) -> None:

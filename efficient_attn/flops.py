@@ -222,7 +222,14 @@ def model_flops_per_token(m, seq_len: int, *, causal: bool = True) -> dict:
   T = _positive(seq_len, "seq_len", "model_flops_per_token")
   D, N, F = m.d_model, m.num_heads, m.ffn_dim
   H, K = D // N, m.num_kv_heads or N
-  att = attention_flops(m.attention, T, num_heads=N, head_dim=H, num_kv_heads=K, causal=causal, options=m.options)
+  # A hybrid sums its layers' families (each with its own options); a homogeneous stack is L x one layer.
+  per_family = {}
+  for layer in (m.layer_configs() if m.hybrid else (m,) * m.num_layers):
+    if layer.attention not in per_family:
+      per_family[layer.attention] = [attention_flops(layer.attention, T, num_heads=N, head_dim=H, num_kv_heads=K,
+                                                     causal=causal, options=layer.options), 0]
+    per_family[layer.attention][1] += 1
+  total = {k: sum(a[k] * n for a, n in per_family.values()) for k in ("ideal", "executed", "backward")}
   glu = m.ffn_activation == "swiglu"
   ffn = (6 if glu else 4) * D * F
   n_moe = m.num_layers // m.moe_every if m.num_experts else 0
@@ -234,8 +241,7 @@ def model_flops_per_token(m, seq_len: int, *, causal: bool = True) -> dict:
   head = 2 * D * m.vocab_size
   base = m.num_layers * 2 * D * H * (2 * N + 2 * K) + (m.num_layers - n_moe) * ffn + head
   dense, executed_dense = base + n_moe * moe["ideal"], base + n_moe * moe["executed"]
-  attention, executed_attention = m.num_layers * att["ideal"], m.num_layers * att["executed"]
-  backward_attention = m.num_layers * att["backward"]
+  attention, executed_attention, backward_attention = total["ideal"], total["executed"], total["backward"]
   remat = 1.0 if m.remat else 0.0
   forward = dense + attention
   return {

@@ -232,7 +232,7 @@ def _sampler(model: TransformerLM, T: int, max_new_tokens: int, temperature: flo
   def pick(logits_V, key, i):
     return choose(logits_V, jax.random.fold_in(key, i), temperature, top_k, top_p).astype(jnp.int32)
 
-  if model.config.family.decodes:
+  if all(layer.family.decodes for layer in model.config.layer_configs()):  # every layer's family
     def run(variables, prompt_T, key):
       def read(states, tok_t):  # teacher-forced: the prompt token at position t
         tok, t = tok_t

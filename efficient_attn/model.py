@@ -9,6 +9,7 @@ with bidirectional attention and mean pooling over non-padding tokens.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -24,8 +25,15 @@ def is_moe_layer(cfg, i: int) -> bool:
   return bool(cfg.num_experts) and (i + 1) % cfg.moe_every == 0
 
 
+def period(cfg) -> int:
+  """The layers after which both the families (a hybrid's pattern) and the MoE placement repeat: the unit
+  `nn.scan` repeats with `scan_layers` (one compiled period, the remainder layers unrolled after it)."""
+  moe = cfg.moe_every if cfg.num_experts else 1
+  return math.lcm(cfg.family_period(), moe)
+
+
 class _Group(nn.Module):
-  """`moe_every` consecutive blocks (the last one MoE): the unit `nn.scan` repeats."""
+  """One period of blocks, each with its own layer's family (and MoE or dense FFN): what `nn.scan` repeats."""
   config: Any
   is_causal: bool = True
   mesh: Any = None
@@ -34,9 +42,8 @@ class _Group(nn.Module):
   @nn.compact
   def __call__(self, x, segment_ids, positions):
     c = self.config
-    size = c.moe_every if c.num_experts else 1
-    for j in range(size):
-      x = Block(c, is_moe_layer(c, j), self.is_causal, self.mesh, self.context_layout, name=f"block_{j}")(
+    for j in range(period(c)):
+      x = Block(c.layer(j), is_moe_layer(c, j), self.is_causal, self.mesh, self.context_layout, name=f"block_{j}")(
           x, segment_ids, positions)
     return x, None
 
@@ -48,16 +55,16 @@ class _GroupDecode(nn.Module):
   @nn.compact
   def __call__(self, x, states, positions):
     c = self.config
-    size = c.moe_every if c.num_experts else 1
     new = []
-    for j in range(size):
-      x, s = Block(c, is_moe_layer(c, j), True, self.mesh, name=f"block_{j}")(x, None, positions, states[j])
+    for j in range(period(c)):
+      x, s = Block(c.layer(j), is_moe_layer(c, j), True, self.mesh, name=f"block_{j}")(x, None, positions, states[j])
       new.append(s)
     return x, tuple(new)
 
 
 class Trunk(nn.Module):
-  """Embedding-free stack of L blocks, looped or `nn.scan`-ned (`config.scan_layers`)."""
+  """Embedding-free stack of L blocks, each with its layer's family (`ModelConfig.layer`), looped or, with
+  `config.scan_layers`, `nn.scan`-ned over repeats of the period (`period`) with the remainder unrolled."""
   config: Any
   is_causal: bool = True
   mesh: Any = None
@@ -69,8 +76,10 @@ class Trunk(nn.Module):
     size = c.moe_every if c.num_experts else 1
     if c.num_layers % size:
       raise ValueError(f"model.num_layers={c.num_layers} must be a multiple of model.moe_every={c.moe_every}.")
-    groups = c.num_layers // size
-    if c.scan_layers:
+    P = period(c)
+    groups = c.num_layers // P if c.scan_layers else 0
+    new: list = []
+    if groups:
       body = _Group if decode_states is None else _GroupDecode
       if c.remat:
         body = nn.remat(body)
@@ -81,18 +90,22 @@ class Trunk(nn.Module):
                         metadata_params={nn.PARTITION_NAME: "layers"})
       if decode_states is None:
         x, _ = scanned(c, self.is_causal, self.mesh, self.context_layout, name="layers")(x, segment_ids, positions)
-        return x
-      return scanned(c, self.mesh, name="layers")(x, decode_states, positions)
+      else:
+        x, stacked = scanned(c, self.mesh, name="layers")(x, tuple(decode_states[:P]), positions)
+        new.extend(stacked)
     block = nn.remat(Block) if c.remat else Block
-    new = []
-    for i in range(c.num_layers):
-      b = block(c, is_moe_layer(c, i % size), self.is_causal, self.mesh, self.context_layout, name=f"block_{i}")
+    first = groups * P
+    for i in range(first, c.num_layers):  # every layer without scan_layers; the remainder after the scan
+      b = block(c.layer(i), is_moe_layer(c, i % size), self.is_causal, self.mesh, self.context_layout,
+                name=f"block_{i}")
       if decode_states is None:
         x = b(x, segment_ids, positions)
       else:
-        x, s = b(x, None, positions, decode_states[i])
+        x, s = b(x, None, positions, decode_states[i - first + (P if groups else 0)])
         new.append(s)
-    return x if decode_states is None else (x, new)
+    if decode_states is None:
+      return x
+    return x, (tuple(new) if groups else new)
 
 
 def batch_sharded(x_BTD):
@@ -157,20 +170,28 @@ class TransformerLM(nn.Module):
 
 
 def init_decode_states(cfg, batch: int, max_len: int):
-  """Per-layer decoding states (a list, or groups stacked along a leading axis with scan_layers)."""
+  """Per-layer decoding states, each of its layer's family (a KV cache, a window ring buffer, a recurrent
+  state): a list, or with scan_layers a tuple of one period's states stacked over its repeats along a
+  leading axis, followed by the remainder layers' own."""
   import dataclasses
 
   H = cfg.d_model // cfg.num_heads
   K = cfg.num_kv_heads or cfg.num_heads
-  family, options = cfg.family, cfg.options
-  kw = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
-  kw.update(family.call_kwargs(options, attention_lib.Shape(1, 1, cfg.num_heads, K, H, True)))
-  one = lambda: attention_lib.init_decode_state(cfg.attention, batch, K, H, max_len=max_len, **kw)  # noqa: E731
-  if not cfg.scan_layers:
-    return [one() for _ in range(cfg.num_layers)]
-  size = cfg.moe_every if cfg.num_experts else 1
+
+  def one(layer):
+    options = layer.options
+    kw = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    kw.update(layer.family.call_kwargs(options, attention_lib.Shape(1, 1, cfg.num_heads, K, H, True)))
+    return attention_lib.init_decode_state(layer.attention, batch, K, H, max_len=max_len, **kw)
+
+  layers = cfg.layer_configs()
+  P = period(cfg)
+  groups = cfg.num_layers // P if cfg.scan_layers else 0
+  if not groups:
+    return [one(layer) for layer in layers]
   stack = lambda *xs: jnp.stack(xs)  # noqa: E731
-  return tuple(jax.tree.map(stack, *[one() for _ in range(cfg.num_layers // size)]) for _ in range(size))
+  stacked = tuple(jax.tree.map(stack, *[one(layers[j]) for _ in range(groups)]) for j in range(P))
+  return stacked + tuple(one(layer) for layer in layers[groups * P:])
 
 
 def as_variables(params_or_variables) -> dict:

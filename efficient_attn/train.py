@@ -264,6 +264,8 @@ def train(cfg: Config, workdir: str, *, progress: bool | None = None, devices=No
       try:
         if note:
           log.say(note)
+        if m.hybrid:  # the expanded pattern, as config.json's model.attention_pattern cycles it
+          log.say(f"layers: {', '.join(m.layer_families())}")
         if restored is not None:
           log.say(f"resumed from step {start} (checkpoint {os.path.join(str(mngr.directory), str(start))})")
         evaluate = evaluate if val_stream is not None else None

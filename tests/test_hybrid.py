@@ -1,0 +1,148 @@
+"""Hybrid stacks: a family per layer (model.attention_pattern, full_attention_every, family_options).
+
+An empty pattern is today's model bit for bit; decoding a hybrid token by token (a KV cache, a window ring
+buffer and recurrent states side by side) equals its parallel causal forward for every decoding family;
+the scanned period with unrolled remainder equals the loop; FLOPs sum the layers' families; the command
+line trains, resumes, generates and evaluates a hybrid; bad settings are one sentence.
+"""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efficient_attn import cli, flops
+from efficient_attn.config import Config, ConfigError, ModelConfig, validate, with_overrides
+from efficient_attn.model import TransformerLM, generate, init_decode_states
+
+# Every family that decodes appears in one of the two 6-layer models (sparse has no decoding state: `sample`
+# runs it by the parallel forward); B is scanned over its 4-layer period with 2 remainder layers.
+PATTERNS = {
+    "A": (["local", "softmax", "gla", "mamba2", "deltanet", "gated_deltanet"], False),
+    "B": (["linear", "performer", "retnet", "based"], True),
+}
+OPTIONS = {"local": {"window": 16}, "performer": {"num_features": 16}}
+
+
+def _hybrid(pattern, scan=False, num_layers=6, d_model=64, **kw):
+  return ModelConfig(attention=pattern[0], num_layers=num_layers, d_model=d_model, num_heads=4, ffn_dim=2 * d_model,
+                     attention_pattern=tuple(pattern), scan_layers=scan,
+                     family_options={f: o for f, o in OPTIONS.items() if f in pattern[1:] and f != pattern[0]},
+                     attention_options=OPTIONS.get(pattern[0]), **kw)
+
+
+def test_an_empty_pattern_is_todays_model_bit_for_bit():
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 256)
+  plain = ModelConfig(num_layers=2, d_model=32, num_heads=2, ffn_dim=64)
+  same = ModelConfig(num_layers=2, d_model=32, num_heads=2, ffn_dim=64, attention_pattern=("softmax",))
+  assert not plain.hybrid and plain.layer(1) is plain and same.hybrid
+  outs = []
+  for cfg in (plain, same):
+    model = TransformerLM(cfg)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
+    outs.append((jax.tree.map(np.asarray, variables), np.asarray(jax.jit(model.apply)(variables, tokens))))
+  assert jax.tree.structure(outs[0][0]) == jax.tree.structure(outs[1][0])
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0])))
+  np.testing.assert_array_equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_decoding_a_hybrid_equals_its_parallel_forward(name):
+  """6 layers, d 64, T 128: 16 prompt tokens then 112 generated; every layer's own state gives the parallel
+  forward's logits at every position."""
+  pattern, scan = PATTERNS[name]
+  cfg = _hybrid(pattern, scan)
+  model = TransformerLM(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 128), 0, 256)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
+  families = cfg.layer_families()
+  assert set(pattern) <= set(families) and len(families) == 6
+  if not scan:  # each layer carries its own family's params: GLA's gate projection only in GLA's layer
+    trunk = nn.unbox(variables["params"])["trunk"]
+    gated = [i for i in range(6) if any("gate" in k or "alpha" in k for k in trunk[f"block_{i}"]["attention"])]
+    assert 2 in gated and 0 not in gated and 1 not in gated, gated
+  states = init_decode_states(cfg, 1, 128)
+  assert len(states) == 6  # scanned: 4 stacked period states + 2 remainder layers' own
+  generated, logits = generate(model, variables, tokens[:, :16], 112)
+  parallel = jax.jit(model.apply)(variables, generated)
+  np.testing.assert_allclose(logits, parallel[:, :-1], atol=5e-4, rtol=5e-4)
+
+
+def test_the_scanned_period_with_a_remainder_equals_the_loop():
+  pattern = ["local", "softmax", "linear"]
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 32), 0, 256)
+  loop_cfg = _hybrid(pattern, False, num_layers=5, d_model=32)
+  scan_cfg = _hybrid(pattern, True, num_layers=5, d_model=32)
+  loop, scan = TransformerLM(loop_cfg), TransformerLM(scan_cfg)
+  lp = nn.unbox(jax.jit(loop.init)(jax.random.PRNGKey(0), tokens)["params"])
+  sp = nn.unbox(jax.jit(scan.init)(jax.random.PRNGKey(1), tokens)["params"])
+  assert sorted(sp["trunk"]) == ["block_3", "block_4", "layers"]  # one period scanned once, 2 layers unrolled
+  for j in range(3):
+    sp["trunk"]["layers"][f"block_{j}"] = jax.tree.map(lambda x: x[None], lp["trunk"][f"block_{j}"])
+  for i in (3, 4):
+    sp["trunk"][f"block_{i}"] = lp["trunk"][f"block_{i}"]
+  for k in ("embed", "final_norm", "unembed"):
+    sp[k] = lp[k]
+  np.testing.assert_allclose(jax.jit(scan.apply)({"params": sp}, tokens),
+                             jax.jit(loop.apply)({"params": lp}, tokens), atol=1e-5)
+
+
+def test_flops_sum_the_layers_families():
+  T = 256
+  hybrid = ModelConfig(num_layers=6, attention_pattern=("local",) * 5 + ("softmax",),
+                       family_options={"local": {"window": 32}})
+  local = ModelConfig(num_layers=6, attention="local", attention_options={"window": 32})
+  soft = ModelConfig(num_layers=6)
+  h, lo, s = (flops.model_flops_per_token(m, T) for m in (hybrid, local, soft))
+  assert h["attention"] == (5 * lo["attention"] + s["attention"]) / 6
+  assert h["dense"] == s["dense"] and h["train"] == 3 * (h["dense"] + h["attention"])
+  every = ModelConfig(num_layers=6, attention="local", attention_options={"window": 32}, full_attention_every=3)
+  assert every.layer_families() == ("local", "local", "softmax") * 2
+  assert flops.model_flops_per_token(every, T)["attention"] == (4 * lo["attention"] + 2 * s["attention"]) / 6
+
+
+@pytest.mark.parametrize("sets, needle", [
+    ({"model.attention_pattern": ["local", "sofmax"]}, "'sofmax' is not a registered attention family; did you"
+                                                       " mean 'softmax'?"),
+    ({"model.attention_pattern": ["local", "softmax"], "model.family_options.locl.window": 8},
+     "model.family_options.locl: no layer uses 'locl'; did you mean 'local'?"),
+    ({"model.attention_pattern": ["local", "softmax"], "model.family_options.local.windw": 8},
+     "has no option 'windw'; did you mean 'window'?"),
+    ({"model.attention_pattern": ["local"], "model.full_attention_every": 2}, "use one of them"),
+    ({"model.attention_pattern": ["softmax", "local"], "model.family_options.softmax.chunk_size": 8},
+     "softmax is model.attention; set its options as model.attention_options.KEY"),
+    ({"model.attention_pattern": ["local", "softmax"], "model.family_options.local.window": 0},
+     "model.family_options.local: attention family 'local'"),
+])
+def test_bad_hybrid_settings_are_one_sentence(sets, needle):
+  with pytest.raises(ConfigError, match=None) as e:
+    validate(with_overrides(Config(), sets), 1)
+  assert needle in str(e.value), str(e.value)
+
+
+def test_the_command_line_trains_resumes_generates_and_evaluates_a_hybrid(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  sets = ["model.attention_pattern=['gated_deltanet','gated_deltanet','gated_deltanet','softmax']",
+          "model.num_layers=4", "model.d_model=32", "model.num_heads=2", "model.ffn_dim=64", "train.batch_size=8",
+          "train.seq_len=64", "train.log_every=2", "train.checkpoint_every=2", "train.warmup_steps=1",
+          "train.eval_batches=1"]
+  argv = ["train", "--workdir", workdir] + [x for s in sets for x in ("--set", s)]
+  assert cli.main(argv + ["--set", "train.steps=2"]) == 0
+  stored = json.load(open(os.path.join(workdir, "config.json")))
+  assert stored["model.attention_pattern"] == ["gated_deltanet"] * 3 + ["softmax"]
+  err = capsys.readouterr().err
+  assert "layers: gated_deltanet, gated_deltanet, gated_deltanet, softmax" in err, err
+  assert cli.main(argv + ["--set", "train.steps=4"]) == 0
+  assert "resumed from step 2" in capsys.readouterr().err
+  # A resume with another pattern is refused, naming the key.
+  assert cli.main(argv[:-2 * len(sets)] + [x for s in ["model.attention_pattern=['softmax']"] + sets[1:]
+                                           for x in ("--set", s)] + ["--set", "train.steps=6"]) == 2
+  assert "model.attention_pattern" in capsys.readouterr().err
+  assert cli.main(["generate", "--workdir", workdir, "--prompt", "def ", "--set", "sample.max_new_tokens=8"]) == 0
+  assert cli.main(["eval", "--workdir", workdir, "--set", "eval.batches=1"]) == 0
+  out = capsys.readouterr().out
+  assert "val_loss" in out
