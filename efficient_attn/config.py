@@ -122,6 +122,9 @@ class ModelConfig:
   attention_pattern: tuple = ()
   full_attention_every: int = 0
   family_options: Any = None
+  # A short depthwise causal convolution (this kernel size) on q / k / v before the attention of every layer;
+  # 0 = none, -1 = each layer's family's own default (`Family.short_conv`).
+  short_conv: int = -1
 
   def __post_init__(self):
     # Typed and hashable (modules hash their config): a mapping becomes the family's options
@@ -168,6 +171,12 @@ class ModelConfig:
     if family == self.attention:
       return self.attention_options
     return dict(self.family_options or ()).get(family)
+
+  @property
+  def conv_kernel(self) -> int:
+    """The short convolution's kernel of this (homogeneous) config's layers: model.short_conv, or the family's
+    default when it is -1; 0 = none."""
+    return self.short_conv if self.short_conv >= 0 else self.family.short_conv
 
   def layer(self, i: int) -> "ModelConfig":
     """Layer i's own homogeneous config: its family as model.attention with that family's options."""
@@ -548,6 +557,8 @@ def validate(cfg: Config, num_devices: int, *, text_data: bool = True) -> dict[s
   _need(d.sample_by in ("document", "paragraph", "line"),
         f"data.sample_by={d.sample_by!r} is not document, paragraph or line.")
   check_pattern(m)
+  _need(m.short_conv >= -1, f"model.short_conv={m.short_conv} must be a kernel size >= 0 (0 = off) or -1 (each"
+        " family's default).")
   for layer in _distinct_layers(m):
     check_attention(layer, t.seq_len)
   sizes = mesh_shape(cfg.mesh, num_devices)

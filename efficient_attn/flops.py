@@ -223,11 +223,16 @@ def model_flops_per_token(m, seq_len: int, *, causal: bool = True) -> dict:
   D, N, F = m.d_model, m.num_heads, m.ffn_dim
   H, K = D // N, m.num_kv_heads or N
   # A hybrid sums its layers' families (each with its own options); a homogeneous stack is L x one layer.
+  # A layer's short convolution (model.short_conv) counts with its attention: 2·k FLOPs per q / k / v channel.
   per_family = {}
   for layer in (m.layer_configs() if m.hybrid else (m,) * m.num_layers):
     if layer.attention not in per_family:
-      per_family[layer.attention] = [attention_flops(layer.attention, T, num_heads=N, head_dim=H, num_kv_heads=K,
-                                                     causal=causal, options=layer.options), 0]
+      a = dict(attention_flops(layer.attention, T, num_heads=N, head_dim=H, num_kv_heads=K, causal=causal,
+                               options=layer.options))
+      conv = 2.0 * layer.conv_kernel * (N + 2 * K) * H
+      if conv:
+        a = {"ideal": a["ideal"] + conv, "executed": a["executed"] + conv, "backward": a["backward"] + 2 * conv}
+      per_family[layer.attention] = [a, 0]
     per_family[layer.attention][1] += 1
   total = {k: sum(a[k] * n for a, n in per_family.values()) for k in ("ideal", "executed", "backward")}
   glu = m.ffn_activation == "swiglu"

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn import attention as attention_lib
+from efficient_attn.attention import short_conv as short_conv_lib
 from efficient_attn.moe import moe_ffn
 
 
@@ -195,6 +196,25 @@ class MultiHeadAttention(nn.Module):
   rope_base: float | None = 10_000.0
   dtype: Any = jnp.float32
   context_layout: str = "zigzag"  # the token order under a mesh with a `context` axis (see `attention.attend`)
+  short_conv: int = 0             # kernel of the depthwise causal convolution on q / k / v (+ SiLU); 0 = none
+
+  def conv(self, name: str, x_BTnH, axis: str, segment_ids, state):
+    """x [B, T, n, H] through its short convolution (params `NAME_conv` [k, n, H]) and SiLU; with a decoding
+    `state` [B, k − 1, n·H] returns (y, new state)."""
+    B, T, n, H = x_BTnH.shape
+    k = self.short_conv
+    init = nn.initializers.uniform(2 / k ** 0.5)
+    w = self.param(f"{name}_conv", nn.with_logical_partitioning(
+        lambda key, shape, dtype=jnp.float32: init(key, shape, dtype) - 1 / k ** 0.5, ("conv", axis, "head_dim")),
+        (k, n, H))
+    w = jnp.asarray(w, self.dtype).reshape(k, n * H)
+    x = x_BTnH.reshape(B, T, n * H)
+    if state is None:
+      y = short_conv_lib.short_conv(x, w, segment_ids, context_layout=self.context_layout)
+    else:
+      y, state = short_conv_lib.short_conv_step(x, w, state)
+    y = nn.silu(y).reshape(B, T, n, H)
+    return y if state is None else (y, state)
 
   def family_kwargs(self, T: int, H: int) -> dict:
     """The family's keyword arguments at length T: prepared options (cached per shape) + this layer's buffers."""
@@ -230,6 +250,17 @@ class MultiHeadAttention(nn.Module):
     q = _dense((N, H), ("embed", "heads", "head_dim"), "query", self.dtype)(x_BTD)
     k = _dense((K, H), ("embed", "kv_heads", "head_dim"), "key", self.dtype)(x_BTD)
     v = _dense((K, H), ("embed", "kv_heads", "head_dim"), "value", self.dtype)(x_BTD)
+    conv_state = None
+    if self.short_conv:
+      if decode_state is not None:
+        decode_state, old = decode_state
+        (q, sq), (k, sk), (v, sv) = (self.conv("query", q, "heads", None, old["q"]),
+                                     self.conv("key", k, "kv_heads", None, old["k"]),
+                                     self.conv("value", v, "kv_heads", None, old["v"]))
+        conv_state = {"q": sq, "k": sk, "v": sv}
+      else:
+        q, k, v = (self.conv("query", q, "heads", segment_ids, None), self.conv("key", k, "kv_heads", segment_ids, None),
+                   self.conv("value", v, "kv_heads", segment_ids, None))
     if positions is None:
       positions = segment_positions(segment_ids) if segment_ids is not None else jnp.broadcast_to(jnp.arange(T), (B, T))
     if self.rope_base:
@@ -240,6 +271,8 @@ class MultiHeadAttention(nn.Module):
                                  context_layout=self.context_layout, **kw)
     else:
       out, decode_state = attention_lib.decode_step(self.attention, decode_state, q, k, v, **kw)
+      if self.short_conv:
+        decode_state = (decode_state, conv_state)
     y = _dense(D, ("heads", "head_dim", "embed"), "out", self.dtype, in_axes=(-2, -1))(out)
     return y if decode_state is None else (y, decode_state)
 
@@ -299,7 +332,7 @@ class Block(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     attn = MultiHeadAttention(c.num_heads, c.num_kv_heads or None, c.attention, c.options, self.is_causal,
-                              c.rope_base, dtype, self.context_layout, name="attention")
+                              c.rope_base, dtype, self.context_layout, c.conv_kernel, name="attention")
     training = c.dropout > 0 and self.has_rng("dropout")
     drop = (lambda y: nn.Dropout(c.dropout, deterministic=False)(y)) if training else (lambda y: y)  # noqa: E731
     h = RMSNorm(dtype=dtype, name="attention_norm")(x_BTD)

@@ -9,6 +9,7 @@ with bidirectional attention and mean pooling over non-padding tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 
 from efficient_attn import attention as attention_lib
 from efficient_attn import sharding as sharding_lib
+from efficient_attn.attention.short_conv import init_short_conv_state
 from efficient_attn.layers import Block, Projection, RMSNorm
 
 
@@ -182,7 +184,13 @@ def init_decode_states(cfg, batch: int, max_len: int):
     options = layer.options
     kw = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     kw.update(layer.family.call_kwargs(options, attention_lib.Shape(1, 1, cfg.num_heads, K, H, True)))
-    return attention_lib.init_decode_state(layer.attention, batch, K, H, max_len=max_len, **kw)
+    state = attention_lib.init_decode_state(layer.attention, batch, K, H, max_len=max_len, **kw)
+    k = layer.conv_kernel
+    if not k:
+      return state
+    conv = {"q": init_short_conv_state(batch, k, cfg.num_heads * H), "k": init_short_conv_state(batch, k, K * H),
+            "v": init_short_conv_state(batch, k, K * H)}
+    return (state, conv)
 
   layers = cfg.layer_configs()
   P = period(cfg)
@@ -192,6 +200,19 @@ def init_decode_states(cfg, batch: int, max_len: int):
   stack = lambda *xs: jnp.stack(xs)  # noqa: E731
   stacked = tuple(jax.tree.map(stack, *[one(layers[j]) for _ in range(groups)]) for j in range(P))
   return stacked + tuple(one(layer) for layer in layers[groups * P:])
+
+
+def decode_state_bytes(cfg, batch: int, max_len: int) -> dict:
+  """Memory of the decoding states (`init_decode_states`) of model config `cfg` for `batch` sequences of up to
+  `max_len` tokens, without allocating them: {"total": bytes, "per_family": {family: bytes}}. A KV cache grows
+  with max_len, a local window's ring buffer and a recurrent state do not (tests/test_hybrid.py)."""
+  layers = cfg.layer_configs()
+  out: dict = {}
+  for i, layer in enumerate(layers):
+    one = dataclasses.replace(layer, num_layers=1, scan_layers=False)
+    shapes = jax.eval_shape(lambda: init_decode_states(one, batch, max_len))
+    out[layer.attention] = out.get(layer.attention, 0) + sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  return {"total": sum(out.values()), "per_family": out}
 
 
 def as_variables(params_or_variables) -> dict:

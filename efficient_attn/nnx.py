@@ -30,6 +30,7 @@ from flax import nnx
 
 from efficient_attn import attention as attention_lib
 from efficient_attn import sharding
+from efficient_attn.attention import short_conv as short_conv_lib
 from efficient_attn.layers import _expert_init, rope, segment_positions
 from efficient_attn.moe import collect_aux as _collect_aux, moe_ffn
 from efficient_attn.moe.ffn import check_options, resolve_activation
@@ -109,7 +110,7 @@ class MultiHeadAttention(nnx.Module):
   def __init__(self, num_heads: int, in_features: int, *, num_kv_heads: int | None = None,
                attention: str = "softmax", attention_options=None, is_causal: bool = True,
                rope_base: float | None = 10_000.0, dtype=jnp.float32, param_dtype=jnp.float32,
-               context_layout: str = "zigzag", rngs: nnx.Rngs):
+               context_layout: str = "zigzag", short_conv: int = 0, rngs: nnx.Rngs):
     N, K, D = num_heads, num_kv_heads or num_heads, in_features
     if D % N:
       raise ValueError(f"MultiHeadAttention: num_heads={N} does not divide in_features={D}.")
@@ -126,6 +127,14 @@ class MultiHeadAttention(nnx.Module):
     self.key = Projection((D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
     self.value = Projection((D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
     self.out = Projection((N, H), (D,), ("heads", "head_dim", "embed"), **kw)
+    # The short convolution on q / k / v (`attention.short_conv`), params as Linen's: NAME_conv [k, n, H].
+    self.short_conv = short_conv
+    if short_conv:
+      bound = 1 / short_conv ** 0.5
+      init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+      for name, n, axis in (("query", N, "heads"), ("key", K, "kv_heads"), ("value", K, "kv_heads")):
+        setattr(self, f"{name}_conv", _param(init, rngs.params(), (short_conv, n, H), param_dtype,
+                                             ("conv", axis, "head_dim")))
     # Per-token input params (gates, β: `Family.inputs`) sit beside the projections, as in Linen.
     self.input_names = ()
     if family.inputs is not None:
@@ -172,7 +181,23 @@ class MultiHeadAttention(nnx.Module):
     kw.update(self.family_kwargs(1))
     state = attention_lib.init_decode_state(self.attention, batch, self.num_kv_heads, self.head_dim,
                                             max_len=max_len, dtype=dtype, **kw)
-    self.cache = nnx.Cache({"state": state, "index": jnp.zeros((), jnp.int32)})
+    conv = None
+    if self.short_conv:
+      conv = {n: short_conv_lib.init_short_conv_state(batch, self.short_conv, c * self.head_dim, dtype)
+              for n, c in (("q", self.num_heads), ("k", self.num_kv_heads), ("v", self.num_kv_heads))}
+    self.cache = nnx.Cache({"state": state, "index": jnp.zeros((), jnp.int32), "conv": conv})
+
+  def _conv(self, name: str, x_BTnH, segment_ids, state):
+    """x through its short convolution and SiLU; with a decoding `state` [B, k − 1, n·H] also the new one."""
+    B, T, n, H = x_BTnH.shape
+    w = jnp.asarray(getattr(self, f"{name}_conv")[...], self.dtype).reshape(self.short_conv, n * H)
+    x = x_BTnH.reshape(B, T, n * H)
+    if state is None:
+      y = short_conv_lib.short_conv(x, w, segment_ids, context_layout=self.context_layout)
+    else:  # several new tokens: the state is the halo before them
+      y = short_conv_lib._conv(x, w, None, state.astype(x.dtype)) if self.short_conv > 1 else x * w[0]
+      state = jnp.concatenate([state.astype(x.dtype), x], axis=1)[:, T:] if self.short_conv > 1 else state
+    return nnx.silu(y).reshape(B, T, n, H), state
 
   def __call__(self, x_BTD, segment_ids=None, positions=None, *, decode: bool = False):
     B, T, _ = x_BTD.shape
@@ -183,10 +208,18 @@ class MultiHeadAttention(nnx.Module):
       if segment_ids is not None:
         raise ValueError("MultiHeadAttention(decode=True): segment_ids are not supported while decoding.")
       index = self.cache["index"]
+      if self.short_conv:
+        conv = self.cache["conv"]
+        (q, cq), (k, ck), (v, cv) = (self._conv("query", q, None, conv["q"]), self._conv("key", k, None, conv["k"]),
+                                     self._conv("value", v, None, conv["v"]))
+        self.cache["conv"] = {"q": cq, "k": ck, "v": cv}
       if positions is None:
         positions = jnp.broadcast_to(index + jnp.arange(T), (B, T))
     elif positions is None:
       positions = segment_positions(segment_ids) if segment_ids is not None else jnp.broadcast_to(jnp.arange(T), (B, T))
+    if self.short_conv and not decode:
+      q, k, v = (self._conv("query", q, segment_ids, None)[0], self._conv("key", k, segment_ids, None)[0],
+                 self._conv("value", v, segment_ids, None)[0])
     if self.rope_base:
       q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
     inputs = self.token_inputs(x_BTD)
@@ -210,7 +243,7 @@ class MultiHeadAttention(nnx.Module):
     xs = (tuple(jnp.swapaxes(a, 0, 1) for a in (q_BTNH, k_BTKH, v_BTKH)),
           {n: jnp.swapaxes(a, 0, 1) for n, a in (inputs or {}).items()})
     state, out_TBNH = jax.lax.scan(step, cache["state"], xs)
-    self.cache.set_value({"state": state, "index": cache["index"] + q_BTNH.shape[1]})
+    self.cache.set_value({**self.cache.get_value(), "state": state, "index": cache["index"] + q_BTNH.shape[1]})
     return jnp.swapaxes(out_TBNH, 0, 1)
 
 
@@ -329,12 +362,13 @@ class Block(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, ffn_dim: int, *, num_kv_heads: int | None = None,
                attention: str = "softmax", attention_options=None, is_causal: bool = True,
                rope_base: float | None = 10_000.0, ffn_activation: str = "gelu", num_experts: int = 0,
-               moe_options: dict | None = None, dropout: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
+               moe_options: dict | None = None, dropout: float = 0.0, dtype=jnp.float32, short_conv: int = 0,
+               rngs: nnx.Rngs):
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
     self.attention_norm = RMSNorm(d_model, dtype=dtype)
     self.attention = MultiHeadAttention(num_heads, d_model, num_kv_heads=num_kv_heads, attention=attention,
                                         attention_options=attention_options, is_causal=is_causal,
-                                        rope_base=rope_base, dtype=dtype, rngs=rngs)
+                                        rope_base=rope_base, dtype=dtype, short_conv=short_conv, rngs=rngs)
     self.ffn_norm = RMSNorm(d_model, dtype=dtype)
     if num_experts:
       glu = ffn_activation == "swiglu"

@@ -38,6 +38,7 @@ RULES = (
     ("length", "context"),
     ("layers", None),
     ("norm", None),
+    ("conv", None),
 )
 
 

@@ -30,6 +30,10 @@ FAMILIES = ["softmax", "local", "sparse", "linear", "performer"]  # the default 
 def get_config() -> dict:
   return {
       "smoke": False, "variants": list(FAMILIES), "reference_steps": 150, "budget_flops": 0.0,
+      # Hybrid variants: a name in `variants` that is a key here trains that layer pattern (model.attention_pattern,
+      # each family with its attention_options), e.g. --set "patterns={'gla3:1': ['gla', 'gla', 'gla', 'softmax']}"
+      # --set "variants=['softmax', 'gla', 'gla3:1']".
+      "patterns": {},
       "attention_options": {"local": {"window": 128}, "sparse": {"block_size": 64}, "performer": {"num_features": 64}},
       "batch_size": 8, "seq_len": 512, "d_model": 256, "num_layers": 4, "num_heads": 4, "ffn_dim": 1024,
       "learning_rate": 3e-3, "warmup_steps": 15,
@@ -44,8 +48,18 @@ SMOKE = {"variants": ["softmax", "linear"], "reference_steps": 4, "batch_size": 
          "log_every": 2, "eval_every": 2, "eval_batches": 1}
 
 
+def _fields(cfg: dict, name: str) -> dict:
+  """The model fields of variant `name`: a family, or a layer pattern from cfg["patterns"]."""
+  pattern = cfg["patterns"].get(name)
+  if pattern is None:
+    return {"attention": name}
+  opts = cfg["attention_options"]
+  return {"attention": pattern[0], "attention_pattern": tuple(pattern),
+          "family_options": {f: opts[f] for f in set(pattern) - {pattern[0]} if f in opts} or None}
+
+
 def _model_config(cfg: dict, family: str):
-  return _lm.base_config(cfg, steps=1, attention=family).model
+  return _lm.base_config(cfg, steps=1, **_fields(cfg, family)).model
 
 
 def budget(cfg: dict) -> float:
@@ -67,12 +81,19 @@ def steps_for(cfg: dict, family: str) -> int:
 def check(cfg: dict) -> None:
   from efficient_attn import flops
 
-  check_attention_variants(cfg, cfg["variants"], "equal_compute", "variants")
+  patterns = cfg["patterns"]
+  if not isinstance(patterns, dict) or not all(isinstance(p, (list, tuple)) and p for p in patterns.values()):
+    raise ConfigError(f"patterns={patterns!r} for experiment equal_compute must map a variant name to a non-empty"
+                      " list of families, e.g. {'gla3:1': ['gla', 'gla', 'gla', 'softmax']}.")
+  for name, pattern in patterns.items():
+    check_attention_variants(cfg, list(dict.fromkeys(pattern)), "equal_compute", f"patterns.{name}")
+  check_attention_variants(cfg, cfg["variants"], "equal_compute", "variants",
+                           aliases={n: (p[0], {}) for n, p in patterns.items()})
   if cfg["budget_flops"] < 0 or cfg["reference_steps"] < 1:
     raise ConfigError(f"budget_flops={cfg['budget_flops']} must be >= 0 and reference_steps="
                       f"{cfg['reference_steps']} >= 1.")
   for family in cfg["variants"]:
-    _lm.check_trainable(_lm.base_config(cfg, steps=1, attention=family), f"equal_compute variant {family}")
+    _lm.check_trainable(_lm.base_config(cfg, steps=1, **_fields(cfg, family)), f"equal_compute variant {family}")
     if steps_for(cfg, family) < 1:
       one = flops.model_flops_per_token(_model_config(cfg, family), cfg["seq_len"])["train"]
       raise ConfigError(f"budget_flops={budget(cfg):.3g} is too small to run one step of {family}, which needs"
@@ -84,8 +105,8 @@ def variants(cfg: dict) -> list[str]:
 
 
 def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
-  row = _lm.train_variant(_lm.base_config(cfg, steps=steps_for(cfg, name), attention=name), ctx)
-  return [{**row, "budget_flops": budget(cfg)}]
+  row = _lm.train_variant(_lm.base_config(cfg, steps=steps_for(cfg, name), **_fields(cfg, name)), ctx)
+  return [{**row, "budget_flops": budget(cfg), "pattern": cfg["patterns"].get(name)}]
 
 
 def summarize(cfg: dict, rows: list[dict]) -> str:

@@ -146,3 +146,30 @@ def test_the_command_line_trains_resumes_generates_and_evaluates_a_hybrid(tmp_pa
   assert cli.main(["eval", "--workdir", workdir, "--set", "eval.batches=1"]) == 0
   out = capsys.readouterr().out
   assert "val_loss" in out
+
+
+def test_decode_state_memory_grows_with_context_only_for_the_kv_cache_layers():
+  from efficient_attn.model import decode_state_bytes
+
+  cfg = ModelConfig(num_layers=8, d_model=64, num_heads=4, num_kv_heads=2, attention="gated_deltanet",
+                    full_attention_every=4)  # Qwen3-Next's 3:1
+  short, long = decode_state_bytes(cfg, 2, 256), decode_state_bytes(cfg, 2, 1024)
+  kv_per_token = 2 * 2 * 2 * 16 * 4  # batch x (k, v) x kv heads x head dim x float32 bytes, per softmax layer
+  assert long["per_family"]["softmax"] - short["per_family"]["softmax"] == 2 * kv_per_token * (1024 - 256)
+  assert long["per_family"]["gated_deltanet"] == short["per_family"]["gated_deltanet"] > 0
+  assert long["total"] == sum(long["per_family"].values())
+
+
+def test_an_experiment_variant_can_be_a_pattern():
+  from efficient_attn import experiment
+
+  module = experiment.load("equal_compute")
+  sets = {"smoke": True, "patterns": {"lin3:1": ["linear", "linear", "linear", "softmax"]},
+          "variants": ["softmax", "linear", "lin3:1"], "num_layers": 4}
+  cfg = experiment.resolve_config(module, sets)
+  m = module._model_config(cfg, "lin3:1")
+  assert m.layer_families() == ("linear", "linear", "linear", "softmax")
+  steps = [module.steps_for(cfg, v) for v in cfg["variants"]]
+  assert steps[1] >= steps[2] >= steps[0]  # the hybrid's FLOPs lie between its two families'
+  with pytest.raises(ConfigError, match="'lineer' is not one; did you mean 'linear'"):
+    experiment.resolve_config(module, {**sets, "patterns": {"lin3:1": ["lineer", "softmax"]}})

@@ -332,3 +332,34 @@ def lay_out_example(example: dict[str, np.ndarray], shards: int, layout: str) ->
                        f" {k!r} has T={T}.")
     out[k] = np.ascontiguousarray(x.reshape(B, M, T // M, *x.shape[2:])[:, order].reshape(x.shape))
   return out
+
+
+def halo(ends, axis_name, layout: str, n: int, step: int):
+  """What each local piece's neighbour in the sequence sends (step −1: the piece before it, +1: after it).
+
+  ends: {name: [B, n, h, ...]}, the h positions at the end each local piece offers (its last h for step −1,
+  its first h for step +1). Returns ({name: [B, n, h, ...]}, bool [n]: whether the piece has that
+  neighbour; the first and last pieces of the sequence have none and receive zeros). One
+  `jax.lax.ppermute` per (sending slot, receiving slot) pair: contiguous 1; zigzag 2, as pieces
+  P − 1 and P meet on shard P − 1 and need no transfer.
+  """
+  P = jax.lax.axis_size(axis_name)
+  order = piece_order(P, layout).reshape(P, n)   # sequence position of shard s's slot j
+  holder = {int(m): (s, j) for (s, j), m in np.ndenumerate(order)}
+  routes: dict = {}                                      # (sending slot, receiving slot) -> [(from, to) shards]
+  has = np.zeros((P, n), bool)
+  for (s, j), m in np.ndenumerate(order):
+    if int(m) + step in holder:
+      src, i = holder[int(m) + step]
+      routes.setdefault((i, j), []).append((src, s))
+      has[s, j] = True
+  me = jax.lax.axis_index(axis_name)
+  slot = lambda i: {name: x[:, i] for name, x in ends.items()}  # noqa: E731
+  got = [{name: jnp.zeros_like(x[:, 0]) for name, x in ends.items()} for _ in range(n)]
+  for (i, j), pairs in routes.items():
+    moved = [(a, b) for a, b in pairs if a != b]
+    here = jnp.asarray(np.isin(np.arange(P), [b for _, b in pairs]))[me]
+    arrived = jax.lax.ppermute(slot(i), axis_name, moved) if moved else slot(i)
+    got[j] = {name: jnp.where(here, arrived[name], got[j][name]) for name in ends}
+  out = {name: jnp.stack([g[name] for g in got], axis=1) for name in ends}
+  return out, jnp.asarray(has)[me]

@@ -13,7 +13,7 @@ at most, and time and memory are O(T · window).
 
 Context parallelism (`context_axis`): each shard's pieces take as neighbour blocks the `before`
 (and, bidirectional, `after`) blocks of keys / values / key segment ids next to them, from the shard
-that holds the neighbouring piece (`jax.lax.ppermute`, `_halo`): O(window) numbers move, never O(T).
+that holds the neighbouring piece (`jax.lax.ppermute`, `context.halo`): O(window) numbers move, never O(T).
 """
 
 from __future__ import annotations
@@ -207,41 +207,10 @@ def _key_mask(mask, dims):
   return jnp.broadcast_to(m[:, 0, 0], (dims.B, dims.T))
 
 
-def _halo(ends, axis_name, layout: str, n: int, step: int):
-  """What each local piece's neighbour in the sequence sends (step −1: the piece before it, +1: after it).
-
-  ends: {name: [B, n, h, ...]}, the h positions at the end each local piece offers (its last h for step −1,
-  its first h for step +1). Returns ({name: [B, n, h, ...]}, bool [n]: whether the piece has that
-  neighbour; the first and last pieces of the sequence have none and receive zeros). One
-  `jax.lax.ppermute` per (sending slot, receiving slot) pair: contiguous 1; zigzag 2, as pieces
-  P − 1 and P meet on shard P − 1 and need no transfer.
-  """
-  P = jax.lax.axis_size(axis_name)
-  order = context.piece_order(P, layout).reshape(P, n)   # sequence position of shard s's slot j
-  holder = {int(m): (s, j) for (s, j), m in np.ndenumerate(order)}
-  routes: dict = {}                                      # (sending slot, receiving slot) -> [(from, to) shards]
-  has = np.zeros((P, n), bool)
-  for (s, j), m in np.ndenumerate(order):
-    if int(m) + step in holder:
-      src, i = holder[int(m) + step]
-      routes.setdefault((i, j), []).append((src, s))
-      has[s, j] = True
-  me = jax.lax.axis_index(axis_name)
-  slot = lambda i: {name: x[:, i] for name, x in ends.items()}  # noqa: E731
-  got = [{name: jnp.zeros_like(x[:, 0]) for name, x in ends.items()} for _ in range(n)]
-  for (i, j), pairs in routes.items():
-    moved = [(a, b) for a, b in pairs if a != b]
-    here = jnp.asarray(np.isin(np.arange(P), [b for _, b in pairs]))[me]
-    arrived = jax.lax.ppermute(slot(i), axis_name, moved) if moved else slot(i)
-    got[j] = {name: jnp.where(here, arrived[name], got[j][name]) for name in ends}
-  out = {name: jnp.stack([g[name] for g in got], axis=1) for name in ends}
-  return out, jnp.asarray(has)[me]
-
-
 def _local_context(query, key, value, bias, mask, ids, is_causal, scale, window, block_size, dims, axis_name,
                    layout):
   """The XLA path on one shard of a sequence split over `axis_name`: each local piece of L tokens is its own
-  sequence of blocks whose outer neighbour blocks are the halo from the neighbouring pieces (`_halo`)."""
+  sequence of blocks whose outer neighbour blocks are the halo from the neighbouring pieces (`context.halo`)."""
   B, T, _, N, K, H = dims
   Hv = value.shape[-1]
   if bias is not None:
@@ -264,8 +233,8 @@ def _local_context(query, key, value, bias, mask, ids, is_causal, scale, window,
   keys = {name: x.reshape(B, n, L, *x.shape[2:]) for name, x in keys.items()}
   ends = lambda lo, hi: {name: x[:, :, lo:hi] for name, x in keys.items()}  # noqa: E731
   none = (ends(0, 0), jnp.zeros(n, bool))  # window 1 / causal: no halo on that side
-  prev, has_prev = _halo(ends(L - before * block, L), axis_name, layout, n, -1) if before else none
-  nxt, has_next = _halo(ends(0, after * block), axis_name, layout, n, +1) if after else none
+  prev, has_prev = context.halo(ends(L - before * block, L), axis_name, layout, n, -1) if before else none
+  nxt, has_next = context.halo(ends(0, after * block), axis_name, layout, n, +1) if after else none
   Bn = B * n
   flat = lambda x: x.reshape(Bn, *x.shape[2:])  # noqa: E731
   neighbours = lambda name: _neighbour_blocks(flat(keys[name]), block, before, after,  # noqa: E731

@@ -89,6 +89,8 @@ class Family:
       raises ValueError for a split it cannot run (e.g. a length the shards do not divide:
       `context.check_split` is the usual one). None (the default): refused under `mesh.context` > 1
       with one sentence naming the family.
+    short_conv: the kernel of the short depthwise causal convolution on q / k / v the models put before this
+      family when model.short_conv is -1 (its default; `attention.short_conv`); 0 = none.
     description: one line for listings.
   """
   name: str
@@ -104,6 +106,7 @@ class Family:
   input_params: Callable[[Any, Shape, int], dict] | None = None
   inputs: Callable[..., dict] | None = None
   context: Callable[[Any, Shape, int, str], None] | None = None
+  short_conv: int = 0
   description: str = ""
 
   def __post_init__(self):
