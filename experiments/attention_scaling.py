@@ -51,6 +51,7 @@ def get_config() -> dict:
                             "performer": {"num_features": 256}},
       "repeats": 3, "min_time_s": 0.2, "max_step_s": 120.0, "max_memory_gib": 12.0, "compile_threads": 2,
       "seed": 0,
+      "short_conv": 0,  # model.short_conv of every model (0: none, as the measured tables; -1: each family's default)
   }
 
 
@@ -89,7 +90,7 @@ def variants(cfg: dict) -> list[str]:
 def _train_config(cfg: dict, name: str, T: int):
   from efficient_attn.config import Config, MeshConfig, ModelConfig, TrainConfig
 
-  keys = ("d_model", "num_layers", "num_heads", "ffn_dim", "dtype")
+  keys = ("d_model", "num_layers", "num_heads", "ffn_dim", "dtype", "short_conv")
   attention, options = attention_variant(cfg, name, ALIASES)
   m = ModelConfig(attention=attention, attention_options=options, **{k: cfg[k] for k in keys})
   mesh = MeshConfig(data=1, context=cfg["mesh.context"], context_layout=cfg["mesh.context_layout"])

@@ -36,6 +36,7 @@ def get_config() -> dict:
       "attention_options": {"local": {"window": 256}, "sparse": {"block_size": 64},
                             "performer": {"num_features": 64}},
       "repeats": 3, "min_time_s": 0.2, "seed": 0,
+      "short_conv": 0,  # model.short_conv of every model (0: none, as the measured table; -1: each family's default)
   }
 
 
@@ -81,7 +82,7 @@ def _config(cfg: dict, name: str, P: int, T: int):
 
   attention, options = attention_variant(cfg, name)
   m = ModelConfig(attention=attention, attention_options=options,
-                  **{k: cfg[k] for k in ("d_model", "num_layers", "num_heads", "ffn_dim", "dtype")})
+                  **{k: cfg[k] for k in ("d_model", "num_layers", "num_heads", "ffn_dim", "dtype", "short_conv")})
   return Config(model=m, train=TrainConfig(batch_size=1, seq_len=T),
                 mesh=MeshConfig(data=1, context=P, context_layout=cfg["context_layout"]))
 

@@ -33,6 +33,10 @@ def get_config() -> dict:
       "ffn_mult": 2, "batch_size": 64, "steps": 400,
       "attention_options": {"local": {"window": 16}, "sparse": {"block_size": 16}, "performer": {"num_features": 64}},
       "learning_rate": 3e-3, "warmup_steps": 40, "eval_examples": 512, "seed": 0,
+      # The short convolution on q / k / v (model.short_conv): 0 = none (the first table's runs), -1 = each
+      # family's default, k = a kernel of k for every family. learning_rates: more than one trains each
+      # (family, width) at each rate and reports the best, as Zoology's sweep does ([] = learning_rate alone).
+      "short_conv": 0, "learning_rates": [],
   }
 
 
@@ -42,16 +46,25 @@ SMOKE = {"families": ["softmax", "linear"], "widths": [16], "seq_len": 32, "num_
                                "performer": {"num_features": 16}}}
 
 
+def _rates(cfg: dict) -> list[float]:
+  return list(cfg["learning_rates"]) or [cfg["learning_rate"]]
+
+
 def _split(name: str) -> tuple[str, int]:
-  family, width = name.rsplit("-d", 1)
+  family, width = name.split("-lr")[0].rsplit("-d", 1)
   return family, int(width)
+
+
+def _rate(cfg: dict, name: str) -> float:
+  return float(name.rsplit("-lr", 1)[1]) if "-lr" in name else cfg["learning_rate"]
 
 
 def model_config(cfg: dict, family: str, width: int):
   from efficient_attn.config import ModelConfig
 
   return ModelConfig(attention=family, attention_options=cfg["attention_options"].get(family), d_model=width,
-                     ffn_dim=cfg["ffn_mult"] * width, **{k: cfg[k] for k in ("num_layers", "num_heads", "vocab_size")})
+                     ffn_dim=cfg["ffn_mult"] * width, short_conv=cfg["short_conv"],
+                     **{k: cfg[k] for k in ("num_layers", "num_heads", "vocab_size")})
 
 
 def check(cfg: dict) -> None:
@@ -63,6 +76,9 @@ def check(cfg: dict) -> None:
   if not cfg["widths"] or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in cfg["widths"]):
     raise ConfigError(f"widths={cfg['widths']} for experiment mqar: need a list of positive integers such as [32, 64].")
   check_counts(cfg, "mqar", ("steps", "batch_size", "eval_examples", "ffn_mult"), " (at least one step's worth)")
+  if cfg["short_conv"] < -1 or any(not lr > 0 for lr in cfg["learning_rates"]):
+    raise ConfigError(f"experiment mqar: short_conv={cfg['short_conv']} must be >= -1 and learning_rates="
+                      f"{cfg['learning_rates']} positive numbers.")
   try:
     generate_mqar(0, seq_len=cfg["seq_len"], num_kv_pairs=cfg["num_kv_pairs"], vocab_size=cfg["vocab_size"],
                   seed=0, power_a=cfg["power_a"])
@@ -75,7 +91,9 @@ def check(cfg: dict) -> None:
 
 
 def variants(cfg: dict) -> list[str]:
-  return [f"{f}-d{w}" for f in cfg["families"] for w in cfg["widths"]]
+  if not cfg["learning_rates"]:
+    return [f"{f}-d{w}" for f in cfg["families"] for w in cfg["widths"]]
+  return [f"{f}-d{w}-lr{lr:g}" for f in cfg["families"] for w in cfg["widths"] for lr in cfg["learning_rates"]]
 
 
 def _batch(cfg: dict, seed: int, n: int) -> dict:
@@ -118,13 +136,14 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   held_out = _batch(cfg, step_seed(seed, 1), cfg["eval_examples"])
   evals = [{k: v[i:i + B] for k, v in held_out.items()} for i in range(0, cfg["eval_examples"], B)]
   out = train_and_eval(model, loss_fn, lambda i: _batch(cfg, step_seed(seed, 0, i), B), evals,
-                       steps=cfg["steps"], learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"],
+                       steps=cfg["steps"], learning_rate=_rate(cfg, name), warmup_steps=cfg["warmup_steps"],
                        seed=seed, tokens_per_batch=B * T, eval_every=max(cfg["steps"] // 4, 1),
                        progress=ctx.progress, desc=name, mesh=mesh, context_layout=cfg["mesh.context_layout"])
   per_token = flops.model_flops_per_token(m, T)["train"]
   trained = out["diverged_at_step"] or cfg["steps"]
   return [{"family": family, "d_model": width, "seq_len": T, "num_kv_pairs": cfg["num_kv_pairs"],
-           "batch_size": B, "flops_per_token": per_token, "flops": per_token * B * T * trained, **out}]
+           "learning_rate": _rate(cfg, name), "short_conv": m.conv_kernel, "batch_size": B,
+           "flops_per_token": per_token, "flops": per_token * B * T * trained, **out}]
 
 
 def _accuracy(r) -> str:
@@ -133,14 +152,28 @@ def _accuracy(r) -> str:
   return f"NaN at step {r['diverged_at_step']}" if r.get("diverged_at_step") else f"{100 * r['accuracy']:.1f}"
 
 
+def best_rows(rows: list[dict]) -> list[dict]:
+  """One row per (family, width): the learning rate with the best held-out accuracy (a diverged run loses)."""
+  best: dict = {}
+  for r in rows:
+    key = (r["family"], r["d_model"])
+    score = -1.0 if r.get("diverged_at_step") else r["accuracy"]
+    if key not in best or score > best[key][0]:
+      best[key] = (score, r)
+  return [r for _, r in best.values()]
+
+
 def summarize(cfg: dict, rows: list[dict]) -> str:
+  swept = len(_rates(cfg)) > 1
+  rows = best_rows(rows)
   widths = sorted({r["d_model"] for r in rows})
   cell = {(r["family"], r["d_model"]): r for r in rows}
   head = "| family | " + " | ".join(f"d={w}" for w in widths) + " |"
   acc = [head + " published: source; setting; outcome |", "|---|" + "---|" * (len(widths) + 1)]
   speed = [head, "|---|" + "---|" * len(widths)]
   for f in dict.fromkeys(r["family"] for r in rows):
-    acc.append(f"| {f} | " + " | ".join(_accuracy(cell.get((f, w))) for w in widths)
+    acc.append(f"| {f} | " + " | ".join(_accuracy(cell.get((f, w))) + (
+        f" (lr {cell[f, w]['learning_rate']:g})" if swept and (f, w) in cell else "") for w in widths)
                + f" | {'; '.join(MQAR_PUBLISHED.get(f, ('-',)))} |")
     speed.append(f"| {f} | " + " | ".join(f"{cell[f, w]['tokens_per_sec']:.0f}" if (f, w) in cell else "-"
                                           for w in widths) + " |")
@@ -155,21 +188,29 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
   return (
       f"Rows of {cfg['seq_len']} tokens with {cfg['num_kv_pairs']} key-value pairs, every key queried once"
       f" (power_a {cfg['power_a']}), vocabulary {cfg['vocab_size']}; causal LM with {cfg['num_layers']} layers,"
-      f" {cfg['num_heads']} head(s), FFN {cfg['ffn_mult']}x width, RoPE; {cfg['steps']} steps of batch"
+      f" {cfg['num_heads']} head(s), FFN {cfg['ffn_mult']}x width, RoPE"
+      + (f", short convolution on q / k / v (kernel {cfg['short_conv']})" if cfg["short_conv"] > 0 else
+         ", each family's default short convolution" if cfg["short_conv"] == -1 else ", no short convolution")
+      + (f"; the best of learning rates {_rates(cfg)} per cell (the rate in brackets)" if swept else
+         f"; learning rate {cfg['learning_rate']:g}")
+      + f"; {cfg['steps']} steps of batch"
       f" {cfg['batch_size']} (fresh rows every step), loss on the query positions only; Performer M ="
       f" {attention_option(cfg, 'performer', 'num_features')}, linear = elu+1 features (M = head dim). Accuracy (%) on"
       f" {cfg['eval_examples']} held-out rows ({cfg['eval_examples'] * cfg['num_kv_pairs']} queries); guessing"
       f" a value scores {chance:.1f}%.\n\n" + "\n".join(acc)
       + f"\n\n{MQAR_PUBLISHED_NOTE}"
       + f"\n\n90% accuracy reached by: {'; '.join(verdict)}. Zoology sweeps learning rates and trains to"
-      " convergence; here every variant gets the same short run at one learning rate, so a model near chance"
-      " may need more steps as well as more width. NaN: the loss became non-finite and training stopped there."
+      " convergence; here every variant gets the same short run"
+      + (" at each rate of the sweep" if swept else " at one learning rate")
+      + ", so a model near chance may need more steps as well as more width. NaN: the loss became non-finite"
+      " and training stopped there."
       + "\n\nTraining tokens/s (jitted step alone, shared 2-core CPU, noisy):\n\n" + "\n".join(speed)
       + f"\n\nAnchor: {ZOOLOGY_NOTE}"
   )
 
 
 def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:
+  rows = best_rows(rows)
   series = {}
   for f in dict.fromkeys(r["family"] for r in rows):
     mine = sorted((r["d_model"], float("nan") if r.get("diverged_at_step") else 100 * r["accuracy"])

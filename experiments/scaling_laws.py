@@ -62,6 +62,7 @@ def get_config() -> dict:
       "seeds": 2, "seed_size": 0, "evals_per_run": 20, "eval_batches": 4,
       "num_experts": 8, "capacity_factor": 1.25, "moe_every": 2,
       "attention_options": {}, "data": {}, "mesh_data": 1, "bootstrap": 1000, "seed": 0,
+      "short_conv": 0,  # model.short_conv (0: none, as the measured table; -1: each family's default, e.g. 4 for gdn)
   }
 
 
@@ -93,7 +94,8 @@ def _size_name(L: int, d: int) -> str:
 
 
 def _model_fields(cfg: dict, family: str, L: int, d: int) -> dict:
-  fields = {"num_layers": L, "d_model": d, "num_heads": d // cfg["head_dim"], "ffn_dim": cfg["ffn_mult"] * d}
+  fields = {"num_layers": L, "d_model": d, "num_heads": d // cfg["head_dim"], "ffn_dim": cfg["ffn_mult"] * d,
+            "short_conv": cfg["short_conv"]}
   if family == MOE:
     return {**fields, "attention": "softmax", "num_experts": cfg["num_experts"],
             "capacity_factor": cfg["capacity_factor"], "moe_every": cfg["moe_every"]}

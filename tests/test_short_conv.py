@@ -83,8 +83,13 @@ def test_split_over_four_devices_equals_one_device_forward_and_gradient(layout):
 
 
 def test_the_model_applies_it_per_layer_family_and_counts_its_flops():
-  assert ModelConfig(attention="gated_deltanet").conv_kernel == 0  # the family default (until it is turned on)
-  assert ModelConfig(attention="gated_deltanet", short_conv=4).conv_kernel == 4
+  # The families' defaults: on (kernel 4) for Mamba-2, DeltaNet and Gated DeltaNet as their papers, else off.
+  assert {f: ModelConfig(attention=f).conv_kernel for f in ("mamba2", "deltanet", "gated_deltanet", "gla", "softmax")
+          } == {"mamba2": 4, "deltanet": 4, "gated_deltanet": 4, "gla": 0, "softmax": 0}
+  assert ModelConfig(attention="gated_deltanet", short_conv=0).conv_kernel == 0
+  assert ModelConfig(attention="gla", short_conv=3).conv_kernel == 3
+  mixed = ModelConfig(num_layers=2, attention="gated_deltanet", full_attention_every=2)
+  assert [m.conv_kernel for m in mixed.layer_configs()] == [4, 0]  # per layer: the softmax layer has none
   hybrid = ModelConfig(num_layers=4, short_conv=4, attention_pattern=("gla", "softmax"))
   assert [m.conv_kernel for m in hybrid.layer_configs()] == [4] * 4
   base = flops.model_flops_per_token(ModelConfig(num_layers=2, short_conv=0), 64)

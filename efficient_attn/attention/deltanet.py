@@ -72,4 +72,5 @@ FAMILY = Family(
     flops=_flops, input_params=lambda o, shape, d_model: beta_params(shape, d_model),
     inputs=lambda params, x, o, shape: beta_inputs(params, x),
     context=check_split,
+    short_conv=4,  # the paper's short convolution on q / k / v (kernel 4; model.short_conv=0 turns it off)
     description="DeltaNet: delta-rule linear attention, chunkwise via the UT transform (Schlag et al. 2021)")

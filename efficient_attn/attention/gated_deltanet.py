@@ -48,4 +48,5 @@ FAMILY = Family(
     name="gated_deltanet", fn=gated_deltanet_attention, options=ChunkOptions, init_state=_init_state, step=_step,
     flops=_flops, input_params=_input_params, inputs=_inputs,
     context=check_split,
+    short_conv=4,  # the paper's short convolution on q / k / v (kernel 4; model.short_conv=0 turns it off)
     description="Gated DeltaNet: delta rule + scalar decay, chunkwise via the UT transform (Yang et al. 2024)")

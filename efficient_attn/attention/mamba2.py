@@ -82,4 +82,5 @@ FAMILY = Family(
     input_params=lambda o, shape, d_model: decay_params(shape, d_model),
     inputs=lambda params, x, o, shape: decay_inputs(params, x),
     context=check_split,
+    short_conv=4,  # the paper's short convolution on q / k / v (kernel 4; model.short_conv=0 turns it off)
     description="Mamba-2 SSD: scalar data-dependent decay per head, chunkwise (Dao & Gu 2024)")
