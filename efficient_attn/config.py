@@ -541,6 +541,8 @@ def validate(cfg: Config, num_devices: int, *, text_data: bool = True) -> dict[s
   _need(m.capacity_factor > 0, f"model.capacity_factor={m.capacity_factor} must be > 0.")
   if m.num_experts:
     _need(m.top_k <= m.num_experts, f"model.top_k={m.top_k} exceeds model.num_experts={m.num_experts}.")
+    _need(m.num_layers % m.moe_every == 0, f"model.num_layers={m.num_layers} must be a multiple of"
+          f" model.moe_every={m.moe_every} (an MoE FFN closes every group of moe_every layers).")
   _need(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0.")
   _need(t.weight_decay >= 0 and t.grad_clip >= 0, "train.weight_decay and train.grad_clip must be >= 0.")
   _need(t.eval_every % t.log_every == 0, f"train.eval_every={t.eval_every} must be a multiple of"

@@ -48,7 +48,7 @@ from typing import Any
 from efficient_attn.config import ConfigError, apply_overrides, did_you_mean
 
 EXPERIMENTS = ("quickstart", "attention_scaling", "equal_compute", "moe_scaling", "listops", "mqar", "long_context",
-               "scaling_laws")
+               "scaling_laws", "hybrid")
 PACKAGE = "efficient_attn._experiments"
 # Settings every experiment accepts, under its own get_config(): the devices each sequence is split over
 # (context parallelism, `efficient_attn.attention.context`) and the token layout over them.

@@ -26,7 +26,8 @@ def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> 
   """The training Config of one variant: the experiment's shared settings + the variant's model fields.
 
   mesh: the variant's data / fsdp / expert sizes (default one device), times cfg["mesh.context"] devices
-  that each sequence is split over in cfg["mesh.context_layout"] (the runner's keys)."""
+  that each sequence is split over in cfg["mesh.context_layout"] (the runner's keys). Under a launcher
+  (several processes) the data axis takes every device the others leave, so every process joins each run."""
   model.setdefault("attention_options", cfg.get("attention_options", {}).get(model.get("attention", "softmax")))
   m = ModelConfig(**{k: cfg[k] for k in MODEL_KEYS if k in cfg}, **model)
   # At most 4 checkpoints a run (every ceil(steps / 4) steps): a killed variant resumes from its last quarter.
@@ -35,7 +36,16 @@ def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> 
   data = DataConfig(**{"val_fraction": cfg.get("val_fraction", 0.05), "tokenizer": cfg.get("tokenizer", "bytes"),
                        **cfg.get("data", {})})  # an experiment's "data": DataConfig fields (its own corpus)
   context = {"context": cfg["mesh.context"], "context_layout": cfg["mesh.context_layout"]}
-  return Config(model=m, train=t, data=data, mesh=MeshConfig(**(mesh or {"data": 1}), **context))
+  mesh = dict(mesh or {"data": 1})
+  if _process_count() > 1:  # under a launcher every process holds part of the mesh: data takes all the devices left
+    mesh["data"] = -1
+  return Config(model=m, train=t, data=data, mesh=MeshConfig(**mesh, **context))
+
+
+def _process_count() -> int:
+  import jax
+
+  return jax.process_count()
 
 
 def devices_for(config: Config):
@@ -43,8 +53,10 @@ def devices_for(config: Config):
   import jax
 
   m = config.mesh
-  need = max(m.data, 1) * m.fsdp * m.context * m.tensor * m.expert
   have = jax.devices()
+  if m.data == -1:  # every device (of every process)
+    return have
+  need = m.data * m.fsdp * m.context * m.tensor * m.expert
   if need > len(have):
     raise ConfigError(f"the mesh needs {need} devices but {len(have)} are available; on CPU set"
                       f" XLA_FLAGS=--xla_force_host_platform_device_count={need} or use a smaller mesh.")

@@ -104,3 +104,11 @@ SCALING_NOTE = (
     " FLOPs; ours are 10^11, byte-level, on a CPU: read our α, E and N_opt exponents as this grid's, with their"
     " intervals, not as estimates of theirs."
 )
+
+# arXiv 2507.06457 (a systematic analysis of hybrid linear attention, 72 models): its headline findings, as stated.
+HYBRID_NOTE = (
+    "the systematic study of hybrid linear attention (arXiv 2507.06457, 72 models up to 1.3B parameters) reports"
+    " language-modelling loss nearly flat across linear:full-attention ratios, while recall improves sharply as"
+    " full-attention layers are added, most of the gain below a 3:1 ratio; the production hybrids sit there too"
+    " (Qwen3-Next 3:1 Gated DeltaNet : softmax, MiniMax-01 7:1 lightning : softmax, Gemma 2/3 5:1 local : global)."
+)

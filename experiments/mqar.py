@@ -116,14 +116,24 @@ def task_loss(logits_BTV, batch):
 
 
 def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
+  family, width = _split(name)
+  m = model_config(cfg, family, width)
+  out = train_model(cfg, m, ctx, name, steps=cfg["steps"], learning_rate=_rate(cfg, name))
+  return [{"family": family, "d_model": width, "learning_rate": _rate(cfg, name), "short_conv": m.conv_kernel,
+           **out}]
+
+
+def train_model(cfg: dict, m, ctx, desc: str, *, steps: int, learning_rate: float) -> dict:
+  """Trains a TransformerLM of ModelConfig m on MQAR rows of cfg's task settings (seq_len, num_kv_pairs,
+  vocab_size, power_a, batch_size, warmup_steps, eval_examples, seed, mesh.context / context_layout) for
+  `steps`; returns the `_synthetic.train_and_eval` row with the task's shape and FLOPs (also the hybrid
+  experiment's recall task)."""
   from efficient_attn import flops
   from efficient_attn.experiment import context_mesh
   from efficient_attn.model import TransformerLM
 
   from ._synthetic import step_seed, train_and_eval
 
-  family, width = _split(name)
-  m = model_config(cfg, family, width)
   model = TransformerLM(m, context_layout=cfg["mesh.context_layout"])
   mesh = context_mesh(cfg)
 
@@ -136,14 +146,13 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   held_out = _batch(cfg, step_seed(seed, 1), cfg["eval_examples"])
   evals = [{k: v[i:i + B] for k, v in held_out.items()} for i in range(0, cfg["eval_examples"], B)]
   out = train_and_eval(model, loss_fn, lambda i: _batch(cfg, step_seed(seed, 0, i), B), evals,
-                       steps=cfg["steps"], learning_rate=_rate(cfg, name), warmup_steps=cfg["warmup_steps"],
-                       seed=seed, tokens_per_batch=B * T, eval_every=max(cfg["steps"] // 4, 1),
-                       progress=ctx.progress, desc=name, mesh=mesh, context_layout=cfg["mesh.context_layout"])
+                       steps=steps, learning_rate=learning_rate, warmup_steps=cfg["warmup_steps"],
+                       seed=seed, tokens_per_batch=B * T, eval_every=max(steps // 4, 1),
+                       progress=ctx.progress, desc=desc, mesh=mesh, context_layout=cfg["mesh.context_layout"])
   per_token = flops.model_flops_per_token(m, T)["train"]
-  trained = out["diverged_at_step"] or cfg["steps"]
-  return [{"family": family, "d_model": width, "seq_len": T, "num_kv_pairs": cfg["num_kv_pairs"],
-           "learning_rate": _rate(cfg, name), "short_conv": m.conv_kernel, "batch_size": B,
-           "flops_per_token": per_token, "flops": per_token * B * T * trained, **out}]
+  trained = out["diverged_at_step"] or steps
+  return {"seq_len": T, "num_kv_pairs": cfg["num_kv_pairs"], "batch_size": B, "flops_per_token": per_token,
+          "flops": per_token * B * T * trained, **out}
 
 
 def _accuracy(r) -> str:

@@ -28,9 +28,9 @@ summary.md claims a family "scales better" only where the α intervals do not ov
 Plots: `scaling_frontier.png` (loss vs FLOPs per size, the fitted frontier per family),
 `scaling_isoflop.png` (loss vs N per budget), `scaling_alpha.png` (α with its interval).
 `--set smoke=true` runs a 2-family, 3-size grid in under a minute; `--set preset=accelerator`
-is the ~20M-400M-parameter grid for a GPU / TPU cluster (README). Under a launcher
-(`scripts/launch_local.sh`, SLURM, a TPU pod) set `mesh_data=-1`: every run's batch is split
-over all devices of all processes.
+is the ~20M-400M-parameter grid for a GPU / TPU cluster (README). `mesh_data` devices split
+each run's batch (-1: all); under a launcher (`scripts/launch_local.sh`, SLURM, a TPU pod) every
+run spans all devices of all processes (`_lm.base_config`), so the batch must divide by them.
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ def get_config() -> dict:
   return {
       "smoke": False, "preset": "cpu",
       "families": ["softmax", "linear", "gla", "gated_deltanet", MOE],
-      "sizes": [[2, 32], [2, 48], [2, 64], [3, 96], [4, 128]],
-      "budgets": [6e10, 1.2e11, 3e11, 6e11],
+      "sizes": [[1, 16], [1, 32], [2, 32], [2, 48], [2, 64]],
+      "budgets": [3e10, 6e10, 1.5e11, 3e11],
       "head_dim": 16, "ffn_mult": 4, "batch_size": 8, "seq_len": 256,
-      "lr_sweep": [1e-3, 3e-3, 1e-2], "learning_rate": 3e-3, "lr_width_power": 0.5, "warmup_steps": 10,
+      "lr_sweep": [3e-3, 1e-2, 3e-2], "learning_rate": 3e-3, "lr_width_power": 0.5, "warmup_steps": 10,
       "seeds": 2, "seed_size": 0, "evals_per_run": 20, "eval_batches": 4,
-      "num_experts": 8, "capacity_factor": 1.25, "moe_every": 2,
+      "num_experts": 8, "capacity_factor": 1.25, "moe_every": 1,
       "attention_options": {}, "data": {}, "mesh_data": 1, "bootstrap": 1000, "seed": 0,
       "short_conv": 0,  # model.short_conv (0: none, as the measured table; -1: each family's default, e.g. 4 for gdn)
   }
@@ -245,6 +245,17 @@ def _best_lr(cfg: dict, family: str, ctx) -> float:
   return min(tried)[1]
 
 
+def _train(config, ctx) -> dict:
+  """`_lm.train_variant`, or {"diverged": the message} when the loss became non-finite (a sweep's too-high rate)."""
+  from efficient_attn.train import NonFiniteError
+
+  try:
+    return _lm.train_variant(config, ctx)
+  except NonFiniteError as e:
+    return {"diverged": str(e), "val_loss": None, "val_curve": [], "val_step": [], "flops": 0.0,
+            "steps": config.train.steps}
+
+
 def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   spec = _parse(cfg, name)
   f = spec["family"]
@@ -252,14 +263,12 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   if "lr" in spec:  # the sweep: the smallest size, to the second budget
     L, d = sizes[0]
     sweep = {**cfg, "budgets": [cfg["budgets"][1]]}
-    row = _lm.train_variant(_config(sweep, f, L, d, steps=_steps(sweep, f, L, d), lr=spec["lr"],
-                                    seed=cfg["seed"]), ctx)
+    row = _train(_config(sweep, f, L, d, steps=_steps(sweep, f, L, d), lr=spec["lr"], seed=cfg["seed"]), ctx)
     return [{**_slim(row), "family": f, "kind": "lr_sweep", "lr": spec["lr"], "num_layers": L, "d_model": d}]
   L, d = spec["L"], spec["d"]
   d_min = min(dd for _, dd in sizes)
   lr = _best_lr(cfg, f, ctx) * (d_min / d) ** cfg["lr_width_power"]
-  row = _lm.train_variant(_config(cfg, f, L, d, steps=_steps(cfg, f, L, d), lr=lr,
-                                  seed=cfg["seed"] + spec["seed_offset"]), ctx)
+  row = _train(_config(cfg, f, L, d, steps=_steps(cfg, f, L, d), lr=lr, seed=cfg["seed"] + spec["seed_offset"]), ctx)
   return [{**_slim(row), "family": f, "kind": "run", "lr": lr, "num_layers": L, "d_model": d,
            "seed_offset": spec["seed_offset"], "params": non_embedding_params(cfg, f, L, d),
            "val_flops": [row["flops"] * s / row["steps"] for s in row["val_step"]]}]
@@ -302,7 +311,10 @@ def analyze(cfg: dict, rows: list[dict]) -> dict:
   out = {"families": {}, "grid": grid, "budgets": budgets}
   boot = cfg["bootstrap"]
   for f in cfg["families"]:
-    runs = [r for r in rows if r.get("kind") == "run" and r["family"] == f]
+    runs = [r for r in rows if r.get("kind") == "run" and r["family"] == f and not r.get("diverged")]
+    for r in rows:
+      if r.get("kind") == "run" and r["family"] == f and r.get("diverged"):
+        out.setdefault("diverged", []).append(r["variant"])
     if not runs:
       continue
     by_size = {}
@@ -435,6 +447,13 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
       cross.append(f"- {a} / {b}: the fitted curves cross at {c.compute:.3g} FLOPs (95% CI {c.ci[0]:.3g}-"
                    f"{c.ci[1]:.3g} over the {100 * c.fraction:.0f}% of bootstrap pairs that cross in range).")
   notes = [f"- {fam}: {n}." for fam, v in an["families"].items() for n in v["notes"]]
+  notes += [f"- {v}: the loss became non-finite; left out of the fits." for v in an.get("diverged", [])]
+  sweeps = [r for r in rows if r.get("kind") == "lr_sweep"]
+  for fam in cfg["families"]:
+    tried = sorted((r["lr"], r["val_loss"]) for r in sweeps if r["family"] == fam)
+    if len(tried) > 1:
+      shown = ", ".join(f"{lr:g}: {'diverged' if loss is None else format(loss, '.3f')}" for lr, loss in tried)
+      notes.append(f"- {fam} learning-rate sweep (val loss at the smallest size): {shown}.")
   stds = [v["seed_std"] for v in an["families"].values() if v["seed_std"] is not None]
   small = ("" if not stds else
            f" Run-to-run noise (seed std of the final loss at one size): {min(stds):.4f}-{max(stds):.4f} nats/byte.")

@@ -131,7 +131,7 @@ def test_a_tiny_grid_sweeps_the_rate_trains_every_size_and_resumes(tmp_path, mon
     (["budgets=[3e11, 1e11, 6e11]"], "must be at least 3 increasing positive"),
     (["preset=accelerater"], "did you mean 'accelerator'?"),
     (["data={'nmae': 'text'}"], "'nmae' is not one; did you mean 'name'?"),
-    (["moe_every=4"], "moe_every=4 exceeds num_layers=2"),
+    (["moe_every=4"], "moe_every=4 exceeds num_layers=1"),
 ])
 def test_bad_settings_are_one_sentence_before_anything_runs(tmp_path, capsys, sets, needle):
   argv = ["experiment", "scaling_laws", "--workdir", str(tmp_path / "w")]
