@@ -272,14 +272,18 @@ def _barrier(name: str) -> None:
 
 
 def context_mesh(cfg: dict):
-  """The mesh of the first P = cfg["mesh.context"] devices, all on its `context` axis (each sequence split
-  over them), or None when P is 1 (the experiment runs on one device, unsplit)."""
+  """The mesh of this process's first P = cfg["mesh.context"] devices, all on its `context` axis (each
+  sequence split over them), or None when P is 1 (the experiment runs on one device, unsplit). Under a
+  launcher every process runs its own copy on its own devices (process 0 writes the results)."""
   import jax
 
   from efficient_attn import sharding
 
   P = cfg["mesh.context"]
-  return None if P == 1 else sharding.make_mesh({"context": P}, jax.devices()[:P])
+  if P > len(jax.local_devices()):
+    raise ConfigError(f"mesh.context={P} needs {P} devices in each process, but one holds"
+                      f" {len(jax.local_devices())}.")
+  return None if P == 1 else sharding.make_mesh({"context": P}, jax.local_devices()[:P])
 
 
 def attention_variant(cfg: dict, name: str, aliases: dict | None = None) -> tuple[str, dict]:

@@ -128,7 +128,11 @@ def _refine(theta, u, y, delta, steps: int = 30):
     JtW = J.swapaxes(-1, -2) * w[..., None, :]
     H = JtW @ J
     g = (JtW @ r[..., None])[..., 0]
-    H = H + lam[..., None, None] * (np.diagonal(H, axis1=-2, axis2=-1)[..., None] * eye + 1e-12 * eye)
+    # A refit that wandered off (inf / nan) takes no step; H is PSD, so the damping below keeps it invertible.
+    ok = np.isfinite(H).all((-1, -2)) & np.isfinite(g).all(-1)
+    H, g = np.where(ok[..., None, None], H, eye), np.where(ok[..., None], g, 0.0)
+    floor = 1e-9 * (np.trace(H, axis1=-2, axis2=-1) / 3 + 1.0)
+    H = H + (lam[..., None, None] * np.diagonal(H, axis1=-2, axis2=-1)[..., None] + floor[..., None, None]) * eye
     step = np.linalg.solve(H, g[..., None])[..., 0]
     trial = theta + step
     trial_obj = _objective(trial, u, y, delta)
@@ -146,6 +150,7 @@ def _fit_batch(u, y, delta, theta0):
   return np.take_along_axis(theta, best[..., None, None], axis=-2)[..., 0, :]
 
 
+@np.errstate(over="ignore", invalid="ignore")  # bootstrap refits may wander to huge exponents; they are kept
 def fit_power_law(compute, loss, *, bootstrap: int = 1000, seed: int = 0, huber_delta: float = HUBER_DELTA
                   ) -> PowerLawFit:
   """L(C) = E + A·C^(−α) fitted to the runs (compute [n], loss [n]) with 95% bootstrap intervals.
@@ -219,6 +224,7 @@ def _first_crossing(la, lb, grid):
   return np.where(has, np.exp(lg[i] + t * (lg[i + 1] - lg[i])), np.nan)
 
 
+@np.errstate(over="ignore", invalid="ignore")
 def crossover(fit_a: PowerLawFit, fit_b: PowerLawFit, *, span: float = 100.0) -> Crossover | None:
   """Where the fitted curves of two families meet, searched over [smallest compute of either, span x the
   largest] (log grid): the first crossing of the point fits, with a 95% interval over the bootstrap refit

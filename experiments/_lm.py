@@ -27,7 +27,8 @@ def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> 
 
   mesh: the variant's data / fsdp / expert sizes (default one device), times cfg["mesh.context"] devices
   that each sequence is split over in cfg["mesh.context_layout"] (the runner's keys). Under a launcher
-  (several processes) the data axis takes every device the others leave, so every process joins each run."""
+  (several processes) a mesh that the processes do not divide gets its data axis multiplied by their
+  number, so every process holds an equal part of every run (`devices_for`)."""
   model.setdefault("attention_options", cfg.get("attention_options", {}).get(model.get("attention", "softmax")))
   m = ModelConfig(**{k: cfg[k] for k in MODEL_KEYS if k in cfg}, **model)
   # At most 4 checkpoints a run (every ceil(steps / 4) steps): a killed variant resumes from its last quarter.
@@ -37,8 +38,10 @@ def base_config(cfg: dict, *, steps: int, mesh: dict | None = None, **model) -> 
                        **cfg.get("data", {})})  # an experiment's "data": DataConfig fields (its own corpus)
   context = {"context": cfg["mesh.context"], "context_layout": cfg["mesh.context_layout"]}
   mesh = dict(mesh or {"data": 1})
-  if _process_count() > 1:  # under a launcher every process holds part of the mesh: data takes all the devices left
-    mesh["data"] = -1
+  procs = _process_count()
+  size = math.prod(mesh.values()) * cfg["mesh.context"]
+  if procs > 1 and mesh.get("data", 1) != -1 and size % procs:
+    mesh["data"] = mesh.get("data", 1) * procs  # under a launcher every process holds a part of every run's mesh
   return Config(model=m, train=t, data=data, mesh=MeshConfig(**mesh, **context))
 
 
@@ -60,7 +63,14 @@ def devices_for(config: Config):
   if need > len(have):
     raise ConfigError(f"the mesh needs {need} devices but {len(have)} are available; on CPU set"
                       f" XLA_FLAGS=--xla_force_host_platform_device_count={need} or use a smaller mesh.")
-  return have[:need]
+  procs = jax.process_count()
+  if procs == 1 or need == len(have):
+    return have[:need]
+  # Under a launcher: the same number of devices from each process, so every process takes part.
+  by_process: dict = {}
+  for d in have:
+    by_process.setdefault(d.process_index, []).append(d)
+  return [d for p in sorted(by_process) for d in by_process[p][:need // procs]]
 
 
 def check_trainable(config: Config, what: str) -> None:

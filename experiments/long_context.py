@@ -54,9 +54,9 @@ def check(cfg: dict) -> None:
   contexts = cfg["contexts"]
   if not contexts or len(set(contexts)) < len(contexts) or any(not isinstance(p, int) or p < 1 for p in contexts):
     raise ConfigError(f"contexts={contexts!r} must be a non-empty list of distinct positive integers.")
-  if max(contexts) > len(jax.devices()):
-    raise ConfigError(f"contexts={contexts!r} needs {max(contexts)} devices, but {len(jax.devices())} are available"
-                      " (on CPU the command emulates 8).")
+  if max(contexts) > len(jax.local_devices()):  # under a launcher each process measures on its own devices
+    raise ConfigError(f"contexts={contexts!r} needs {max(contexts)} devices, but {len(jax.local_devices())} are"
+                      " available (on CPU the command emulates 8).")
   for key in ("start_len", "max_len", "time_len", "repeats"):
     if not isinstance(cfg[key], int) or cfg[key] < 1:
       raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer.")
@@ -110,7 +110,7 @@ class _Step:
 
     from efficient_attn import sharding, train
 
-    mesh = sharding.make_mesh({"context": P}, jax.devices()[:P])
+    mesh = sharding.make_mesh({"context": P}, jax.local_devices()[:P])
     whole = NamedSharding(mesh, PartitionSpec())
     split = sharding.batch_sharding(mesh)
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=whole), self.shapes["params"])

@@ -21,7 +21,8 @@ lr x (d_min / d_model)^lr_width_power (a rule of thumb, checked at the smallest 
 `seeds` > 1 repeats size `seed_size` with other seeds: their spread is the run-to-run noise.
 
 Fits (`efficient_attn.scaling`): per family, L(C) = E + A·C^(−α) on the compute-efficient
-frontier (the lowest loss over sizes at 12 log-spaced computes in [budgets[0], budgets[-1]]),
+frontier (the lowest loss over sizes at 12 log-spaced computes in [budgets[0], budgets[-1]]; each
+validation curve first smoothed by a line through each `smooth_evals` neighbouring evaluations),
 with 95% bootstrap intervals; the largest budget predicted from a fit without it (held-out
 error); an IsoFLOP parabola per budget (N_opt) and N_opt ∝ C^a; pairwise crossovers.
 summary.md claims a family "scales better" only where the α intervals do not overlap.
@@ -30,7 +31,8 @@ Plots: `scaling_frontier.png` (loss vs FLOPs per size, the fitted frontier per f
 `--set smoke=true` runs a 2-family, 3-size grid in under a minute; `--set preset=accelerator`
 is the ~20M-400M-parameter grid for a GPU / TPU cluster (README). `mesh_data` devices split
 each run's batch (-1: all); under a launcher (`scripts/launch_local.sh`, SLURM, a TPU pod) every
-run spans all devices of all processes (`_lm.base_config`), so the batch must divide by them.
+process holds an equal part of every run (`_lm.base_config` multiplies the data axis by the process
+count when that does not divide it), so the batch must divide by the data axis.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def get_config() -> dict:
       "budgets": [3e10, 6e10, 1.5e11, 3e11],
       "head_dim": 16, "ffn_mult": 4, "batch_size": 8, "seq_len": 256,
       "lr_sweep": [3e-3, 1e-2, 3e-2], "learning_rate": 3e-3, "lr_width_power": 0.5, "warmup_steps": 10,
-      "seeds": 2, "seed_size": 0, "evals_per_run": 20, "eval_batches": 4,
+      "seeds": 2, "seed_size": 0, "evals_per_run": 20, "eval_batches": 4, "smooth_evals": 3,
       "num_experts": 8, "capacity_factor": 1.25, "moe_every": 1,
       "attention_options": {}, "data": {}, "mesh_data": 1, "bootstrap": 1000, "seed": 0,
       "short_conv": 0,  # model.short_conv (0: none, as the measured table; -1: each family's default, e.g. 4 for gdn)
@@ -203,8 +205,9 @@ def check(cfg: dict) -> None:
   if not 0 <= cfg["seed_size"] < len(sizes) or cfg["seeds"] < 1:
     raise ConfigError(f"seeds={cfg['seeds']} must be >= 1 and seed_size={cfg['seed_size']} an index into sizes"
                       f" (0..{len(sizes) - 1}).")
-  if cfg["evals_per_run"] < 2 or cfg["bootstrap"] < 0:
-    raise ConfigError(f"evals_per_run={cfg['evals_per_run']} must be >= 2 and bootstrap={cfg['bootstrap']} >= 0.")
+  if cfg["evals_per_run"] < 2 or cfg["bootstrap"] < 0 or cfg["smooth_evals"] < 1:
+    raise ConfigError(f"evals_per_run={cfg['evals_per_run']} must be >= 2, bootstrap={cfg['bootstrap']} >= 0 and"
+                      f" smooth_evals={cfg['smooth_evals']} >= 1.")
   if any(lr <= 0 for lr in cfg["lr_sweep"]) or cfg["learning_rate"] <= 0:
     raise ConfigError(f"lr_sweep={cfg['lr_sweep']!r} and learning_rate={cfg['learning_rate']} must be positive.")
   if not isinstance(cfg["data"], dict) or any(k not in DataConfig.__dataclass_fields__ for k in cfg["data"]):
@@ -282,20 +285,42 @@ def _slim(row: dict) -> dict:
 # ----------------------------------------------------------------------------- analysis
 
 
-def _interp(row: dict, compute: float) -> float:
-  """The run's validation loss at `compute`, linear in log compute between evaluations; nan outside them."""
+def smoothed_curve(curve, k: int, x=None):
+  """The validation curve smoothed over k evaluations: at each one, the least-squares line through the k
+  nearest (in the order of `x`, log compute; default the index) evaluated there, so a steady fall is not
+  bent at the ends as a running mean would. A constant learning rate leaves the weights, and so each
+  evaluation, fluctuating around the trend."""
   import numpy as np
 
-  xs, ys = np.log(row["val_flops"]), np.asarray(row["val_curve"], np.float64)
+  y = np.asarray(curve, np.float64)
+  n = len(y)
+  if k <= 1 or n < 3:
+    return y
+  k = min(k, n)
+  x = np.arange(n, dtype=np.float64) if x is None else np.asarray(x, np.float64)
+  out = np.empty(n)
+  for i in range(n):
+    lo = min(max(0, i - k // 2), n - k)
+    slope, intercept = np.polyfit(x[lo:lo + k], y[lo:lo + k], 1)
+    out[i] = intercept + slope * x[i]
+  return out
+
+
+def _interp(row: dict, compute: float, smooth: int = 1) -> float:
+  """The run's (smoothed) validation loss at `compute`, linear in log compute between evaluations; nan outside."""
+  import numpy as np
+
+  xs = np.log(row["val_flops"])
+  ys = smoothed_curve(row["val_curve"], smooth, xs)
   x = math.log(compute)
   if not xs[0] - 1e-9 <= x <= xs[-1] + 1e-9:
     return float("nan")
   return float(np.interp(x, xs, ys))
 
 
-def _loss_at(runs: list[dict], compute: float) -> float:
-  """The mean over a size's seeds of the loss at `compute`."""
-  vals = [_interp(r, compute) for r in runs]
+def _loss_at(runs: list[dict], compute: float, smooth: int = 1) -> float:
+  """The mean over a size's seeds of the (smoothed) loss at `compute`."""
+  vals = [_interp(r, compute, smooth) for r in runs]
   return float(sum(vals) / len(vals))
 
 
@@ -323,7 +348,8 @@ def analyze(cfg: dict, rows: list[dict]) -> dict:
     sizes = sorted(by_size, key=lambda s: by_size[s][0]["params"])
     params = [by_size[s][0]["params"] for s in sizes]
     notes = []
-    table = np.array([[_loss_at(by_size[s], c) for s in sizes] for c in grid])  # [GRID, sizes]
+    k = cfg.get("smooth_evals", 1)
+    table = np.array([[_loss_at(by_size[s], c, k) for s in sizes] for c in grid])  # [GRID, sizes]
     frontier = np.nanmin(np.where(np.isnan(table), np.inf, table), axis=1)
     ok = np.isfinite(frontier)
     fam = {"sizes": sizes, "params": params, "runs": by_size, "frontier": frontier, "notes": notes,
@@ -344,7 +370,7 @@ def analyze(cfg: dict, rows: list[dict]) -> dict:
     # IsoFLOP: each budget's losses over sizes; a parabola in log N through the best size and its neighbours.
     iso = []
     for b in budgets:
-      losses = [_loss_at(by_size[s], b) for s in sizes]
+      losses = [_loss_at(by_size[s], b, k) for s in sizes]
       entry = {"budget": b, "losses": losses, "n_opt": None, "l_opt": None}
       finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
       if finite:
@@ -367,7 +393,7 @@ def analyze(cfg: dict, rows: list[dict]) -> dict:
         if len(inner) >= 3 else None
     # Noise: the spread over seeds of the final validation loss at seed_size.
     seeded = by_size.get(tuple(_sizes(cfg)[cfg["seed_size"]]), [])
-    finals = [r["val_curve"][-1] for r in seeded]
+    finals = [smoothed_curve(r["val_curve"], k, np.log(r["val_flops"]))[-1] for r in seeded]
     fam["seed_std"] = float(np.std(finals, ddof=1)) if len(finals) > 1 else None
     out["families"][f] = fam
   fits = {f: v["fit"] for f, v in out["families"].items() if v["fit"] is not None}
@@ -381,14 +407,37 @@ def _overlap(a: tuple, b: tuple) -> bool:
   return not (a[0] > b[1] or b[0] > a[1])
 
 
+NOISE_SHARE = 0.25  # seed noise above this share of the frontier's fall: the frontier's intervals cannot be trusted
+
+
+def noise_share(v: dict) -> float | None:
+  """A family's seed std of the final loss over the fall of its frontier across the grid (None: unknown)."""
+  import numpy as np
+
+  front = np.asarray(v.get("frontier", []), np.float64)
+  front = front[np.isfinite(front)]
+  if v.get("seed_std") is None or front.size < 2 or front[0] <= front[-1]:
+    return None
+  return v["seed_std"] / (front[0] - front[-1])
+
+
 def claims(analysis: dict) -> list[str]:
-  """A sentence per pair of families: which scales better (α intervals apart), or that the grid cannot tell."""
-  fams = [(f, v["fit"]) for f, v in analysis["families"].items() if v["fit"] is not None]
+  """A sentence per pair of families: which scales better (α intervals apart and the seed noise small next to
+  the frontier's fall), or why the grid cannot tell. The bootstrap resamples the frontier's points of one
+  run per size, so it does not see run-to-run noise: a family whose seeds differ by more than NOISE_SHARE of
+  its frontier's fall supports no claim."""
+  fams = [(f, v["fit"], noise_share(v)) for f, v in analysis["families"].items() if v["fit"] is not None]
   out = []
-  for i, (a, fa) in enumerate(fams):
-    for b, fb in fams[i + 1:]:
+  for i, (a, fa, na) in enumerate(fams):
+    for b, fb, nb in fams[i + 1:]:
       ia, ib = fa.ci["alpha"], fb.ci["alpha"]
-      if any(math.isnan(v) for v in ia + ib):
+      noisy = [(f, n) for f, n in ((a, na), (b, nb)) if n is not None and n > NOISE_SHARE]
+      if noisy:
+        shown = ", ".join(f"{f} {100 * n:.0f}%" for f, n in noisy)
+        out.append(f"{a} vs {b}: no claim; the seed noise is {shown} of the frontier's fall over the grid, more"
+                   f" than the {100 * NOISE_SHARE:.0f}% the intervals could be trusted at (they resample one run"
+                   " per size and do not see it).")
+      elif any(math.isnan(v) for v in ia + ib):
         out.append(f"{a} vs {b}: no intervals (bootstrap=0), so no claim.")
       elif _overlap(ia, ib):
         out.append(f"{a} vs {b}: the α intervals overlap ({ia[0]:.3f}-{ia[1]:.3f} vs {ib[0]:.3f}-{ib[1]:.3f});"
@@ -462,11 +511,13 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
       f" FLOPs ({cfg['batch_size']} x {cfg['seq_len']} bytes a step, constant learning rate after warmup,"
       f" validated on the same {cfg['eval_batches']} held-out batches {cfg['evals_per_run']} times); budgets"
       f" {', '.join(f'{b:.2g}' for b in cfg['budgets'])}. Fits on the frontier (lowest loss over sizes at {GRID}"
-      f" log-spaced computes), {cfg['bootstrap']} bootstrap refits; learning rate per size = the family's best"
+      f" log-spaced computes, validation curves smoothed over {cfg['smooth_evals']} evaluations), {cfg['bootstrap']}"
+      " bootstrap refits; learning rate per size = the family's best"
       f" of {cfg['lr_sweep'] or [cfg['learning_rate']]} at the smallest size x (d_min / d)^{cfg['lr_width_power']}."
       f"{small}\n\n"
       + "\n".join(lines)
-      + "\n\nClaims (a family scales better only where the α intervals do not overlap):\n\n"
+      + "\n\nClaims (a family scales better only where the α intervals do not overlap and its seed noise is"
+      f" below {100 * NOISE_SHARE:.0f}% of its frontier's fall):\n\n"
       + "\n".join(f"- {c}" for c in claims(an) or ["one family: nothing to compare."])
       + "\n\nCrossovers:\n\n" + ("\n".join(cross) or "- one family: none.")
       + "\n\nRuns (non-embedding params N, steps, final validation loss in nats/byte):\n\n" + "\n".join(size_lines)

@@ -84,6 +84,11 @@ def test_a_family_with_a_higher_floor_is_worse_and_the_claims_say_so_only_when_i
       "x": {"fit": scaling.PowerLawFit(1.0, 5.0, 0.30, {"alpha": (0.25, 0.35)}, None, None, (1, 2))},
       "y": {"fit": scaling.PowerLawFit(1.0, 5.0, 0.15, {"alpha": (0.10, 0.20)}, None, None, (1, 2))}}}
   assert module.claims(apart)[0].startswith("x scales better than y")
+  # The same fits, but y's seeds differ by half of its frontier's fall: no claim either way.
+  apart["families"]["y"].update(frontier=[3.0, 2.5, 2.0], seed_std=0.5)
+  assert module.claims(apart)[0].startswith("x vs y: no claim; the seed noise is y 50%")
+  apart["families"]["y"]["seed_std"] = 0.1  # 10%: the intervals decide again
+  assert module.claims(apart)[0].startswith("x scales better than y")
   apart["families"]["y"]["fit"] = scaling.PowerLawFit(1.0, 5.0, 0.2, {"alpha": (0.10, 0.26)}, None, None, (1, 2))
   assert "cannot say" in module.claims(apart)[0]
   summary = module.summarize(cfg, rows)
@@ -115,7 +120,8 @@ def test_a_tiny_grid_sweeps_the_rate_trains_every_size_and_resumes(tmp_path, mon
     assert math.isclose(r["lr"], best * (16 / r["d_model"]) ** 0.5)
     assert r["flops"] >= 8e8 and len(r["val_curve"]) == 4 and r["val_flops"][-1] == r["flops"]
   assert runs[0]["params"] < runs[1]["params"] < runs[2]["params"]
-  summary = open(tmp_path / "summary.md").read()
+  with open(tmp_path / "summary.md") as f:
+    summary = f.read()
   assert "| softmax |" in summary and "α [95% CI]" in summary
   assert {os.path.basename(p) for p in out["plots"]} == {"scaling_frontier.png", "scaling_isoflop.png",
                                                          "scaling_alpha.png"}
@@ -169,7 +175,8 @@ def test_the_grid_under_the_launcher_matches_one_process(tmp_path):
                         "--workdir", str(tmp_path / "two"), *sets, "--set", "mesh_data=-1"], env=env,
                        capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-  two = [json.loads(x) for x in open(tmp_path / "two" / "results.jsonl")]
+  with open(tmp_path / "two" / "results.jsonl") as f:
+    two = [json.loads(x) for x in f]
   one = experiment.run("scaling_laws", str(tmp_path / "one"), {**tiny, "mesh_data": 8}, progress=False)["rows"]
   assert [r["variant"] for r in two] == [r["variant"] for r in one]
   diff = max(abs(x - y) for r1, r2 in zip(one, two) for x, y in zip(r1["val_curve"], r2["val_curve"]))

@@ -208,3 +208,20 @@ def test_cli_refuses_bad_settings(tmp_path, capsys):
   assert cli.main(["experiment", "mqar", "--workdir", d, "--set", "widths=[7]", "--set", "num_heads=2"]) == 2
   assert "does not divide" in capsys.readouterr().err
   assert not os.path.exists(os.path.join(d, "results.jsonl"))
+
+
+def test_mqar_sweeps_learning_rates_and_reports_the_best_per_cell():
+  module = experiment.load("mqar")
+  cfg = experiment.resolve_config(module, {"smoke": True, "learning_rates": [1e-3, 1e-2], "short_conv": 4,
+                                           "families": ["gated_deltanet"], "widths": [16, 32]})
+  names = module.variants(cfg)
+  assert names == ["gated_deltanet-d16-lr0.001", "gated_deltanet-d16-lr0.01", "gated_deltanet-d32-lr0.001",
+                   "gated_deltanet-d32-lr0.01"]
+  assert [module._split(n) for n in names[:2]] == [("gated_deltanet", 16)] * 2 and module._rate(cfg, names[1]) == 1e-2
+  assert module.model_config(cfg, "gated_deltanet", 16).conv_kernel == 4
+  rows = [{"family": "gated_deltanet", "d_model": 16, "learning_rate": 1e-3, "accuracy": 0.4},
+          {"family": "gated_deltanet", "d_model": 16, "learning_rate": 1e-2, "accuracy": 0.9, "diverged_at_step": 7},
+          {"family": "gated_deltanet", "d_model": 32, "learning_rate": 1e-3, "accuracy": 0.5},
+          {"family": "gated_deltanet", "d_model": 32, "learning_rate": 1e-2, "accuracy": 0.8}]
+  best = {(r["d_model"]): r["learning_rate"] for r in module.best_rows(rows)}
+  assert best == {16: 1e-3, 32: 1e-2}  # a diverged run never wins, whatever its last accuracy

@@ -173,3 +173,21 @@ def test_an_experiment_variant_can_be_a_pattern():
   assert steps[1] >= steps[2] >= steps[0]  # the hybrid's FLOPs lie between its two families'
   with pytest.raises(ConfigError, match="'lineer' is not one; did you mean 'linear'"):
     experiment.resolve_config(module, {**sets, "patterns": {"lin3:1": ["lineer", "softmax"]}})
+
+
+def test_the_hybrid_experiment_smoke_at_equal_flops(tmp_path):
+  from efficient_attn import experiment
+
+  out = experiment.run("hybrid", str(tmp_path), {"smoke": True}, progress=False)
+  rows = out["rows"]
+  assert [(r["task"], r["arrangement"]) for r in rows] == [("mqar", "linear"), ("mqar", "1:1"), ("lm", "linear"),
+                                                           ("lm", "1:1")]
+  lm = {r["arrangement"]: r for r in rows if r["task"] == "lm"}
+  assert lm["1:1"]["layers"] == ["gated_deltanet", "softmax"] and lm["1:1"]["softmax_share"] == 0.5
+  # Equal training FLOPs: each arrangement's steps x its FLOPs per step is softmax's budget (within a step).
+  for r in lm.values():
+    assert r["flops"] > 0 and r["val_loss"] is not None
+  assert lm["linear"]["decode_bytes_per_token"] == 0 < lm["1:1"]["decode_bytes_per_token"]
+  summary = open(tmp_path / "summary.md").read()
+  assert "| 1:1 | L S | 0.500 |" in summary and "2507.06457" in summary
+  assert {os.path.basename(p) for p in out["plots"]} == {"hybrid_recall.png", "hybrid_loss.png"}
