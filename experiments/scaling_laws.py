@@ -73,7 +73,7 @@ SMOKE = {"families": ["softmax", "linear"], "sizes": [[1, 16], [1, 32], [2, 32]]
          "warmup_steps": 2, "bootstrap": 50}
 
 # Hoffmann et al.'s and Kaplan et al.'s ranges, on a cluster: 19M-382M non-embedding parameters, 1024-token
-# sequences, 64 per batch, 3e16-3e17 FLOPs per run (about 13 H100-hours for the five default families at 40% MFU).
+# sequences, 64 per batch, 3e16-3e17 FLOPs per run (about 1e19 training FLOPs for the grid; not run here).
 # Bring a corpus: --set "data={'name': 'parquet', 'files': '/data/*.parquet', 'tokenizer': 'bpe:32000'}".
 PRESETS = {
     "cpu": {},

@@ -4,7 +4,8 @@ are SSMs: Generalized Models and Efficient Algorithms Through Structured State S
     Δ_t = softplus(x_t w_Δ + b_Δ),  a_t = Δ_t · A (A = −exp(A_log) < 0),
     S_t = exp(a_t) S_{t-1} + Δ_t k_t v_tᵀ,   o_t = scale · S_tᵀ q_t
 
-(SSD's C, B, X are our q, k, v; one Δ and A per kv head; no convolution, no D skip.) The
+(SSD's C, B, X are our q, k, v; one Δ and A per kv head; no D skip. The short convolution is the
+layer's: `model.short_conv`, kernel 4 by default for this family.) The
 layer computes Δ [B, T, K] and a = `log_decay` [B, T, K] from its input x (`Family.inputs`;
 Δ init in [1e-3, 1e-1] log-uniformly and A in [1, 16], Mamba's ranges). The pure call
 without them falls back to RetNet's fixed decays and Δ = 1. Chunkwise parallel with the
