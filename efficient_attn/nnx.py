@@ -194,9 +194,8 @@ class MultiHeadAttention(nnx.Module):
     x = x_BTnH.reshape(B, T, n * H)
     if state is None:
       y = short_conv_lib.short_conv(x, w, segment_ids, context_layout=self.context_layout)
-    else:  # several new tokens: the state is the halo before them
-      y = short_conv_lib._conv(x, w, None, state.astype(x.dtype)) if self.short_conv > 1 else x * w[0]
-      state = jnp.concatenate([state.astype(x.dtype), x], axis=1)[:, T:] if self.short_conv > 1 else state
+    else:  # one or several new tokens after the state's
+      y, state = short_conv_lib.short_conv_step(x, w, state)
     return nnx.silu(y).reshape(B, T, n, H), state
 
   def __call__(self, x_BTD, segment_ids=None, positions=None, *, decode: bool = False):

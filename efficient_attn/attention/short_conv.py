@@ -10,8 +10,8 @@ k − 1 taps of lookback give every token its neighbours before the state mixes 
 with a `context` axis (each sequence split over its devices in `context_layout` order, as the layers
 receive it) every local piece takes the k − 1 tokens before it from the shard holding the previous piece
 (`context.halo`, one `ppermute` per slot pair): k − 1 rows move, never O(T), and the result is one device's.
-Decoding: `short_conv_step(x_B1C, w, state)` with `state` [B, k − 1, C] the last k − 1 inputs
-(`init_short_conv_state`); returns (y [B, 1, C], new state).
+Decoding: `short_conv_step(x_BTC, w, state)` with `state` [B, k − 1, C] the last k − 1 inputs
+(`init_short_conv_state`); returns (y [B, T, C], new state).
 """
 
 from __future__ import annotations
@@ -90,17 +90,11 @@ def _split(x, w, ids, layout: str, axis_name: str):
         halo_ids = jnp.where(keep, got["ids"].reshape(B * n, k - 1), -1)
       else:  # no documents: the sequence start alone cuts the taps, and the zeros above do that
         halo_ids = None
-    y = _conv(pieces, w, piece_ids, halo, halo_ids) if has_ids else _conv_no_ids(pieces, w, halo)
-    return context.from_pieces(y, n)
+    return context.from_pieces(_conv(pieces, w, piece_ids, halo, halo_ids), n)
 
   in_specs = (spec, jax.sharding.PartitionSpec(), ids_spec if has_ids else jax.sharding.PartitionSpec())
   return jax.shard_map(local, in_specs=in_specs, out_specs=spec)(
       x, w, ids if has_ids else jnp.zeros((), jnp.int32))
-
-
-def _conv_no_ids(x, w, halo):
-  k = w.shape[0]
-  return _conv(x, w, None, halo if k > 1 else None)
 
 
 def init_short_conv_state(batch: int, kernel: int, channels: int, dtype=jnp.float32):
@@ -108,8 +102,10 @@ def init_short_conv_state(batch: int, kernel: int, channels: int, dtype=jnp.floa
   return jnp.zeros((batch, max(kernel - 1, 0), channels), dtype)
 
 
-def short_conv_step(x_B1C, weight_KC, state):
-  """One decoding step: (y [B, 1, C], the new state [B, k − 1, C])."""
-  window = jnp.concatenate([state.astype(x_B1C.dtype), x_B1C], axis=1)         # [B, k, C]
-  y = jnp.einsum("bkc,kc->bc", window, weight_KC.astype(x_B1C.dtype))[:, None]
-  return y, window[:, 1:]
+def short_conv_step(x_BTC, weight_KC, state):
+  """Decoding T ≥ 1 new tokens after those `state` [B, k − 1, C] holds: (y [B, T, C], the new state)."""
+  k = weight_KC.shape[0]
+  if k == 1:
+    return x_BTC * weight_KC[0].astype(x_BTC.dtype), state
+  y = _conv(x_BTC, weight_KC, None, state)
+  return y, jnp.concatenate([state.astype(x_BTC.dtype), x_BTC], axis=1)[:, x_BTC.shape[1]:]
