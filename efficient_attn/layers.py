@@ -203,10 +203,8 @@ class MultiHeadAttention(nn.Module):
     `state` [B, k − 1, n·H] returns (y, new state)."""
     B, T, n, H = x_BTnH.shape
     k = self.short_conv
-    init = nn.initializers.uniform(2 / k ** 0.5)
-    w = self.param(f"{name}_conv", nn.with_logical_partitioning(
-        lambda key, shape, dtype=jnp.float32: init(key, shape, dtype) - 1 / k ** 0.5, ("conv", axis, "head_dim")),
-        (k, n, H))
+    w = self.param(f"{name}_conv", nn.with_logical_partitioning(short_conv_lib.weight_init(k),
+                                                                 ("conv", axis, "head_dim")), (k, n, H))
     w = jnp.asarray(w, self.dtype).reshape(k, n * H)
     x = x_BTnH.reshape(B, T, n * H)
     if state is None:

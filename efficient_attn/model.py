@@ -206,12 +206,14 @@ def decode_state_bytes(cfg, batch: int, max_len: int) -> dict:
   """Memory of the decoding states (`init_decode_states`) of model config `cfg` for `batch` sequences of up to
   `max_len` tokens, without allocating them: {"total": bytes, "per_family": {family: bytes}}. A KV cache grows
   with max_len, a local window's ring buffer and a recurrent state do not (tests/test_hybrid.py)."""
-  layers = cfg.layer_configs()
-  out: dict = {}
-  for i, layer in enumerate(layers):
+  per_family: dict = {}  # family -> [its layer config, layers]
+  for layer in cfg.layer_configs():
+    per_family.setdefault(layer.attention, [layer, 0])[1] += 1
+  out = {}
+  for family, (layer, count) in per_family.items():  # one layer's shapes per family, times its layers
     one = dataclasses.replace(layer, num_layers=1, scan_layers=False)
     shapes = jax.eval_shape(lambda: init_decode_states(one, batch, max_len))
-    out[layer.attention] = out.get(layer.attention, 0) + sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+    out[family] = count * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
   return {"total": sum(out.values()), "per_family": out}
 
 

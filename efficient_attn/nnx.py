@@ -130,8 +130,7 @@ class MultiHeadAttention(nnx.Module):
     # The short convolution on q / k / v (`attention.short_conv`), params as Linen's: NAME_conv [k, n, H].
     self.short_conv = short_conv
     if short_conv:
-      bound = 1 / short_conv ** 0.5
-      init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+      init = short_conv_lib.weight_init(short_conv)
       for name, n, axis in (("query", N, "heads"), ("key", K, "kv_heads"), ("value", K, "kv_heads")):
         setattr(self, f"{name}_conv", _param(init, rngs.params(), (short_conv, n, H), param_dtype,
                                              ("conv", axis, "head_dim")))

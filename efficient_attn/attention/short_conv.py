@@ -97,6 +97,16 @@ def _split(x, w, ids, layout: str, axis_name: str):
       x, w, ids if has_ids else jnp.zeros((), jnp.int32))
 
 
+def weight_init(kernel: int):
+  """The weights' initializer: uniform in ±1/√kernel (PyTorch's conv1d default for a depthwise kernel)."""
+  bound = 1 / kernel ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
 def init_short_conv_state(batch: int, kernel: int, channels: int, dtype=jnp.float32):
   """The decoding state: the last kernel − 1 inputs, zeros before the first token: [B, kernel − 1, C]."""
   return jnp.zeros((batch, max(kernel - 1, 0), channels), dtype)
