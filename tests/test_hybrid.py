@@ -191,3 +191,28 @@ def test_the_hybrid_experiment_smoke_at_equal_flops(tmp_path):
   summary = open(tmp_path / "summary.md").read()
   assert "| 1:1 | L S | 0.500 |" in summary and "2507.06457" in summary
   assert {os.path.basename(p) for p in out["plots"]} == {"hybrid_recall.png", "hybrid_loss.png"}
+
+
+def test_hybrid_runs_each_arrangement_on_the_tasks_its_pattern_fits():
+  """MQAR's shallower default model skips 7:1 (8 layers) and local5:1 (6), says so in the table; an
+  arrangement that fits no task is one sentence."""
+  from efficient_attn import experiment
+
+  module = experiment.load("hybrid")
+  cfg = experiment.resolve_config(module, {})
+  assert cfg["mqar_num_layers"] < 6 <= cfg["num_layers"] == 8
+  names = module.variants(cfg)
+  assert [n for n in names if n.startswith("lm-")] == ["lm-" + module._id(a) for a in cfg["arrangements"]]
+  assert [n for n in names if n.startswith("mqar-")] == ["mqar-linear", "mqar-3to1", "mqar-1to1", "mqar-softmax"]
+  assert module._model(cfg, "3:1", "mqar").layer_families() == ("gated_deltanet",) * 3 + ("softmax",)
+  rows = [{"arrangement": "7:1", "task": "lm", "layers": ["gated_deltanet"] * 7 + ["softmax"], "softmax_share": 0.125,
+           "val_loss": 2.5, "val_bpb": 3.6, "steps": 10, "step_time_s": 0.1, "decode_bytes": 2 ** 20,
+           "decode_bytes_per_token": 512.0}]
+  assert "| 7:1 | L L L L L L L S | 0.125 | not run: needs 8 layers |" in module.summarize(cfg, rows)
+  recall = [{"arrangement": a, "task": "mqar", "softmax_share": x, "accuracy": y}
+            for a, x, y in (("linear", 0, 0.2), ("3:1", 0.25, 0.6), ("softmax", 1, 0.595))]
+  assert "linear 20.0% -> 3:1 60.0% -> softmax 59.5%; it rises with the share" in module.findings(recall)
+  recall[1]["accuracy"] = 0.1
+  assert "does not rise steadily" in module.findings(recall)
+  with pytest.raises(ConfigError, match="arrangement 7:1 needs at least 8 layers"):
+    experiment.resolve_config(module, {"tasks": ["mqar"], "arrangements": ["7:1"]})
