@@ -226,26 +226,3 @@ def test_long_context_reach_grows_with_the_devices_and_only_the_split_moves_byte
   assert timed[2]["temp_bytes"] < timed[1]["temp_bytes"]
   assert timed[1]["collective_bytes"] == 0 < timed[2]["collective_bytes"]
   assert all(r["step_time_s"] > 0 for r in timed.values())
-
-
-@pytest.mark.slow
-def test_an_experiment_runs_under_the_launcher_as_in_one_process(tmp_path):
-  """`scripts/launch_local.sh experiment ...`: 2 processes x 4 devices join one 2 x 4 mesh, process 0 alone
-  writes the results, and the validation loss is one process's with 8 devices (within 1e-5)."""
-  import subprocess
-  import sys
-
-  from reference import one_device_env
-
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  sets = ["--set", "smoke=true", "--set", "variants=['softmax']"]
-  env = one_device_env(EFFICIENT_ATTN=f"{sys.executable} -m efficient_attn.cli", LOG_DIR=str(tmp_path))
-  run = subprocess.run(["bash", os.path.join(repo, "scripts", "launch_local.sh"), "experiment", "quickstart",
-                        "--workdir", str(tmp_path / "two"), *sets], env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-  assert "wrote " in run.stdout  # process 0's report, printed by the launcher
-  two = [json.loads(x) for x in open(tmp_path / "two" / "results.jsonl")]
-  one = _run("quickstart", tmp_path / "one", variants=["softmax"])["rows"]
-  assert [r["variant"] for r in two] == ["softmax"]
-  assert abs(two[0]["val_loss"] - one[0]["val_loss"]) < 1e-5, (two[0]["val_loss"], one[0]["val_loss"])
