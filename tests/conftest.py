@@ -64,8 +64,8 @@ def pytest_configure(config):
 
 # Longest files first (CPU-seconds, measured with --durations): `--dist loadfile` hands files to the two workers
 # in collection order, so a long file collected last would leave one worker idle at the end.
-_LONGEST_FIRST = ["test_train.py", "test_experiments.py", "test_faults.py", "test_context_train.py", "test_hybrid.py",
-                  "test_exp_scaling_laws.py", "test_context.py", "test_gated_delta.py", "test_numerics.py",
+_LONGEST_FIRST = ["test_exp_scaling_laws.py", "test_train.py", "test_experiments.py", "test_faults.py",
+                  "test_context_train.py", "test_hybrid.py", "test_context.py", "test_gated_delta.py", "test_numerics.py",
                   "test_kernels.py", "test_model.py", "test_dropin.py", "test_exp_synthetic.py", "test_readme.py"]
 
 
