@@ -131,7 +131,7 @@ def _refine(theta, u, y, delta, steps: int = 30):
     # A refit that wandered off (inf / nan) takes no step; H is PSD, so the damping below keeps it invertible.
     ok = np.isfinite(H).all((-1, -2)) & np.isfinite(g).all(-1)
     H, g = np.where(ok[..., None, None], H, eye), np.where(ok[..., None], g, 0.0)
-    floor = 1e-9 * (np.trace(H, axis1=-2, axis2=-1) / 3 + 1.0)
+    floor = 1e-9 * (np.trace(H, axis1=-2, axis2=-1) / H.shape[-1] + 1.0)  # 1e-9 x the mean diagonal
     H = H + (lam[..., None, None] * np.diagonal(H, axis1=-2, axis2=-1)[..., None] + floor[..., None, None]) * eye
     step = np.linalg.solve(H, g[..., None])[..., 0]
     trial = theta + step

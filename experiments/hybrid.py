@@ -77,8 +77,7 @@ def model_fields(cfg: dict, name: str) -> dict:
   return {"attention": lin, "attention_pattern": (lin,) * _ratio(name) + ("softmax",)}
 
 
-def softmax_share(cfg: dict, name: str, task: str = "lm") -> float:
-  m = _model(cfg, name, task)
+def softmax_share(m: ModelConfig) -> float:
   return sum(f == "softmax" for f in m.layer_families()) / m.num_layers
 
 
@@ -89,8 +88,13 @@ def layers_needed(name: str) -> int:
   return r + 1 if r is not None else 6 if name == "local5:1" else 1
 
 
+def _depth_key(task: str) -> str:
+  """The setting that holds a task's number of layers."""
+  return "mqar_num_layers" if task == "mqar" else "num_layers"
+
+
 def _depth(cfg: dict, task: str) -> int:
-  return cfg["mqar_num_layers"] if task == "mqar" else cfg["num_layers"]
+  return cfg[_depth_key(task)]
 
 
 def runs_on(cfg: dict, name: str, task: str) -> bool:
@@ -147,7 +151,7 @@ def check(cfg: dict) -> None:
     raise ConfigError(f"tasks={tasks!r} for experiment hybrid: choose from {list(TASKS)}.")
   for a in cfg["arrangements"]:
     if not any(runs_on(cfg, a, t) for t in tasks):
-      depths = " and ".join(f"{'mqar_num_layers' if t == 'mqar' else 'num_layers'}={_depth(cfg, t)}" for t in tasks)
+      depths = " and ".join(f"{_depth_key(t)}={_depth(cfg, t)}" for t in tasks)
       raise ConfigError(f"arrangement {a} needs at least {layers_needed(a)} layers for one softmax layer; {depths}.")
     if "mqar" in tasks and runs_on(cfg, a, "mqar"):
       check_model(_model(cfg, a, "mqar"), seq_len=cfg["mqar_seq_len"], batch_size=cfg["mqar_batch_size"],
@@ -176,7 +180,7 @@ def run_variant(cfg: dict, name: str, ctx) -> list[dict]:
   ctx_len = cfg["decode_context"]
   at, half = decode_state_bytes(m, 1, ctx_len)["total"], decode_state_bytes(m, 1, ctx_len // 2)["total"]
   common = {"arrangement": arrangement, "task": task, "layers": list(m.layer_families()),
-            "softmax_share": softmax_share(cfg, arrangement, task), "decode_bytes": at,
+            "softmax_share": softmax_share(m), "decode_bytes": at,
             "decode_bytes_per_token": (at - half) / (ctx_len - ctx_len // 2)}
   if task == "mqar":
     steps = _steps(cfg, arrangement, "mqar")
@@ -228,39 +232,44 @@ def summarize(cfg: dict, rows: list[dict]) -> str:
       " buffers do not.\n\n" + "\n".join(lines) + "\n\n" + findings(rows) + f"\n\nAnchor: {HYBRID_NOTE}")
 
 
+TASK_METRIC = {"mqar": ("accuracy", 100.0), "lm": ("val_loss", 1.0)}  # the row key each task reports, its scale
+
+
+def _measured(rows: list[dict], task: str) -> list[tuple[float, float, str]]:
+  """(softmax share, the task's metric in % or nats/byte, arrangement) of the rows that measured it, by share."""
+  key, scale = TASK_METRIC[task]
+  return sorted((r["softmax_share"], r[key] * scale, r["arrangement"]) for r in rows
+                if r["task"] == task and r.get(key) is not None and not r.get("diverged_at_step"))
+
+
 def findings(rows: list[dict]) -> str:
   """Ours in the anchor's two terms: does recall rise with the share of softmax layers, and how far does LM
   loss move across the linear : softmax ratios (local5:1 aside)?"""
   out = []
-  for task, key, what in (("mqar", "accuracy", "MQAR recall"), ("lm", "val_loss", "LM validation loss")):
-    ratio = sorted((r["softmax_share"], r[key], r["arrangement"]) for r in rows if r["task"] == task
-                   and r["arrangement"] != "local5:1" and r.get(key) is not None and not r.get("diverged_at_step"))
-    if len(ratio) < 2:
-      continue
-    values = [v * 100 if task == "mqar" else v for _, v, _ in ratio]
-    path = " -> ".join(f"{a} {v:.1f}%" if task == "mqar" else f"{a} {v:.3f}" for (_, _, a), v in zip(ratio, values))
-    if task == "mqar":
-      rises = all(b >= a - 1.0 for a, b in zip(values, values[1:]))
-      out.append(f"{what} by softmax share: {path}; "
-                 + ("it rises with the share (within 1 point), as the anchor reports." if rises else
-                    "it does not rise steadily with the share, unlike the anchor."))
-    else:
-      out.append(f"{what} by softmax share: {path}; spread {max(values) - min(values):.3f} nats/byte"
-                 f" ({100 * (max(values) - min(values)) / min(values):.1f}% of the best).")
+  recall = [(v, a) for _, v, a in _measured(rows, "mqar") if a != "local5:1"]
+  if len(recall) >= 2:
+    rises = all(b >= a - 1.0 for (a, _), (b, _) in zip(recall, recall[1:]))
+    out.append("MQAR recall by softmax share: " + " -> ".join(f"{a} {v:.1f}%" for v, a in recall) + "; "
+               + ("it rises with the share (within 1 point), as the anchor reports." if rises else
+                  "it does not rise steadily with the share, unlike the anchor."))
+  loss = [(v, a) for _, v, a in _measured(rows, "lm") if a != "local5:1"]
+  if len(loss) >= 2:
+    lo, hi = min(v for v, _ in loss), max(v for v, _ in loss)
+    out.append("LM validation loss by softmax share: " + " -> ".join(f"{a} {v:.3f}" for v, a in loss)
+               + f"; spread {hi - lo:.3f} nats/byte ({100 * (hi - lo) / lo:.1f}% of the best).")
   return "\n".join(f"- {x}" for x in out)
 
 
 def plot(cfg: dict, rows: list[dict], workdir: str) -> list[str]:
   out = []
-  for task, key, ylabel, fname in (("mqar", "accuracy", "MQAR recall accuracy (%)", "hybrid_recall.png"),
-                                   ("lm", "val_loss", "validation loss (nats/byte)", "hybrid_loss.png")):
-    mine = [r for r in rows if r["task"] == task and r.get(key) is not None and not r.get("diverged_at_step")]
-    ratio = sorted((r["softmax_share"], r[key] * (100 if key == "accuracy" else 1)) for r in mine
-                   if r["arrangement"] != "local5:1")
+  for task, ylabel, fname in (("mqar", "MQAR recall accuracy (%)", "hybrid_recall.png"),
+                               ("lm", "validation loss (nats/byte)", "hybrid_loss.png")):
+    measured = _measured(rows, task)
+    ratio = [(x, y) for x, y, a in measured if a != "local5:1"]
     series = {f"{cfg['linear']} : softmax": ([x for x, _ in ratio], [y for _, y in ratio])}
-    gemma = [r for r in mine if r["arrangement"] == "local5:1"]
+    gemma = [(x, y) for x, y, a in measured if a == "local5:1"]
     if gemma:
-      series["local 5:1 (Gemma)"] = ([gemma[0]["softmax_share"]], [gemma[0][key] * (100 if key == "accuracy" else 1)])
+      series["local 5:1 (Gemma)"] = ([gemma[0][0]], [gemma[0][1]])
     if ratio or gemma:
       out.append(line_plot(os.path.join(workdir, fname), series, xlabel="share of softmax layers",
                            ylabel=ylabel, title=f"hybrid: {ylabel.split(' (')[0]} vs ratio"))
